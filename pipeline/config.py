@@ -1,0 +1,316 @@
+"""Typed, frozen configuration loaded from YAML, with `--set a.b=v` overrides and stage identities.
+
+Every field is validated by pydantic before any work starts; errors name the YAML path of the field
+(`train.subset.alpha: must be in (0, 1), got 1.5`) and, for a misspelled key, the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config: the message names the field at fault."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SyntheticSpec(Frozen):
+    n_train: int = Field(2000, gt=0)
+    n_val: int = Field(500, gt=0)
+    shape: tuple[int, int, int] = (3, 32, 32)
+    classes: int = Field(10, ge=2)
+    seed: int = 0
+
+
+class DataConfig(Frozen):
+    dataset: Literal["digits", "cifar10", "synthetic"] = "digits"
+    root: str | None = None  # cifar10: folder holding cifar-10-batches-py/
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # digits: stratified split
+    split_seed: int = 0
+    verify_md5: bool = False  # cifar10: check the published MD5 sums
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+
+# ----------------------------------------------------------------------------------------- model
+class ModelConfig(Frozen):
+    name: Literal["mlp", "cnn", "resnet9"] = "mlp"
+    hidden: int = Field(128, gt=0)  # mlp width / cnn channels
+    width: int = Field(64, gt=0)  # resnet9 base width (64 in the papers)
+
+
+# ----------------------------------------------------------------------------------------- train
+class FullFamily(Frozen):
+    models: int = Field(16, ge=0)
+
+
+class SubsetFamily(Frozen):
+    models: int = Field(512, ge=0)  # models used for fitting
+    heldout: int = Field(64, ge=0)  # separate stream, measures LDS
+    alpha: float = 0.5
+    store_logits: bool = True
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_open_unit(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"must be in (0, 1), got {v}")
+        return v
+
+
+class OracleFamily(Frozen):
+    target: int = Field(10, ge=0)  # OM targets and tuning
+    reference: int = Field(16, ge=0)  # the `retrain` row of the report (as many as unlearned models)
+    eval: int = Field(32, ge=0)  # the only oracles KLoM compares against
+
+
+class TrainConfig(Frozen):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = Field(0.05, gt=0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(5, ge=0)  # triangular schedule: 0 -> peak at warmup -> 0 at the end
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on GPU only
+    augment: bool = False  # random crop (pad 2) + flip, seeded per (stage, model, epoch)
+    full: FullFamily = FullFamily()
+    subset: SubsetFamily = SubsetFamily()
+    oracle: OracleFamily = OracleFamily()
+
+    def recipe(self) -> dict:
+        """The fields every family's identity depends on (family sizes excluded, decision 13)."""
+        return self.model_dump(exclude={"full", "subset", "oracle"})
+
+
+# ----------------------------------------------------------------------------------------- forget sets
+class RandomForget(Frozen):
+    kind: Literal["random"]
+    name: str
+    size: int = Field(gt=0)
+    seed: int = 0
+
+
+class ClassForget(Frozen):
+    kind: Literal["class"]
+    name: str
+    class_id: int = Field(ge=0)
+    fraction: float = Field(1.0, gt=0, le=1)
+    size: int | None = Field(None, gt=0)  # exact count; overrides fraction
+    seed: int = 0
+
+
+class IndicesForget(Frozen):
+    kind: Literal["indices"]
+    name: str
+    indices: list[int] | None = None
+    file: str | None = None  # a 1-D integer .npy
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "IndicesForget":
+        if (self.indices is None) == (self.file is None):
+            raise ValueError("give exactly one of `indices` or `file`")
+        return self
+
+
+class PublishedForget(Frozen):
+    kind: Literal["published"]
+    name: str
+    number: int = Field(ge=1, le=10)  # CIFAR-10 forget sets 1-10 of the DMM paper
+
+
+ForgetSpec = Annotated[
+    Union[RandomForget, ClassForget, IndicesForget, PublishedForget], Field(discriminator="kind")
+]
+
+
+# ----------------------------------------------------------------------------------------- fit
+class LassoConfig(Frozen):
+    n_lambdas: int = Field(20, ge=2)
+    eps: float = Field(1e-2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_iter: int = Field(500, gt=0)
+    tol: float = Field(1e-5, gt=0)
+
+
+class FitConfig(Frozen):
+    estimator: Literal["diff_in_means", "lasso", "ridge"] = "diff_in_means"
+    per_logit: bool = True  # also fit train x targets x classes (dm-direct, DMM)
+    ridge_lambda: float = Field(1.0, gt=0)
+    lasso: LassoConfig = LassoConfig()
+
+
+# ----------------------------------------------------------------------------------------- unlearn
+class UnlearnConfig(Frozen):
+    # method name -> hyperparameters (a list gives a grid selected on the tuning forget set)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"do_nothing": {}})
+    models: int | None = Field(None, ge=1)  # full models to unlearn; default all (train.full.models)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(Frozen):
+    bins: int = Field(20, ge=2)
+    clip: float = Field(100.0, gt=0)
+    floor: float = Field(1e-5, gt=0)
+    compat: bool = False  # reproduce EasyDUB's binning exactly
+    bootstrap: int = Field(200, ge=0)
+
+
+# ----------------------------------------------------------------------------------------- execution
+class ExecutionConfig(Frozen):
+    """How to run, never what to compute: none of this enters a stage identity."""
+
+    num_cpus: int = Field(2, gt=0)
+    num_gpus: float = Field(0, ge=0)  # per task
+    device: Literal["cpu", "cuda"] = "cpu"
+    block_size: int = Field(32, gt=0)  # models per Ray task
+    fit_block_targets: int = Field(512, gt=0)  # targets per fit task
+    threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
+    max_retries: int = Field(2, ge=0)
+    ray_address: str | None = None
+
+
+class Config(Frozen):
+    name: str = "digits"
+    store: str = "./store"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    forget_sets: list[ForgetSpec] = Field(default_factory=list)
+    tuning_forget_set: ForgetSpec | None = None
+    fit: FitConfig = FitConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+
+    @model_validator(mode="after")
+    def _unique_forget_names(self) -> "Config":
+        names = [f.name for f in self.all_forget_sets()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"forget set names must be unique, repeated: {dupes}")
+        return self
+
+    def all_forget_sets(self) -> list:
+        tuning = [self.tuning_forget_set] if self.tuning_forget_set else []
+        return list(self.forget_sets) + tuning
+
+    def forget_set(self, name: str):
+        for spec in self.all_forget_sets():
+            if spec.name == name:
+                return spec
+        known = [f.name for f in self.all_forget_sets()]
+        raise ConfigError(f"unknown forget set {name!r}; known: {known}{_suggest(name, known)}")
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`: value parsed as YAML (so 3 is an int, [1,2] a list, null None)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = _yaml_path(loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key{_suggest(loc[-1], _valid_keys(loc[:-1]))}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) or "got" in msg else f", got {got!r}"
+            lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _yaml_path(loc: list[str]) -> str:
+    # pydantic puts the discriminator tag in the location of union members: drop it
+    parts = [p for p in loc if p not in ("random", "class", "indices", "published")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "<root>"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if part.isdigit() or model is None:
+            continue
+        if part in ("random", "class", "indices", "published"):
+            model = {"random": RandomForget, "class": ClassForget, "indices": IndicesForget,
+                     "published": PublishedForget}[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else (f"; valid: {', '.join(valid)}" if valid else "")
+
+
+# ----------------------------------------------------------------------------------------- identity
+def stage_id(kind: str, section: Any, upstream: dict[str, str] | None = None) -> str:
+    """Identity = sha256 over the stage's config section (defaults included), its upstream stage ids
+    and the schema version (decision 15). Returned as 16 hex characters."""
+    if isinstance(section, BaseModel):
+        section = section.model_dump(mode="json")
+    payload = {"schema": SCHEMA_VERSION, "kind": kind, "config": section, "upstream": upstream or {}}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

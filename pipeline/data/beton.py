@@ -1,0 +1,65 @@
+"""FFCV files: one `.beton` per split with an `image` field (uint8 array, C x H x W, lossless) and
+a `label` field. Read once, in order, into device-resident tensors (decision 12), or through a Loader
+with a given index order for data too large for device memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class _Indexed:
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int = 1) -> None:
+    """Write to `<path>.partial` and rename when complete: a half-written file is never taken as done."""
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=tuple(images.shape[1:])), "label": IntField()}
+    DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+        _Indexed(images, labels)
+    )
+    os.replace(tmp, path)
+
+
+def ffcv_loader(path: Path, order: np.ndarray, batch_size: int, device: str = "cpu", workers: int = 1):
+    """An FFCV Loader yielding (uint8 images, labels) for `order` (training indices, in this order).
+    On a GPU, batches go to the device (ToDevice); the uint8->float conversion happens there."""
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    image_pipe = [NDArrayDecoder(), ToTensor()]
+    label_pipe = [IntDecoder(), ToTensor(), Squeeze()]
+    if device != "cpu":
+        image_pipe.append(ToDevice(torch.device(device), non_blocking=True))
+        label_pipe.append(ToDevice(torch.device(device), non_blocking=True))
+    return Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                  indices=np.asarray(order, dtype=np.int64), drop_last=False,
+                  pipelines={"image": image_pipe, "label": label_pipe})
+
+
+def read_beton(path: Path, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The whole file, decoded in order: (images uint8 (N, C, H, W), labels int64 (N,))."""
+    from ffcv.reader import Reader
+
+    n = int(Reader(str(path)).num_samples)
+    images, labels = [], []
+    for x, y in ffcv_loader(path, np.arange(n), batch_size):
+        images.append(x.numpy().copy())
+        labels.append(y.numpy().astype(np.int64).reshape(-1))
+    return np.concatenate(images), np.concatenate(labels)

@@ -1,0 +1,46 @@
+"""Ray, kept thin: start or join a cluster, run a list of tasks, report progress."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from pipeline.config import ExecutionConfig
+from pipeline.progress import Progress
+
+
+def init_ray(cfg: ExecutionConfig) -> None:
+    """Join RAY_ADDRESS / execution.ray_address when given, else start a local instance on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONHASHSEED": "0"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=None if cfg.device == "cuda" else 0,
+                 include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=env, log_to_driver=True, configure_logging=False)
+
+
+def task_options(cfg: ExecutionConfig) -> dict:
+    return {"num_cpus": cfg.threads, "num_gpus": cfg.num_gpus if cfg.device == "cuda" else 0,
+            "max_retries": cfg.max_retries, "retry_exceptions": False}
+
+
+def run_tasks(label: str, refs_with_weight: list[tuple], total: int, unit: str = "models") -> list:
+    """Wait for Ray object refs, each worth `weight` units of progress; re-raise the first failure."""
+    progress = Progress(label, total, unit)
+    weights = {ref: w for ref, w in refs_with_weight}
+    pending = list(weights)
+    done, results = 0, {}
+    progress.update(0)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
+        for ref in ready:
+            results[ref] = ray.get(ref)
+            done += weights[ref]
+        progress.update(done)
+    progress.close()
+    return [results[r] for r, _ in refs_with_weight]

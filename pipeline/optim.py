@@ -1,0 +1,93 @@
+"""Optimizers over stacked parameters (model axis first) with per-model learning rates and a per-model
+`active` switch, so that a model that has finished its epoch's batches is left exactly as it is."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StackedSGD:
+    """torch.optim.SGD semantics (momentum, L2 weight decay added to the gradient), per model."""
+
+    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
+        """lr (M,), active (M,) bool; grad_mask: optional per-parameter 0/1 tensors (DEL, SFR-on)."""
+        for i, (p, buf) in enumerate(zip(self.params, self.buffers)):
+            if p.grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            d_p = p.grad + self.weight_decay * p
+            if grad_mask is not None and grad_mask[i] is not None:
+                d_p = d_p * grad_mask[i]
+            new_buf = self.momentum * buf + d_p
+            new_p = p - lr.view(shape) * new_buf
+            if active is None:
+                buf.copy_(new_buf)
+                p.copy_(new_p)
+            else:
+                keep = active.view(shape)
+                buf.copy_(torch.where(keep, new_buf, buf))
+                p.copy_(torch.where(keep, new_p, p))
+
+
+class StackedAdam:
+    """torch.optim.Adam semantics (bias-corrected, L2 weight decay added to the gradient), per model."""
+
+    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, grad_mask: list | None = None) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for i, (p, m, v) in enumerate(zip(self.params, self.m, self.v)):
+            if p.grad is None:
+                continue
+            g = p.grad + self.weight_decay * p
+            if grad_mask is not None and grad_mask[i] is not None:
+                g = g * grad_mask[i]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_hat = m / (1 - b1**self.t)
+            v_hat = v / (1 - b2**self.t)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            p.sub_(lr.view(shape) * m_hat / (v_hat.sqrt() + self.eps))
+
+
+def per_model_grad_norm(params) -> torch.Tensor:
+    """Global gradient norm of each member: (M,)."""
+    sq = None
+    for p in params:
+        if p.grad is None:
+            continue
+        s = p.grad.pow(2).flatten(1).sum(1)
+        sq = s if sq is None else sq + s
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_per_model(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ applied to each member separately; returns the norms (M,)."""
+    params = [p for p in params if p.grad is not None]
+    norms = per_model_grad_norm(params)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.view((-1,) + (1,) * (p.dim() - 1)))
+    return norms

@@ -1,0 +1,278 @@
+"""The store: one root (a local path or an `s3://bucket/prefix` URL) holding stages side by side,
+content-addressed by their identities. The only module that knows paths and Zarr.
+
+Layout (see storage_layout.md):
+    <root>/<kind>/<kind>-<id>/stage.json        kind, id, config section, upstream ids, schema
+    <root>/<kind>/<kind>-<id>/arrays.zarr/      Zarr v3 group: one subgroup per role
+    <root>/<kind>/<kind>-<id>/markers/<role>/<start>-<end>.json   one per finished block
+    <root>/<kind>/<kind>-<id>/COMPLETE.json     stages with a fixed output (prepare, fit)
+
+Completion never relies on rename: data first, then a small marker object; a marker that is
+missing or unreadable means "not done".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import zarr
+
+from pipeline.config import SCHEMA_VERSION
+
+
+class StoreError(RuntimeError):
+    """The store is unreachable, or holds something other than what this config expects."""
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root
+
+
+class Store:
+    def __init__(self, root: str, storage_options: dict | None = None):
+        self.root = root.rstrip("/")
+        self.is_local = not _is_url(self.root)
+        if self.is_local:
+            self.root = str(Path(self.root).expanduser().resolve())
+            self.fs = fsspec.filesystem("file")
+            self.base = self.root
+        else:
+            self.fs, self.base = fsspec.url_to_fs(self.root, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    # ------------------------------------------------------------------ objects
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def url(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.is_local:  # a local reader must never see half an object
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        else:  # an object PUT is atomic on S3
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode())
+
+    def read_json(self, rel: str):
+        """The object, or None when it is missing or unreadable (a half-written marker is not done)."""
+        try:
+            return json.loads(self.read_bytes(rel))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def list(self, rel: str) -> list[str]:
+        try:
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def put_file(self, local: str | Path, rel: str) -> None:
+        if self.is_local:
+            Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path(rel) + ".partial"
+            self.fs.put_file(str(local), tmp)
+            os.replace(tmp, self.path(rel))
+        else:
+            self.fs.put_file(str(local), self.path(rel))
+
+    def local_file(self, rel: str, cache_dir: str | None = None) -> Path:
+        """A local path to an object: itself when local, else a verified copy in a local cache."""
+        if self.is_local:
+            return Path(self.path(rel))
+        info = self.fs.info(self.path(rel))
+        cache = Path(cache_dir or os.environ.get("ORACLE_FARM_CACHE", Path.home() / ".cache/oracle-farm"))
+        target = cache / hashlib.sha256(self.url(rel).encode()).hexdigest()[:24] / Path(rel).name
+        if target.is_file() and target.stat().st_size == info["size"]:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".part-{os.getpid()}")
+        self.fs.get_file(self.path(rel), str(tmp))
+        if tmp.stat().st_size != info["size"]:
+            raise StoreError(f"{self.url(rel)}: copied {tmp.stat().st_size} bytes, expected {info['size']}")
+        os.replace(tmp, target)  # a rename inside the local cache only
+        return target
+
+    def size(self, rel: str) -> int:
+        try:
+            return int(self.fs.du(self.path(rel)))
+        except FileNotFoundError:
+            return 0
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    # ------------------------------------------------------------------ zarr
+    def zarr_store(self, rel: str):
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path(rel))
+        return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=self.storage_options)
+
+    def open_group(self, rel: str, mode: str = "a") -> zarr.Group:
+        return zarr.open_group(store=self.zarr_store(rel), mode=mode, zarr_format=3)
+
+    def check_reachable(self) -> None:
+        try:
+            if self.is_local:
+                Path(self.base).mkdir(parents=True, exist_ok=True)
+            else:
+                bucket = self.base.split("/", 1)[0]
+                if not self.fs.exists(bucket):
+                    raise StoreError(f"{self.root}: bucket {bucket!r} does not exist")
+                self.fs.ls(bucket)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{self.root}: store not reachable ({type(exc).__name__}: {exc})") from None
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class StageRef:
+    kind: str
+    id: str
+
+    @property
+    def rel(self) -> str:
+        return f"{self.kind}/{self.kind}-{self.id}"
+
+
+def ensure_stage(store: Store, ref: StageRef, section: dict, upstream: dict, label: str = "") -> None:
+    """Create the stage record, or check that the stored one describes the same stage."""
+    record = {"kind": ref.kind, "id": ref.id, "config": section, "upstream": upstream,
+              "schema": SCHEMA_VERSION, "label": label}
+    stored = store.read_json(f"{ref.rel}/stage.json")
+    if stored is None:
+        store.write_json(f"{ref.rel}/stage.json", {**record, "created": time.time()})
+        return
+    for key in ("kind", "id", "config", "upstream", "schema"):
+        if json.dumps(stored.get(key), sort_keys=True) != json.dumps(record[key], sort_keys=True, default=_json_default):
+            raise StoreError(
+                f"{store.url(ref.rel)}: the stored stage was made by another config ({key} differs); "
+                "use another store root or remove that stage"
+            )
+
+
+def is_complete(store: Store, ref: StageRef) -> bool:
+    return store.read_json(f"{ref.rel}/COMPLETE.json") is not None
+
+
+def mark_complete(store: Store, ref: StageRef, info: dict) -> None:
+    store.write_json(f"{ref.rel}/COMPLETE.json", {**info, "finished": time.time()})
+
+
+# ---------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class ArraySpec:
+    """An array with a leading model axis of chunk 1: any block of models owns whole chunks."""
+
+    name: str
+    tail: tuple[int, ...]
+    dtype: str
+
+
+class Family:
+    """Rows of models of one role in one stage: arrays with a model axis that grows (decision 13)."""
+
+    def __init__(self, store: Store, ref: StageRef, role: str, specs: list[ArraySpec]):
+        self.store, self.ref, self.role, self.specs = store, ref, role, specs
+        self.group_rel = f"{ref.rel}/arrays.zarr"
+        self.marker_rel = f"{ref.rel}/markers/{role}"
+
+    def ensure_arrays(self, n_models: int) -> None:
+        """Create the arrays, or grow their model axis to n_models (never shrinks)."""
+        root = self.store.open_group(self.group_rel)
+        group = root.require_group(self.role)
+        for spec in self.specs:
+            if spec.name in group:
+                arr = group[spec.name]
+                if arr.shape[1:] != spec.tail:
+                    raise StoreError(f"{self.store.url(self.group_rel)}/{self.role}/{spec.name}: shape {arr.shape} "
+                                     f"does not match the expected (*, {spec.tail})")
+                if arr.shape[0] < n_models:
+                    arr.resize((n_models, *spec.tail))
+            else:
+                group.create_array(spec.name, shape=(n_models, *spec.tail), chunks=(1, *spec.tail),
+                                   dtype=spec.dtype, fill_value=0)
+
+    def array(self, name: str, mode: str = "r") -> zarr.Array:
+        return self.store.open_group(self.group_rel, mode=mode)[f"{self.role}/{name}"]
+
+    def write_block(self, start: int, arrays: dict[str, np.ndarray], info: dict | None = None) -> None:
+        """Write rows start..start+n of every array, then the marker (sizes and checksums)."""
+        group = self.store.open_group(self.group_rel, mode="r+")[self.role]
+        n = None
+        checksums = {}
+        for spec in self.specs:
+            data = np.ascontiguousarray(arrays[spec.name], dtype=spec.dtype)
+            n = data.shape[0] if n is None else n
+            group[spec.name][start : start + n] = data
+            checksums[spec.name] = hashlib.sha256(data.tobytes()).hexdigest()
+        marker = {"start": start, "end": start + n, "checksums": checksums, "info": info or {}}
+        self.store.write_json(f"{self.marker_rel}/{start:07d}-{start + n:07d}.json", marker)
+
+    def markers(self) -> list[dict]:
+        out = []
+        for name in self.store.list(self.marker_rel):
+            if name.endswith(".json"):
+                marker = self.store.read_json(f"{self.marker_rel}/{name}")
+                if marker is not None:
+                    out.append(marker)
+        return out
+
+    def done_mask(self, n_models: int) -> np.ndarray:
+        done = np.zeros(n_models, dtype=bool)
+        for m in self.markers():
+            done[m["start"] : min(m["end"], n_models)] = True
+        return done
+
+    def read(self, name: str, n_models: int | None = None) -> np.ndarray:
+        arr = self.array(name)
+        return arr[: (n_models if n_models is not None else arr.shape[0])]
+
+    def verify(self, n_models: int) -> list[str]:
+        """Problems found by recomputing each marker's checksums (empty when all is well)."""
+        problems = []
+        for m in self.markers():
+            if m["start"] >= n_models:
+                continue
+            for name, digest in m["checksums"].items():
+                data = np.ascontiguousarray(self.array(name)[m["start"] : m["end"]])
+                if hashlib.sha256(data.tobytes()).hexdigest() != digest:
+                    problems.append(f"{self.role}/{name} rows {m['start']}..{m['end']}: checksum mismatch")
+        return problems

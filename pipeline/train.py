@@ -1,0 +1,169 @@
+"""Training recipe for a block of M models as one stacked computation. Knows no paths and no Ray.
+
+Each member has its own init seed, its own subset of the training set and its own seeded order; a
+member trained in a block ends with the same weights (to float tolerance) as trained alone.
+Batches are full (the last partial batch of an epoch is dropped, as fast CIFAR trainers do); a member
+whose subset is smaller than another's sits out the extra steps of the epoch, untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.margins import margins_from_logits, stacked_logits
+from pipeline.models import StackedModel, build_model
+from pipeline.optim import StackedSGD
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stage id, role, model index, ...): stable across runs and machines."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a block: init seed, data-order seed, and its training indices."""
+
+    seed: int
+    indices: np.ndarray
+
+
+class DeviceData:
+    """A dataset resident on one device as uint8 (decision 12), with its normalization."""
+
+    def __init__(self, train_x, train_y, val_x, val_y, mean, std, device="cpu"):
+        self.device = torch.device(device)
+        self.train_x = torch.as_tensor(train_x, device=self.device)
+        self.train_y = torch.as_tensor(train_y, device=self.device, dtype=torch.long)
+        self.val_x = torch.as_tensor(val_x, device=self.device)
+        self.val_y = torch.as_tensor(val_y, device=self.device, dtype=torch.long)
+        self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+
+    @property
+    def shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return self.train_x.shape[0]
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return (x_uint8.float() - self.mean) / self.std
+
+    def all_images(self) -> torch.Tensor:
+        return torch.cat([self.train_x, self.val_x])
+
+    def all_labels(self) -> torch.Tensor:
+        return torch.cat([self.train_y, self.val_y])
+
+
+def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:
+    """The member's batches for one epoch: a seeded permutation of its indices, cut into full batches.
+    Returns (steps, batch_size) training indices. The same on every data path (decision 12)."""
+    gen = torch.Generator().manual_seed(derive_seed(member.seed, "order", epoch))
+    perm = torch.randperm(len(member.indices), generator=gen).numpy()
+    steps = len(perm) // batch_size
+    return member.indices[perm[: steps * batch_size]].reshape(steps, batch_size)
+
+
+def triangle_lr(cfg: TrainConfig, progress: torch.Tensor) -> torch.Tensor:
+    """Single triangle: 0 -> peak at warmup_epochs -> 0 at the end. progress in epochs, per model."""
+    peak_at = min(cfg.warmup_epochs, cfg.epochs)
+    up = progress / max(peak_at, 1e-12)
+    down = (cfg.epochs - progress) / max(cfg.epochs - peak_at, 1e-12)
+    return cfg.lr * torch.clamp(torch.minimum(up, down), min=0.0, max=1.0)
+
+
+def augment(x: torch.Tensor, seeds: list[int], epoch: int, step: int) -> torch.Tensor:
+    """Random crop (pad 2, reflect) and horizontal flip, per sample, seeded per (model, epoch, step).
+    x (M, B, C, H, W) float."""
+    m, b, c, h, w = x.shape
+    flips, dys, dxs = [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(derive_seed(s, "augment", epoch, step))
+        flips.append(torch.rand(b, generator=g) < 0.5)
+        dys.append(torch.randint(0, 5, (b,), generator=g))
+        dxs.append(torch.randint(0, 5, (b,), generator=g))
+    dev = x.device
+    flip = torch.stack(flips).to(dev).view(m * b)
+    dy, dx = torch.stack(dys).to(dev).view(m * b), torch.stack(dxs).to(dev).view(m * b)
+    flat = F.pad(x.reshape(m * b, c, h, w), (2, 2, 2, 2), mode="reflect")
+    rows = dy[:, None] + torch.arange(h, device=dev)[None]
+    cols = dx[:, None] + torch.arange(w, device=dev)[None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    n = torch.arange(m * b, device=dev)[:, None, None]
+    out = flat.permute(0, 2, 3, 1)[n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).reshape(m, b, c, h, w)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    enabled = cfg.precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over members of each member's mean cross-entropy: member k's gradient is its own."""
+    m, b, c = logits.shape
+    ce = F.cross_entropy(logits.reshape(m * b, c).float(), labels.reshape(m * b), reduction="none",
+                         label_smoothing=smoothing)
+    return ce.view(m, b).mean(1).sum()
+
+
+def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, members: list[Member],
+                  classes: int, progress=None) -> tuple[StackedModel, dict]:
+    """Train a block of members from scratch; returns the stacked model (eval mode) and counters."""
+    model = build_model(model_cfg, [m.seed for m in members], data.shape, classes).to(data.device)
+    model.train()
+    opt = StackedSGD(model.parameters(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = torch.tensor([len(m.indices) // cfg.batch_size for m in members], dtype=torch.float32)
+    if (steps_per_epoch == 0).any():
+        raise ValueError(f"train.batch_size {cfg.batch_size} exceeds a member's training-set size")
+    passes = 0
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        batches = [torch.as_tensor(epoch_batches(m, epoch, cfg.batch_size)) for m in members]
+        for step in range(int(steps_per_epoch.max())):
+            active = torch.tensor([step < len(b) for b in batches])
+            idx = torch.stack([b[min(step, len(b) - 1)] for b in batches]).to(data.device)  # (M, B)
+            x = data.normalize(data.train_x[idx])
+            if cfg.augment:
+                x = augment(x, [m.seed for m in members], epoch, step)
+            lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)
+            with autocast_for(cfg, data.device):
+                loss = stacked_loss(model(x), data.train_y[idx], cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step(lr, active.to(data.device))
+            passes += int(active.sum()) * cfg.batch_size
+        if progress is not None:
+            progress(epoch + 1, cfg.epochs)
+    model.eval()
+    return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
+
+
+def evaluate_members(model: StackedModel, data: DeviceData) -> dict[str, np.ndarray]:
+    """Logits (float16) and margins (float32) of every member on train ++ val, and accuracies."""
+    logits = stacked_logits(model, data.all_images(), data.normalize)
+    margins = margins_from_logits(logits, data.all_labels())
+    n = data.n_train
+    correct = (margins > 0).float()
+    accuracy = torch.stack([correct[:, :n].mean(1), correct[:, n:].mean(1)], dim=1)
+    return {
+        "logits": logits.half().cpu().numpy(),
+        "margins": margins.cpu().numpy(),
+        "accuracy": accuracy.cpu().numpy(),
+    }
+
+
+def retrain_example_passes(cfg: TrainConfig, n_train: int) -> int:
+    """Example-passes of one retraining on the full training set (the compute unit, decision 10)."""
+    return cfg.epochs * (n_train // cfg.batch_size) * cfg.batch_size
