@@ -96,6 +96,8 @@ def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typ
     """For each stage: identity, done / partial / missing, models or blocks done, bytes."""
     from pipeline.stages import stage_status
 
+    _stages()
+
     def go():
         rows = stage_status(_plan(config, set_))
         if json_out:
@@ -130,6 +132,181 @@ def train(config: str, set_: Optional[list[str]] = SetOpt,
         run_prepare(plan)
         out = run_train(plan, kinds)
         console.print(f"train: {out['trained']} models trained", highlight=False)
+
+    _guard(go)
+
+
+def _stages():
+    import pipeline.fit_stage  # noqa: F401 - registers the fit and unlearn status rows
+    import pipeline.unlearn_stage  # noqa: F401
+
+
+@app.command()
+def fit(config: str, set_: Optional[list[str]] = SetOpt):
+    """Fit datamodels (attribution matrices) from the subset models."""
+    _stages()
+    from pipeline.fit_stage import run_fit
+
+    def go():
+        summary = run_fit(_plan(config, set_))
+        console.print(f"fit: {summary['estimator']} on {summary['models']} models, mean LDS {summary['lds_mean']}",
+                      highlight=False)
+
+    _guard(go)
+
+
+@app.command()
+def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
+    """Run every configured unlearning method on the full models, for each forget set."""
+    _stages()
+    from pipeline.unlearn_stage import run_unlearn
+
+    def go():
+        chosen = run_unlearn(_plan(config, set_))
+        for method, hp in chosen.items():
+            console.print(f"unlearn {method}: {hp}", highlight=False)
+
+    _guard(go)
+
+
+@app.command()
+def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
+    """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
+    _stages()
+    from pipeline.report import collect_rows
+
+    def go():
+        rows = collect_rows(_plan(config, set_))
+        if json_out:
+            print(json.dumps([{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows],
+                             indent=1, default=float))
+            return
+        table = Table(title="KLoM P95 against the eval oracles")
+        for col in ("forget set", "method", "forget", "retain", "val", "forget acc", "MIA", "compute"):
+            table.add_column(col)
+        for r in rows:
+            k = r["klom"]
+            table.add_row(r["forget_set"], r["method"], f"{k['forget']['p95']:.3f}", f"{k['retain']['p95']:.3f}",
+                          f"{k['val']['p95']:.3f}", f"{r['accuracy']['forget']:.2f}", f"{r['mia']:.2f}",
+                          f"{r['compute']:.4f}")
+        console.print(table)
+
+    _guard(go)
+
+
+@app.command()
+def report(config: str, set_: Optional[list[str]] = SetOpt,
+           out: Optional[str] = typer.Option(None, "--out", help="folder for report.md/json and plots")):
+    """Write report.md, report.json and plots, from the store alone."""
+    _stages()
+    from pipeline.report import write_report
+
+    def go():
+        path = write_report(_plan(config, set_), out)
+        console.print(f"report: {path / 'report.md'}", highlight=False)
+
+    _guard(go)
+
+
+@app.command()
+def run(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
+        out: Optional[str] = typer.Option(None, "--out", help="folder for the report")):
+    """Every stage in order, each skipped when its outputs are complete; then the report."""
+    _stages()
+    from pipeline.run import run_all
+
+    def go():
+        path = run_all(_plan(config, set_, data_root), out)
+        console.print(f"report: {path / 'report.md'}", highlight=False)
+
+    _guard(go)
+
+
+query_app = typer.Typer(help="Read precomputed attribution matrices.", no_args_is_help=True)
+app.add_typer(query_app, name="query")
+
+
+def _points_table(title: str, result: dict) -> Table:
+    table = Table(title=title)
+    for col in ("direction", "index", "split", "label", "value"):
+        table.add_column(col)
+    for direction, points in result.items():
+        for p in points:
+            table.add_row(direction, str(p.index), p.split, str(p.label), f"{p.value:+.5f}")
+    return table
+
+
+def _emit(result, json_out: bool, title: str) -> None:
+    if json_out:
+        print(json.dumps({d: [p.as_dict() for p in pts] for d, pts in result.items()}, indent=1))
+    else:
+        console.print(_points_table(title, result))
+
+
+@query_app.command("top-k")
+def query_top_k(config: str, target: int = typer.Option(..., "--target"), k: int = typer.Option(10, "--k"),
+                set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
+    """Training points with the most positive / negative effect on a target's margin."""
+    from pipeline.query import open_attribution
+
+    _guard(lambda: _emit(open_attribution(config, set_ or []).top_k(target, k), json_out, f"target {target}"))
+
+
+@query_app.command("row")
+def query_row(config: str, train_index: int = typer.Option(..., "--index"), k: int = typer.Option(10, "--k"),
+              set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
+    """Targets a training point moves most."""
+    from pipeline.query import open_attribution
+
+    _guard(lambda: _emit(open_attribution(config, set_ or []).row_top_k(train_index, k), json_out,
+                         f"training point {train_index}"))
+
+
+@query_app.command("self-influence")
+def query_self_influence(config: str, k: int = typer.Option(10, "--k"), set_: Optional[list[str]] = SetOpt,
+                         json_out: bool = typer.Option(False, "--json")):
+    """Self-influence theta[i, i] of every training point (the k highest and lowest shown)."""
+    from pipeline.query import _extremes, open_attribution
+
+    def go():
+        am = open_attribution(config, set_ or [])
+        _emit(_extremes(am.self_influence(), k, am._point), json_out, "self-influence")
+
+    _guard(go)
+
+
+@query_app.command("predict")
+def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set"),
+                  model: int = typer.Option(0, "--model", help="which full model"),
+                  set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
+    """dm-direct's predicted margins after removing a forget set from full model --model."""
+    from pipeline.query import QueryError, open_attribution
+    from pipeline.stages import FamilySpec, family_store
+
+    def go():
+        am = open_attribution(config, set_ or [])
+        plan = am.plan
+        if forget_set not in plan.forget_sets:
+            raise QueryError(f"unknown forget set {forget_set!r}; known: {sorted(plan.forget_sets)}")
+        n_full = plan.cfg.train.full.models
+        if not 0 <= model < n_full:
+            raise QueryError(f"--model {model} is out of range: 0..{n_full - 1}")
+        fam = family_store(plan, FamilySpec(plan.full, "models", n_full, "full"), plan.prepared_meta())
+        logits = fam.array("logits")[model].astype("float32")
+        out = am.predict(plan.forget_sets[forget_set], logits, am.labels)
+        forget = plan.forget_sets[forget_set]
+        full_m = fam.array("margins")[model]
+        rows = [{"index": int(i), "label": int(am.labels[i]), "full_margin": float(full_m[i]),
+                 "predicted_margin": float(out["margins"][i])} for i in forget]
+        if json_out:
+            print(json.dumps({"forget_set": forget_set, "model": model, "points": rows}, indent=1))
+            return
+        table = Table(title=f"dm-direct on forget set {forget_set}, full model {model}")
+        for col in ("index", "label", "full margin", "predicted margin"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["index"]), str(r["label"]), f"{r['full_margin']:+.3f}", f"{r['predicted_margin']:+.3f}")
+        console.print(table)
 
     _guard(go)
 

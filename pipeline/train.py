@@ -152,16 +152,18 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
 
 def evaluate_members(model: StackedModel, data: DeviceData) -> dict[str, np.ndarray]:
     """Logits (float16) and margins (float32) of every member on train ++ val, and accuracies."""
-    logits = stacked_logits(model, data.all_images(), data.normalize)
-    margins = margins_from_logits(logits, data.all_labels())
+    return outputs_from_logits(stacked_logits(model, data.all_images(), data.normalize), data)
+
+
+def outputs_from_logits(logits: torch.Tensor, data: DeviceData) -> dict[str, np.ndarray]:
+    """logits (M, P, C) -> stored outputs: logits, margins (decision 1), top-1 accuracy (train, val)."""
+    labels = data.all_labels()
+    margins = margins_from_logits(logits, labels)
+    correct = (logits.argmax(-1) == labels).float()
     n = data.n_train
-    correct = (margins > 0).float()
     accuracy = torch.stack([correct[:, :n].mean(1), correct[:, n:].mean(1)], dim=1)
-    return {
-        "logits": logits.half().cpu().numpy(),
-        "margins": margins.cpu().numpy(),
-        "accuracy": accuracy.cpu().numpy(),
-    }
+    return {"logits": logits.half().cpu().numpy(), "margins": margins.cpu().numpy(),
+            "accuracy": accuracy.cpu().numpy()}
 
 
 def retrain_example_passes(cfg: TrainConfig, n_train: int) -> int:

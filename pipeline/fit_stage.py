@@ -1,0 +1,186 @@
+"""The fit stage: subset models' masks and outputs -> attribution matrices, target block by target block.
+
+Arrays (see storage_layout.md), in <root>/fit/fit-<id>/arrays.zarr:
+  theta       (n_train, P) float32, chunks (4096, 16)  per-margin datamodels, column reads (a target)
+  theta_rows  (n_train, P) float32, chunks (16, 4096)  the same values, row reads (a training point)
+  bias, lds, lam  (P,) float32
+  theta_logit (n_train, P, C) float16, chunks (256, 16, C)  per-logit datamodels (dm-direct, DMM)
+  bias_logit  (P, C) float32
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import Config
+from pipeline.datamodels import get_estimator, lds
+from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.stages import FamilySpec, Plan, StageError, family_store, STATUS_PROVIDERS
+from pipeline.store import Store, ensure_stage, is_complete, mark_complete
+
+TARGET_CHUNK = 16
+TRAIN_CHUNK = 4096
+LOGIT_TRAIN_CHUNK = 256
+
+
+def _subset_family(plan: Plan, role: str) -> FamilySpec:
+    sub = plan.cfg.train.subset
+    n = sub.models if role == "fit" else sub.heldout
+    return FamilySpec(plan.subset, role, n, "subset", alpha=sub.alpha, logits=sub.store_logits)
+
+
+def _check_inputs(plan: Plan, meta: dict) -> None:
+    sub = plan.cfg.train.subset
+    if sub.models < 2:
+        raise StageError(f"train.subset.models: the fit needs at least 2 subset models, got {sub.models}")
+    if plan.cfg.fit.per_logit and not sub.store_logits:
+        raise StageError("fit.per_logit needs train.subset.store_logits: true")
+    for role in ("fit", "heldout"):
+        fam = _subset_family(plan, role)
+        if fam.n_models and not family_store(plan, fam, meta).done_mask(fam.n_models).all():
+            raise StageError(f"the subset family ({role}) is not fully trained: run `oracle-farm train` first")
+
+
+def target_blocks(n_points: int, block: int) -> list[tuple[int, int]]:
+    block = max(TARGET_CHUNK, block // TARGET_CHUNK * TARGET_CHUNK)  # a block owns whole chunks
+    return [(s, min(s + block, n_points)) for s in range(0, n_points, block)]
+
+
+def _create_arrays(plan: Plan, meta: dict) -> None:
+    n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr")
+    specs = {
+        "theta": ((n, p), (min(TRAIN_CHUNK, n), TARGET_CHUNK), "float32"),
+        "theta_rows": ((n, p), (TARGET_CHUNK, min(TRAIN_CHUNK, p)), "float32"),
+        "bias": ((p,), (TARGET_CHUNK,), "float32"),
+        "lds": ((p,), (TARGET_CHUNK,), "float32"),
+        "lam": ((p,), (TARGET_CHUNK,), "float32"),
+    }
+    if plan.cfg.fit.per_logit:
+        specs["theta_logit"] = ((n, p, c), (min(LOGIT_TRAIN_CHUNK, n), TARGET_CHUNK, c), "float16")
+        specs["bias_logit"] = ((p, c), (TARGET_CHUNK, c), "float32")
+    for name, (shape, chunks, dtype) in specs.items():
+        if name not in group:
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+
+
+def _done_targets(store: Store, rel: str, n_points: int) -> np.ndarray:
+    """Targets covered by a marker: blocks of another size from an earlier run still count."""
+    done = np.zeros(n_points, dtype=bool)
+    for name in store.list(f"{rel}/markers/targets"):
+        marker = store.read_json(f"{rel}/markers/targets/{name}")
+        if marker is not None:
+            done[marker["start"] : marker["end"]] = True
+    return done
+
+
+def run_fit(plan: Plan) -> dict:
+    """Fit every pending target block as a Ray task, then write the row-major copy and COMPLETE."""
+    meta = plan.prepared_meta()
+    ref = plan.fit
+    if is_complete(plan.store, ref):
+        return plan.store.read_json(f"{ref.rel}/COMPLETE.json")
+    _check_inputs(plan, meta)
+    upstream = {"subset": plan.subset.id, "models": plan.cfg.train.subset.models,
+                "heldout": plan.cfg.train.subset.heldout}
+    ensure_stage(plan.store, ref, plan.cfg.fit.model_dump(mode="json"), upstream, plan.cfg.name)
+    _create_arrays(plan, meta)
+    n_points = meta["n_train"] + meta["n_val"]
+    done = _done_targets(plan.store, ref.rel, n_points)
+    todo = [(a, b) for a, b in target_blocks(n_points, plan.cfg.execution.fit_block_targets) if not done[a:b].all()]
+    if todo:
+        init_ray(plan.cfg.execution)
+        remote = ray.remote(fit_block_task).options(**task_options(plan.cfg.execution))
+        refs = [(remote.remote(plan.store.root, plan.cfg, a, b), b - a) for a, b in todo]
+        run_tasks("fit", refs, sum(b - a for a, b in todo), unit="targets")
+    _write_rows_copy(plan, meta)
+    scores = plan.store.open_group(f"{ref.rel}/arrays.zarr", mode="r")["lds"][:]
+    n = meta["n_train"]
+    summary = {"estimator": plan.cfg.fit.estimator, "models": plan.cfg.train.subset.models,
+               "heldout": plan.cfg.train.subset.heldout,
+               "lds_mean": _nanmean(scores), "lds_train_mean": _nanmean(scores[:n]),
+               "lds_val_mean": _nanmean(scores[n:])}
+    mark_complete(plan.store, ref, summary)
+    return summary
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
+def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor):
+    est = cfg.fit.estimator
+    if est == "lasso":
+        lc = cfg.fit.lasso
+        return get_estimator("lasso")(masks, outputs, n_lambdas=lc.n_lambdas, eps=lc.eps,
+                                      val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol)
+    if est == "ridge":
+        return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda)
+    return get_estimator(est)(masks, outputs)
+
+
+def fit_block_task(store_root: str, cfg: Config, start: int, end: int) -> int:
+    """One Ray task: datamodels of targets start..end (per margin, and per logit when configured)."""
+    torch.set_num_threads(cfg.execution.threads)
+    plan = Plan(cfg, Store(store_root))
+    meta = plan.prepared_meta()
+    device = torch.device(cfg.execution.device)
+    fit_fam = family_store(plan, _subset_family(plan, "fit"), meta)
+    n_fit = cfg.train.subset.models
+    masks = torch.as_tensor(fit_fam.array("masks")[:n_fit], device=device)
+    margins = torch.as_tensor(fit_fam.array("margins")[:n_fit, start:end], device=device)
+    dm = _estimate(cfg, masks, margins)
+    out = {"theta": dm.weight, "bias": dm.bias,
+           "lam": dm.lam if dm.lam is not None else torch.full_like(dm.bias, float("nan"))}
+    out["lds"] = _heldout_lds(plan, meta, dm, start, end, device)
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
+    if cfg.fit.per_logit:
+        logits = torch.as_tensor(fit_fam.array("logits")[:n_fit, start:end], device=device).float()
+        per_class = [_estimate(cfg, masks, logits[:, :, c]) for c in range(meta["classes"])]
+        group["theta_logit"][:, start:end] = torch.stack([d.weight for d in per_class], -1).half().cpu().numpy()
+        group["bias_logit"][start:end] = torch.stack([d.bias for d in per_class], -1).cpu().numpy()
+    group["theta"][:, start:end] = out["theta"].cpu().numpy()
+    for name in ("bias", "lam", "lds"):
+        group[name][start:end] = out[name].float().cpu().numpy()
+    plan.store.write_json(f"{plan.fit.rel}/markers/targets/{start:07d}-{end:07d}.json",
+                          {"start": start, "end": end, "threads": torch.get_num_threads()})
+    return end - start
+
+
+def _heldout_lds(plan: Plan, meta: dict, dm, start: int, end: int, device) -> torch.Tensor:
+    n_held = plan.cfg.train.subset.heldout
+    if n_held < 3:
+        return torch.full((end - start,), float("nan"))
+    held = family_store(plan, _subset_family(plan, "heldout"), meta)
+    masks = torch.as_tensor(held.array("masks")[:n_held], device=device)
+    actual = torch.as_tensor(held.array("margins")[:n_held, start:end], device=device)
+    return lds(dm.weight, dm.bias, masks, actual)
+
+
+def _write_rows_copy(plan: Plan, meta: dict) -> None:
+    """theta_rows = theta, written by blocks of whole row chunks (reads each column chunk once)."""
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
+    n = meta["n_train"]
+    step = min(TRAIN_CHUNK, n) // TARGET_CHUNK * TARGET_CHUNK or TARGET_CHUNK
+    for start in range(0, n, step):
+        group["theta_rows"][start : start + step] = group["theta"][start : start + step]
+
+
+def fit_status(plan: Plan) -> list[dict]:
+    ref = plan.fit
+    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
+    if meta is None:
+        return [{"stage": "fit", "id": ref.id, "state": "missing", "done": 0, "total": 1, "bytes": 0}]
+    blocks = target_blocks(meta["n_train"] + meta["n_val"], plan.cfg.execution.fit_block_targets)
+    summary = plan.store.read_json(f"{ref.rel}/COMPLETE.json")
+    covered = _done_targets(plan.store, ref.rel, meta["n_train"] + meta["n_val"])
+    done = sum(bool(covered[a:b].all()) for a, b in blocks)
+    state = "done" if summary else ("partial" if done else "missing")
+    detail = f"LDS mean {summary['lds_mean']:.3f}" if summary and summary.get("lds_mean") is not None else ""
+    return [{"stage": "fit", "id": ref.id, "state": state, "done": done if not summary else len(blocks),
+             "total": len(blocks), "detail": detail, "bytes": plan.store.size(ref.rel)}]
+
+
+STATUS_PROVIDERS.append(fit_status)

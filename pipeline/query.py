@@ -1,0 +1,134 @@
+"""Read precomputed attribution matrices lazily: only the chunks a query needs are read.
+
+    from pipeline.query import open_attribution
+    am = open_attribution("configs/digits.yaml")           # or open_attribution(store_url, fit_id=...)
+    am.top_k(target=1500, k=10)                              # most positive / negative training points
+    am.row(train_index=3)                                    # which targets a training point moves most
+    am.self_influence()                                      # theta[i, i] for every training point
+    am.predict(forget=[1, 2, 3], model=0)                    # dm-direct logits/margins (decision 5)
+
+Column reads use `theta` (chunks (4096, 16)); row reads use `theta_rows` (chunks (16, 4096)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class QueryError(ValueError):
+    """A query names something the store does not hold (no finished fit, index out of range, ...)."""
+
+
+@dataclass
+class Point:
+    index: int
+    value: float
+    label: int | None
+    split: str
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "value": self.value, "label": self.label, "split": self.split}
+
+
+class AttributionMatrix:
+    """theta[i, j]: effect of including training point i on the margin of target point j
+    (points: train ++ val), plus bias[j] and the LDS of each target."""
+
+    def __init__(self, store, fit_rel: str, labels: np.ndarray | None, n_train: int, full_logits=None, plan=None):
+        self.store, self.fit_rel, self.labels, self.n_train = store, fit_rel, labels, n_train
+        self.plan = plan
+        group = store.open_group(f"{fit_rel}/arrays.zarr", mode="r")
+        self.theta, self.theta_rows = group["theta"], group["theta_rows"]
+        self.bias, self.lds_values = group["bias"], group["lds"]
+        self.theta_logit = group["theta_logit"] if "theta_logit" in group else None
+        self.n_points = self.theta.shape[1]
+
+    # -------------------------------------------------------------- checks
+    def _target(self, j: int) -> int:
+        if not 0 <= j < self.n_points:
+            raise QueryError(f"target {j} is out of range: targets are 0..{self.n_points - 1} "
+                             f"(train 0..{self.n_train - 1}, validation {self.n_train}..{self.n_points - 1})")
+        return int(j)
+
+    def _train(self, i: int) -> int:
+        if not 0 <= i < self.n_train:
+            raise QueryError(f"training index {i} is out of range: 0..{self.n_train - 1}")
+        return int(i)
+
+    def _point(self, idx: int, value: float) -> Point:
+        label = int(self.labels[idx]) if self.labels is not None else None
+        split = "train" if idx < self.n_train else "val"
+        return Point(int(idx), float(value), label, split)
+
+    # -------------------------------------------------------------- queries
+    def column(self, target: int) -> np.ndarray:
+        """theta[:, target]: (n_train,) float32."""
+        return self.theta[:, self._target(target)]
+
+    def row(self, train_index: int) -> np.ndarray:
+        """theta[train_index, :]: (n_points,) float32."""
+        return self.theta_rows[self._train(train_index), :]
+
+    def top_k(self, target: int, k: int = 10) -> dict[str, list[Point]]:
+        col = self.column(target)
+        return _extremes(col, k, self._point)
+
+    def row_top_k(self, train_index: int, k: int = 10) -> dict[str, list[Point]]:
+        return _extremes(self.row(train_index), k, self._point)
+
+    def self_influence(self) -> np.ndarray:
+        """theta[i, i] for i in 0..n_train-1, read block by block along the diagonal."""
+        out = np.empty(self.n_train, dtype=np.float32)
+        step = self.theta.chunks[0]
+        for start in range(0, self.n_train, step):
+            stop = min(start + step, self.n_train)
+            block = self.theta[start:stop, start:stop]
+            out[start:stop] = np.diagonal(block)
+        return out
+
+    def lds(self) -> np.ndarray:
+        return self.lds_values[:]
+
+    def predict(self, forget: np.ndarray, full_logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """dm-direct (decision 5): logits of a full model minus the summed per-logit rows of the forget set.
+        full_logits (P, C) -> {"logits": (P, C), "margins": (P,)}."""
+        if self.theta_logit is None:
+            raise QueryError("this fit has no per-logit datamodels (fit.per_logit: false)")
+        forget = np.asarray(forget)
+        for i in forget:
+            self._train(int(i))
+        rows = self.theta_logit.get_orthogonal_selection((forget, slice(None), slice(None))).astype(np.float32)
+        logits = full_logits.astype(np.float32) - rows.sum(0)
+        correct = logits[np.arange(len(labels)), labels]
+        others = logits.copy()
+        others[np.arange(len(labels)), labels] = -np.inf
+        margins = correct - np.logaddexp.reduce(others, axis=1)
+        return {"logits": logits, "margins": margins}
+
+
+def _extremes(values: np.ndarray, k: int, make) -> dict[str, list[Point]]:
+    k = max(1, min(k, len(values)))
+    top = np.argpartition(-values, k - 1)[:k]
+    bottom = np.argpartition(values, k - 1)[:k]
+    top = top[np.argsort(-values[top], kind="stable")]
+    bottom = bottom[np.argsort(values[bottom], kind="stable")]
+    return {"positive": [make(i, values[i]) for i in top], "negative": [make(i, values[i]) for i in bottom]}
+
+
+def open_attribution(config_path: str, overrides: list[str] = ()) -> AttributionMatrix:
+    """The attribution matrix of a config's finished fit stage."""
+    from pipeline.config import load_config
+    from pipeline.stages import Plan
+    from pipeline.store import Store, is_complete
+
+    cfg = load_config(config_path, list(overrides))
+    plan = Plan(cfg, Store(cfg.store))
+    if not is_complete(plan.store, plan.fit):
+        raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished in {plan.store.root}: "
+                         "run `oracle-farm fit` first")
+    meta = plan.prepared_meta()
+    group = plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")
+    labels = np.concatenate([group["labels/train"][:], group["labels/val"][:]])
+    return AttributionMatrix(plan.store, plan.fit.rel, labels, meta["n_train"], plan=plan)

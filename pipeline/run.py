@@ -1,0 +1,22 @@
+"""`oracle-farm run`: every stage in order, each skipped when complete, then the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.fit_stage import run_fit
+from pipeline.report import write_report
+from pipeline.stages import Plan, run_prepare, run_train
+from pipeline.unlearn import get_method
+from pipeline.unlearn_stage import check_needs, method_grids, run_unlearn
+
+
+def run_all(plan: Plan, out_dir: str | None = None) -> Path:
+    grids = method_grids(plan.cfg)  # bad method names or hyperparameters stop before any work
+    check_needs(plan, grids)
+    run_prepare(plan)
+    run_train(plan)
+    if any("datamodels" in get_method(m).NEEDS for m in grids) or plan.cfg.train.subset.models > 1:
+        run_fit(plan)
+    run_unlearn(plan)
+    return write_report(plan, Path(out_dir) if out_dir else None)

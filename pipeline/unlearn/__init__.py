@@ -1,0 +1,40 @@
+"""Method registry: name -> module defining a frozen `Config` and `run` (see base.py).
+`retrain` is not run on full models: its row is the reference oracles (decision 17)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import itertools
+
+METHODS = {
+    "do_nothing": "pipeline.unlearn.do_nothing",
+    "finetune": "pipeline.unlearn.finetune",
+    "gradient_ascent": "pipeline.unlearn.gradient_ascent",
+    "neggrad_plus": "pipeline.unlearn.neggrad_plus",
+    "scrub": "pipeline.unlearn.scrub",
+    "dm_direct": "pipeline.unlearn.dm_direct",
+    "oracle_matching": "pipeline.unlearn.oracle_matching",
+    "dmm": "pipeline.unlearn.dmm",
+    "del": "pipeline.unlearn.del_",
+    "sfron": "pipeline.unlearn.sfron",
+    "camu": "pipeline.unlearn.camu",
+}
+REFERENCE_ROW = "retrain"
+
+
+def get_method(name: str):
+    """The method's module (with `Config`, `run`, and `NEEDS`, a tuple of what its context must serve)."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS) + [REFERENCE_ROW], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown method {name!r}{hint}; valid: {', '.join(sorted(METHODS))}, {REFERENCE_ROW}")
+    return importlib.import_module(METHODS[name])
+
+
+def expand_grid(name: str, params: dict) -> list:
+    """Validated configs for every point of the grid a method's params describe (a list is an axis)."""
+    config_cls = get_method(name).Config
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in (params or {}).items()}
+    keys = list(axes)
+    return [config_cls.model_validate(dict(zip(keys, combo))) for combo in itertools.product(*axes.values())]

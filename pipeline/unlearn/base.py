@@ -1,0 +1,120 @@
+"""The unlearning method interface (decision 24) and the pieces every method shares.
+
+A method is one module with a frozen pydantic `Config` (every hyperparameter, spec defaults) and
+`run(ctx, model, forget, retain, cfg, meter) -> MethodOutput`. `model` is a StackedModel of the M
+full models being unlearned (train mode is the method's choice); every member is unlearned
+independently: norms, clips, rankings and masks are per member (decision 23).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.train import DeviceData, derive_seed
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class MethodOutput:
+    """Either the unlearned stacked model, or logits (M, P, classes) on train ++ val (dm-direct)."""
+
+    model: torch.nn.Module | None = None
+    logits: torch.Tensor | None = None
+    notes: dict = field(default_factory=dict)
+
+
+class ComputeMeter:
+    """Example-passes per member: forward+backward of one example = 1, forward-only counted apart
+    and weighted 1/3 in the headline fraction (decisions 10, 22)."""
+
+    def __init__(self):
+        self.backward = 0.0
+        self.forward_only = 0.0
+        self.start = time.perf_counter()
+
+    def train_pass(self, n: int) -> None:
+        self.backward += n
+
+    def forward_pass(self, n: int) -> None:
+        self.forward_only += n
+
+    def equivalent_passes(self) -> float:
+        return self.backward + self.forward_only / 3.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def summary(self) -> dict:
+        return {"example_passes": self.backward, "forward_passes": self.forward_only,
+                "equivalent_passes": self.equivalent_passes(), "seconds": self.seconds()}
+
+
+@dataclass
+class Context:
+    """What a method may need, served lazily (datamodel rows, target-oracle logits, full logits)."""
+
+    data: DeviceData
+    classes: int
+    seed: int
+    model_indices: list[int]
+    make_fresh_model: Callable[[list[int]], torch.nn.Module] | None = None
+    _datamodel_rows: Callable[[], torch.Tensor] | None = None
+    _target_oracle_logits: Callable[[], torch.Tensor] | None = None
+    notes: dict = field(default_factory=dict)
+
+    def datamodel_rows(self) -> torch.Tensor:
+        """Per-logit datamodel rows of the forget set: (|F|, P, classes), float32, on the device."""
+        if self._datamodel_rows is None:
+            raise RuntimeError("this method needs the fit stage's per-logit datamodels (fit.per_logit: true)")
+        return self._datamodel_rows()
+
+    def target_oracle_logits(self) -> torch.Tensor:
+        """Mean logits of the target oracles on train ++ val: (P, classes), float32, on the device."""
+        if self._target_oracle_logits is None:
+            raise RuntimeError("this method needs target oracles (train.oracle.target > 0)")
+        return self._target_oracle_logits()
+
+    def rng(self, *parts) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.seed, *parts))
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def index_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
+                  drop_last: bool = False) -> list[np.ndarray]:
+    """Cut indices (shuffled when rng is given) into batches; the last partial batch is kept unless asked."""
+    order = rng.permutation(indices) if rng is not None else np.asarray(indices)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def batch_inputs(data: DeviceData, idx: np.ndarray, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized images of train indices idx, the same for every member: ((M, B, C, H, W), (M, B))."""
+    t = torch.as_tensor(idx, device=data.device, dtype=torch.long)
+    x = data.normalize(data.train_x[t])
+    y = data.train_y[t]
+    return x.unsqueeze(0).expand(n_models, *x.shape), y.unsqueeze(0).expand(n_models, -1)
+
+
+def per_model_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per member and example: (M, B)."""
+    m, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(m * b, c).float(), labels.reshape(m * b), reduction="none").view(m, b)
+
+
+def member_params(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full_rows(data: DeviceData, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Point indices into train ++ val for training indices (identity: train points come first)."""
+    return torch.as_tensor(idx, device=data.device, dtype=torch.long)

@@ -1,0 +1,34 @@
+"""finetune (FT; "GD" in the DMM code): continue training on the retain set with SGD
+(algorithms.md section 8: momentum 0.9, wd 5e-4, lr 1e-3..1e-4, 3-5 epochs, batch 64)."""
+
+import torch
+from pydantic import Field
+
+from pipeline.optim import StackedSGD
+from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+
+NEEDS = ()
+
+
+class Config(MethodConfig):
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
+    model.train()
+    m = model.n_models
+    opt = StackedSGD(model.parameters(), cfg.momentum, cfg.weight_decay)
+    lr = torch.full((m,), cfg.lr, device=ctx.data.device)
+    for epoch in range(cfg.epochs):
+        for idx in index_batches(retain, cfg.batch_size, ctx.rng("finetune", epoch)):
+            x, y = batch_inputs(ctx.data, idx, m)
+            loss = per_model_ce(model(x), y).mean(1).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(lr)
+            meter.train_pass(len(idx))
+    return MethodOutput(model=model)

@@ -1,0 +1,101 @@
+"""What Oracle Matching and Datamodel Matching share (algorithms.md 3.1, decision 5), and the dm-direct
+prediction that DMM distils (algorithms.md 2.4).
+
+Georgiev, Rinberg, Park, Garg, Ilyas, Madry, Neel, "Attribute-to-Delete: Machine Unlearning via
+Datamodel Matching" (ICLR 2025). Reference code: `unlearning/unlearning_algos/oracle_matching.py`
+(`finetune`) and `dm_direct.py` of the paper-era `unlearning/` package.
+
+The routine fine-tunes every member on an index set made of the forget set repeated r_f times plus
+r_r x |F| retain points, with MSE between the member's logits and its target logits, Adam, lr x 0.95
+per epoch, the model in train mode. Shapes: targets are (M or 1, K, classes) over K sorted unique points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.margins import stacked_logits
+from pipeline.optim import StackedAdam
+from pipeline.unlearn.base import MethodConfig, batch_inputs, index_batches
+
+
+class MatchingConfig(MethodConfig):
+    """Defaults: the DMM configuration used with the U-LiRA runs (`run_ulira_unlearnings.py`)."""
+
+    lr: float = Field(1e-4, gt=0)  # Adam learning rate of the first epoch
+    lr_decay: float = Field(0.95, gt=0, le=1)  # ExponentialLR factor, applied once per epoch
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(512, ge=1)
+    forget_multiplier: float = Field(5.0, ge=0)  # r_f: copies of the forget set
+    retain_multiplier: float = Field(20.0, ge=0)  # r_r: retain points = floor(r_r * |F|), capped at |retain|
+    shuffle: bool = True  # reshuffle the index set every epoch (True in the reference's U-LiRA config)
+
+
+def finetune_index_set(forget: np.ndarray, retain: np.ndarray, forget_multiplier: float,
+                       retain_multiplier: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """F repeated floor(r_f) times + the first floor(frac(r_f) |F|) points of F, then floor(r_r |F|)
+    retain points drawn without replacement (capped at |retain|, decision 21). Returns (indices, notes)."""
+    forget, retain = np.asarray(forget, dtype=np.int64), np.asarray(retain, dtype=np.int64)
+    whole = int(np.floor(forget_multiplier))
+    extra = int(np.floor((forget_multiplier - whole) * len(forget)))
+    wanted = int(np.floor(retain_multiplier * len(forget)))
+    used = min(wanted, len(retain))
+    sampled = rng.choice(retain, size=used, replace=False) if used else np.empty(0, np.int64)
+    index_set = np.concatenate([np.tile(forget, whole), forget[:extra], sampled]).astype(np.int64)
+    notes = {"retain_points_wanted": wanted, "retain_points_used": used, "retain_capped": used < wanted,
+             "finetune_set_size": int(len(index_set))}
+    return index_set, notes
+
+
+def dm_correction(rows: torch.Tensor, forget: np.ndarray, points: np.ndarray, multiplier: float = 1.0,
+                  diagonal_only: bool = False) -> torch.Tensor:
+    """multiplier x sum_{i in F} theta[i, x, :] for x in points: (len(points), classes).
+
+    rows: per-logit datamodel rows of the forget set, (|F|, P, classes), row k belonging to forget[k].
+    diagonal_only keeps only the self-influence theta[i, i, :] of forget points (zero elsewhere)."""
+    pts = torch.as_tensor(np.asarray(points, dtype=np.int64), device=rows.device)
+    if not diagonal_only:
+        return multiplier * rows.sum(0).index_select(0, pts).float()
+    which = np.full(rows.shape[1], -1, dtype=np.int64)
+    which[np.asarray(forget, dtype=np.int64)] = np.arange(len(forget))
+    row_of = torch.as_tensor(which[np.asarray(points, dtype=np.int64)], device=rows.device)
+    hit = row_of >= 0
+    out = torch.zeros(len(points), rows.shape[2], device=rows.device, dtype=torch.float32)
+    out[hit] = rows[row_of[hit], pts[hit]].float()
+    return multiplier * out
+
+
+def dm_direct_logits(ctx, model, forget: np.ndarray, points: np.ndarray, multiplier: float,
+                     diagonal_only: bool, meter) -> torch.Tensor:
+    """Each member's eval-mode logits on points (train ++ val indices) minus the datamodel correction:
+    (M, len(points), classes). Counts one forward pass per point."""
+    pts = torch.as_tensor(np.asarray(points, dtype=np.int64), device=ctx.data.device)
+    images = ctx.data.all_images().index_select(0, pts)
+    logits = stacked_logits(model, images, ctx.data.normalize)
+    meter.forward_pass(len(points))
+    return logits - dm_correction(ctx.datamodel_rows(), forget, points, multiplier, diagonal_only)[None]
+
+
+def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets: torch.Tensor,
+                 cfg: MatchingConfig, meter, tag: str) -> None:
+    """Fine-tune every member (in place) so that its logits on index_set match targets.
+
+    points: the sorted unique training indices targets are given for; targets (M or 1, len(points), C).
+    Loss: the sum over members of each member's MSE, mean over batch and classes."""
+    model.train()  # BatchNorm statistics update, as in the reference
+    m = model.n_models
+    opt = StackedAdam(model.parameters())
+    for epoch in range(cfg.epochs):
+        lr = torch.full((m,), cfg.lr * cfg.lr_decay**epoch, device=ctx.data.device)
+        rng = ctx.rng(tag, "epoch", epoch) if cfg.shuffle else None
+        for idx in index_batches(index_set, cfg.batch_size, rng):
+            x, _ = batch_inputs(ctx.data, idx, m)
+            cols = torch.as_tensor(np.searchsorted(points, idx), device=ctx.data.device)
+            target = targets.index_select(1, cols).expand(m, -1, -1)
+            loss = (model(x).float() - target).pow(2).mean(dim=(1, 2)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(lr)
+            meter.train_pass(len(idx))

@@ -1,0 +1,232 @@
+"""The unlearn stage: every configured method x forget set x hyperparameter point, applied to the
+first N_u full models, as Ray tasks per block of models, resumable like `train`.
+
+Grids (a list for a hyperparameter) are selected on the tuning forget set by forget-set P95 KLoM
+against that set's eval oracles (ties broken by compute); reported runs use the chosen point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import Config, stage_id
+from pipeline.data.forget_sets import forget_set_id
+from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.models import build_model
+from pipeline.stages import (
+    STATUS_PROVIDERS, FamilySpec, Plan, StageError, family_store, load_device_data, load_full_models,
+    output_specs, pending_blocks,
+)
+from pipeline.store import Family, StageRef, Store, ensure_stage
+from pipeline.train import derive_seed, evaluate_members, outputs_from_logits, retrain_example_passes
+from pipeline.unlearn import expand_grid, get_method
+from pipeline.unlearn.base import ComputeMeter, Context
+
+
+def n_unlearned(cfg: Config) -> int:
+    return cfg.unlearn.models or cfg.train.full.models
+
+
+def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
+    """Identity: method + its full hyperparameters + the full models, forget set, count and the
+    upstream stages the method reads (fit for datamodel methods, oracles for OM)."""
+    needs = get_method(method).NEEDS
+    upstream = {"full": plan.full.id, "forget": forget_set_id(plan.forget_sets[forget_name]),
+                "models": n_unlearned(plan.cfg), "seed": plan.cfg.unlearn.seed}
+    if "datamodels" in needs:
+        upstream["fit"] = plan.fit.id
+    if "target_oracles" in needs:
+        upstream["oracle"] = plan.oracle(forget_name).id
+        upstream["targets"] = plan.cfg.train.oracle.target
+    section = {"method": method, "hparams": hparams.model_dump(mode="json")}
+    return StageRef("unlearn", stage_id("unlearn", section, upstream))
+
+
+def unlearn_family(plan: Plan, ref: StageRef, meta: dict) -> Family:
+    return Family(plan.store, ref, "models", output_specs(meta, logits=True))
+
+
+def method_grids(cfg: Config) -> dict[str, list]:
+    """method -> validated hyperparameter points (raises a ConfigError-style message on bad ones)."""
+    from pipeline.config import ConfigError
+
+    grids = {}
+    for name, params in cfg.unlearn.methods.items():
+        try:
+            grids[name] = expand_grid(name, params)
+        except KeyError as exc:
+            raise ConfigError(f"unlearn.methods.{name}: {exc.args[0]}") from None
+        except Exception as exc:  # pydantic ValidationError
+            raise ConfigError(f"unlearn.methods.{name}: {exc}") from None
+    return grids
+
+
+def check_needs(plan: Plan, grids: dict) -> None:
+    for name in grids:
+        needs = get_method(name).NEEDS
+        if "datamodels" in needs and not plan.cfg.fit.per_logit:
+            raise StageError(f"unlearn.methods.{name} needs per-logit datamodels: set fit.per_logit: true")
+        if "target_oracles" in needs and plan.cfg.train.oracle.target < 1:
+            raise StageError(f"unlearn.methods.{name} needs target oracles: set train.oracle.target >= 1")
+    if plan.cfg.train.full.models < n_unlearned(plan.cfg):
+        raise StageError(f"unlearn.models {n_unlearned(plan.cfg)} exceeds train.full.models {plan.cfg.train.full.models}")
+
+
+# ---------------------------------------------------------------------------------------- running
+def run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: str) -> None:
+    """jobs: (method, hparams, forget set name). Each is its own stage; pending blocks run as tasks."""
+    meta = plan.prepared_meta()
+    ex = plan.cfg.execution
+    n = n_unlearned(plan.cfg)
+    tasks = []
+    for method, hp, fs in jobs:
+        ref = unlearn_ref(plan, method, hp, fs)
+        ensure_stage(plan.store, ref, {"method": method, "hparams": hp.model_dump(mode="json"), "forget_set": fs},
+                     {"full": plan.full.id}, plan.cfg.name)
+        family = unlearn_family(plan, ref, meta)
+        family.ensure_arrays(n)
+        done = family.done_mask(n)
+        for start, end in pending_blocks(done, ex.block_size):
+            tasks.append((method, hp, fs, start, end, (np.flatnonzero(~done[start:end]) + start).tolist()))
+    if not tasks:
+        return
+    init_ray(ex)
+    remote = ray.remote(unlearn_block_task).options(**task_options(ex))
+    refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo))
+            for m, hp, fs, a, b, todo in tasks]
+    run_tasks(label, refs, sum(w for _, w in refs))
+
+
+def unlearn_block_task(store_root: str, cfg: Config, method: str, hparams: dict, forget_name: str,
+                       start: int, end: int, todo: list[int]) -> int:
+    torch.set_num_threads(cfg.execution.threads)
+    plan = Plan(cfg, Store(store_root))
+    meta = plan.prepared_meta()
+    module = get_method(method)
+    hp = module.Config.model_validate(hparams)
+    ref = unlearn_ref(plan, method, hp, forget_name)
+    data = load_device_data(store_root, plan.prepare.rel, cfg.execution.device)
+    indices = list(range(start, end))
+    model = load_full_models(plan, indices, cfg.execution.device)
+    forget = plan.forget_sets[forget_name]
+    retain = np.setdiff1d(np.arange(meta["n_train"]), forget)
+    ctx = build_context(plan, meta, data, ref, forget_name, forget, indices, module.NEEDS)
+    meter = ComputeMeter()
+    out = module.run(ctx, model, forget, retain, hp, meter)
+    if out.model is not None:
+        outputs = evaluate_members(out.model, data)
+    else:
+        outputs = outputs_from_logits(out.logits, data)
+    info = {**meter.summary(), "retrain_example_passes": retrain_example_passes(cfg.train, meta["n_train"]),
+            "notes": {**ctx.notes, **out.notes}, "threads": torch.get_num_threads(), "block": [start, end]}
+    family = unlearn_family(plan, ref, meta)
+    for i in todo:  # rows of one block are contiguous runs; one marker per model keeps it simple
+        row = i - start
+        family.write_block(i, {k: v[row : row + 1] for k, v in outputs.items()}, info)
+    return len(todo)
+
+
+def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str, forget: np.ndarray,
+                  indices: list[int], needs: tuple) -> Context:
+    device = data.device
+
+    def datamodel_rows() -> torch.Tensor:
+        group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")
+        rows = group["theta_logit"].get_orthogonal_selection((forget, slice(None), slice(None)))
+        return torch.as_tensor(rows, device=device).float()
+
+    def target_oracle_logits() -> torch.Tensor:
+        n_t = plan.cfg.train.oracle.target
+        fam = FamilySpec(plan.oracle(forget_name), "target", n_t, "oracle")
+        family = family_store(plan, fam, meta)
+        if not family.done_mask(n_t).all():
+            raise StageError(f"target oracles of {forget_name!r} are not trained")
+        return torch.as_tensor(family.read("logits", n_t), device=device).float().mean(0)
+
+    def fresh(seeds: list[int]):
+        return build_model(plan.cfg.model, seeds, tuple(meta["shape"]), meta["classes"]).to(device)
+
+    return Context(data=data, classes=meta["classes"], seed=derive_seed(ref.id), model_indices=indices,
+                   make_fresh_model=lambda members: fresh([derive_seed(ref.id, "fresh", i) for i in members]),
+                   _datamodel_rows=datamodel_rows if "datamodels" in needs else None,
+                   _target_oracle_logits=target_oracle_logits if "target_oracles" in needs else None)
+
+
+# ---------------------------------------------------------------------------------------- tuning
+def selection_rel(plan: Plan, method: str, grid: list) -> str:
+    payload = json.dumps([method, [g.model_dump(mode="json") for g in grid],
+                          unlearn_ref(plan, method, grid[0], plan.cfg.tuning_forget_set.name).id,
+                          plan.oracle(plan.cfg.tuning_forget_set.name).id], sort_keys=True)
+    return f"selection/{method}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"
+
+
+def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
+    """method -> chosen point. Grids run on the tuning forget set and are scored against its eval
+    oracles only (decisions 3 and 16); the choice is recorded in the store."""
+    from pipeline.report import forget_p95_against_eval
+
+    chosen = {m: g[0] for m, g in grids.items() if len(g) == 1}
+    to_tune = {m: g for m, g in grids.items() if len(g) > 1}
+    if not to_tune:
+        return chosen
+    tuning = plan.cfg.tuning_forget_set
+    if tuning is None:
+        raise StageError("a hyperparameter grid needs a tuning_forget_set in the config")
+    run_unlearn_jobs(plan, [(m, hp, tuning.name) for m, g in to_tune.items() for hp in g], "tune")
+    meta = plan.prepared_meta()
+    for method, grid in to_tune.items():
+        rel = selection_rel(plan, method, grid)
+        record = plan.store.read_json(rel)
+        if record is None:
+            scores = []
+            for hp in grid:
+                family = unlearn_family(plan, unlearn_ref(plan, method, hp, tuning.name), meta)
+                p95 = forget_p95_against_eval(plan, tuning.name, family.read("margins", n_unlearned(plan.cfg)))
+                compute = float(np.mean([m["info"]["equivalent_passes"] for m in family.markers()]))
+                scores.append({"hparams": hp.model_dump(mode="json"), "forget_p95": p95, "compute": compute})
+            best = min(range(len(grid)), key=lambda i: (scores[i]["forget_p95"], scores[i]["compute"]))
+            record = {"method": method, "tuning_forget_set": tuning.name, "scores": scores, "chosen": best}
+            plan.store.write_json(rel, record)
+        chosen[method] = grid[record["chosen"]]
+    return chosen
+
+
+def run_unlearn(plan: Plan) -> dict:
+    grids = method_grids(plan.cfg)
+    check_needs(plan, grids)
+    chosen = select_hyperparameters(plan, grids)
+    jobs = [(m, hp, fs.name) for m, hp in chosen.items() for fs in plan.cfg.forget_sets]
+    run_unlearn_jobs(plan, jobs, "unlearn")
+    return {m: hp.model_dump(mode="json") for m, hp in chosen.items()}
+
+
+def unlearn_status(plan: Plan) -> list[dict]:
+    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
+    if meta is None:
+        return []
+    rows = []
+    try:
+        grids = method_grids(plan.cfg)
+    except Exception:  # noqa: BLE001 - status shows what it can
+        return rows
+    n = n_unlearned(plan.cfg)
+    for method, grid in grids.items():
+        for fs in plan.cfg.forget_sets:
+            points = grid if len(grid) == 1 else grid  # every grid point that exists is shown
+            for hp in points:
+                ref = unlearn_ref(plan, method, hp, fs.name)
+                done = int(unlearn_family(plan, ref, meta).done_mask(n).sum()) if plan.store.exists(ref.rel) else 0
+                if len(grid) > 1 and done == 0:
+                    continue
+                state = "done" if done == n else ("partial" if done else "missing")
+                rows.append({"stage": f"unlearn[{method},{fs.name}]", "id": ref.id, "state": state,
+                             "done": done, "total": n, "detail": "", "bytes": plan.store.size(ref.rel)})
+    return rows
+
+
+STATUS_PROVIDERS.append(unlearn_status)

@@ -1,0 +1,162 @@
+"""Datamodel estimators: closed forms by hand, ridge and LASSO against sklearn, recovery of a planted
+linear model, and the linear datamodeling score against scipy."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.linear_model import Lasso, Ridge
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.datamodels import ESTIMATORS, Datamodel, diff_in_means, get_estimator, lasso, lasso_path, lds, ridge
+
+
+def planted(models: int, points: int = 100, targets: int = 4, *, active: int = 10, noise: float = 0.3, seed: int = 0):
+    """Bernoulli(1/2) masks (models, points), y = b + mask @ w_true + noise; w_true (points, targets) sparse."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(models, points, generator=g) < 0.5
+    w = torch.zeros(points, targets)
+    for j in range(targets):
+        w[torch.randperm(points, generator=g)[:active], j] = torch.randn(active, generator=g)
+    b = torch.randn(targets, generator=g)
+    return masks, b + masks.float() @ w + noise * torch.randn(models, targets, generator=g), w
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+def test_registry_names_and_unknown():
+    assert set(ESTIMATORS) == {"diff_in_means", "lasso", "ridge"}
+    assert get_estimator("ridge") is ridge
+    with pytest.raises(ValueError, match="diff_in_means, lasso, ridge"):
+        get_estimator("ols")
+
+
+def test_diff_in_means_by_hand():
+    # point 0 in models {0, 1}, point 1 in {1, 2}, point 2 in all of them (no contrast: weight 0)
+    masks = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    outputs = torch.tensor([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0], [0.0, 5.0]])
+    dm = diff_in_means(masks, outputs)
+    # target 0: point 0: (1+3)/2 - (2+0)/2 = 1; point 1: (3+2)/2 - (1+0)/2 = 2; a constant target: 0
+    torch.testing.assert_close(dm.weight, torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]]))
+    # bias centres the predictions: mean(y) - mean(mask) @ w = 1.5 - (0.5 * 1 + 0.5 * 2) = 0
+    torch.testing.assert_close(dm.bias, torch.tensor([0.0, 5.0]))
+    torch.testing.assert_close(dm.predict(masks).mean(0), outputs.mean(0))
+    assert dm.lam is None
+    torch.testing.assert_close(diff_in_means(masks, outputs, target_chunk=1).weight, dm.weight)
+
+
+@pytest.mark.parametrize("models,points", [(60, 20), (15, 30)])  # primal and dual (fewer models) forms
+def test_ridge_matches_sklearn(models, points):
+    masks, outputs, _ = planted(models, points, 3)
+    sk = Ridge(alpha=2.5).fit(masks.double().numpy(), outputs.double().numpy())
+    for dtype, atol in [(torch.float64, 1e-9), (torch.float32, 1e-4)]:
+        dm = ridge(masks, outputs, lam=2.5, dtype=dtype)
+        np.testing.assert_allclose(dm.weight.double().numpy(), sk.coef_.T, atol=atol)
+        np.testing.assert_allclose(dm.bias.double().numpy(), sk.intercept_, atol=atol)
+        assert dm.weight.dtype == dtype and dm.lam.shape == (3,)
+
+
+def test_lasso_fixed_lambda_matches_sklearn():
+    masks, outputs, _ = planted(200, 60, 3)
+    lams = torch.tensor([0.1, 0.02])
+    x = masks.double().numpy()
+    scaler = StandardScaler().fit(x)  # population std, as ours
+    for dtype, tol, atol in [(torch.float64, 1e-12, 1e-6), (torch.float32, 1e-7, 1e-3)]:
+        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, max_iter=20000, dtype=dtype)
+        assert path.weight.shape == (2, 60, 3) and path.lambdas.shape == (2, 3)
+        for k, lam in enumerate(lams.tolist()):
+            for j in range(3):
+                sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(scaler.transform(x), outputs[:, j].double().numpy())
+                w, b = path.weight[k, :, j].double().numpy(), path.bias[k, j].item()
+                # standardised units: theta = w_raw * sigma
+                np.testing.assert_allclose(w * scaler.scale_, sk.coef_, atol=atol)
+                # raw inclusion units: the same predictions on raw masks
+                np.testing.assert_allclose(b + x @ w, sk.predict(scaler.transform(x)), atol=10 * atol)
+
+
+def test_lasso_per_target_lambdas_and_degenerate_columns():
+    masks, outputs, _ = planted(150, 30, 3)
+    masks[:, 0] = True  # a point in every model: no information, weight 0
+    outputs[:, 2] = 4.0  # a constant target: all-zero model, bias = the constant
+    lams = torch.tensor([[0.2, 0.05, 0.1]])
+    path = lasso_path(masks, outputs, lambdas=lams, tol=1e-8)
+    for j in range(2):
+        alone = lasso_path(masks, outputs[:, j : j + 1], lambdas=lams[:, j], tol=1e-8)
+        torch.testing.assert_close(path.weight[0, :, j], alone.weight[0, :, 0], atol=1e-4, rtol=0)
+    assert (path.weight[0, 0] == 0).all() and (path.weight[0, :, 2] == 0).all()
+    torch.testing.assert_close(path.bias[0, 2], torch.tensor(4.0))
+    dm = lasso(masks, outputs, n_lambdas=8)
+    assert (dm.weight[:, 2] == 0).all() and torch.isfinite(dm.weight).all()
+
+
+def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda():
+    masks, outputs, _ = planted(300, 50, 4)
+    dm = lasso(masks, outputs, n_lambdas=12, tol=1e-8, dtype=torch.float64)
+    assert dm.lam.shape == (4,) and (dm.lam > 0).all()
+    again = lasso_path(masks, outputs, lambdas=dm.lam[None], tol=1e-8, dtype=torch.float64)
+    torch.testing.assert_close(dm.weight, again.weight[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dm.bias, again.bias[0], atol=1e-5, rtol=0)
+    # the same split seed gives the same fit; early stopping of the path only skips smaller lambdas
+    torch.testing.assert_close(lasso(masks, outputs, n_lambdas=12).weight, lasso(masks, outputs, n_lambdas=12).weight)
+
+
+@pytest.mark.parametrize("name", ["diff_in_means", "ridge", "lasso"])
+def test_recovers_planted_weights(name):
+    # With i.i.d. Bernoulli(1/2) masks, E[y | i in] - E[y | i out] = w_i exactly, so difference in
+    # means is unbiased with noise ~ sd(y) * 2 / sqrt(m); ridge with m >> n is nearly OLS, which is
+    # unbiased for a linear model; LASSO with a validated lambda keeps the 10 strong effects.
+    masks, outputs, w = planted(1000, 100, 4)
+    dm = get_estimator(name)(masks, outputs)
+    assert isinstance(dm, Datamodel) and dm.weight.shape == (100, 4) and dm.bias.shape == (4,)
+    assert corr(dm.weight, w) > 0.9
+    if name != "diff_in_means":  # regression estimators also get the intercept, up to noise
+        b_true = (outputs - masks.float() @ w).mean(0)
+        torch.testing.assert_close(dm.bias, b_true, atol=0.1, rtol=0)
+
+
+def test_lds_matches_scipy_spearman_with_ties():
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(40, 12, generator=g) < 0.5
+    weight = torch.randint(-2, 3, (12, 5), generator=g).float()  # integer effects: tied predictions
+    bias = torch.randn(5, generator=g)
+    outputs = torch.randint(0, 6, (40, 5), generator=g).float()  # tied actual outputs
+    ours = lds(weight, bias, masks, outputs)
+    pred = (bias + masks.float() @ weight).numpy()
+    for j in range(5):
+        assert ours[j].item() == pytest.approx(spearmanr(pred[:, j], outputs[:, j].numpy())[0], abs=1e-6)
+
+
+def test_lds_degenerate_columns():
+    masks = torch.rand(30, 6, generator=torch.Generator().manual_seed(2)) < 0.5
+    outputs = torch.randn(30, 2)
+    outputs[:, 1] = 1.0
+    score = lds(torch.zeros(6, 2), torch.zeros(2), masks, outputs)
+    assert score[0].item() == 0.0  # a constant prediction has no skill
+    assert torch.isnan(score[1])  # a constant target is undefined, skipped by nanmean
+
+
+@pytest.mark.parametrize("name", ["diff_in_means", "lasso"])
+def test_lds_grows_with_models(name):
+    masks, outputs, _ = planted(700, 200, 8, active=20, noise=1.0, seed=3)
+    held_m, held_y = masks[400:], outputs[400:]
+    scores = [lds(*_fit(name, masks[:k], outputs[:k]), held_m, held_y).nanmean().item() for k in (50, 400)]
+    assert scores[1] > scores[0] + 0.1
+
+
+def _fit(name, masks, outputs):
+    dm = get_estimator(name)(masks, outputs)
+    return dm.weight, dm.bias
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu():
+    masks, outputs, _ = planted(300, 50, 4)
+    for name in ESTIMATORS:
+        cpu = get_estimator(name)(masks, outputs)
+        gpu = get_estimator(name)(masks.cuda(), outputs.cuda())
+        assert gpu.weight.is_cuda
+        torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, atol=1e-3, rtol=0)
+        held = lds(gpu.weight, gpu.bias, masks.cuda(), outputs.cuda())
+        torch.testing.assert_close(held.cpu(), lds(cpu.weight, cpu.bias, masks, outputs), atol=1e-3, rtol=0)
