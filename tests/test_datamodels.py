@@ -11,6 +11,15 @@ from sklearn.preprocessing import StandardScaler
 from pipeline.datamodels import ESTIMATORS, Datamodel, diff_in_means, get_estimator, lasso, lasso_path, lds, ridge
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are small: a second thread only adds synchronisation, badly so on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def planted(models: int, points: int = 100, targets: int = 4, *, active: int = 10, noise: float = 0.3, seed: int = 0):
     """Bernoulli(1/2) masks (models, points), y = b + mask @ w_true + noise; w_true (points, targets) sparse."""
     g = torch.Generator().manual_seed(seed)
@@ -113,7 +122,7 @@ def test_recovers_planted_weights(name):
     assert corr(dm.weight, w) > 0.9
     if name != "diff_in_means":  # regression estimators also get the intercept, up to noise
         b_true = (outputs - masks.float() @ w).mean(0)
-        torch.testing.assert_close(dm.bias, b_true, atol=0.1, rtol=0)
+        torch.testing.assert_close(dm.bias, b_true, atol=0.4, rtol=0)  # ~4 sd of sum_i mu_i (w_i - w_hat_i)
 
 
 def test_lds_matches_scipy_spearman_with_ties():

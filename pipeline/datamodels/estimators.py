@@ -241,6 +241,8 @@ def _fista(
     <= tol * ||yc||^2 / m (sklearn's criterion) and leaves the batch, so later iterations multiply
     only the unconverged columns.
     """
+    # below ~10 eps the gap is rounding noise (it sums terms of size ||yc||^2 / m), never met
+    tol = max(tol, 10 * torch.finfo(theta0.dtype).eps)
     out = theta0.clone()
     # The global Lipschitz constant is several times the curvature on a sparse support, so each
     # column starts with an optimistic one (>= 1, the curvature along any single standardised
@@ -351,7 +353,8 @@ def lasso_path(
     masks (m, n) bool, outputs (m, t). Features are standardised over the m models; each target solves
     sklearn ``Lasso(alpha=lam)``'s problem (1/2m)||y - b - X~ theta||^2 + lam ||theta||_1 with an
     unpenalised b. lambdas: (k,) shared, (k, t) per target, or None for the default path
-    lam_max * eps^(j / (n_lambdas - 1)). tol: duality gap relative to ||y - ybar||^2 / m, as sklearn.
+    lam_max * eps^(j / (n_lambdas - 1)). tol: duality gap relative to ||y - ybar||^2 / m, as sklearn
+    (floored at 10 machine epsilons of dtype, below which the gap is rounding noise).
     Returns LassoPath(lambdas (k, t), weight (k, n, t), bias (k, t)) in raw inclusion units.
     """
     X, Y = _as_float(masks, outputs, dtype)

@@ -1,0 +1,126 @@
+"""CaMU, Causal Machine Unlearning (algorithms.md 7.2, decision 8).
+
+Shen, Zhang, Bialkowski, Chen, Xu, "CaMU: Disentangling Causal Effects in Deep Model Unlearning",
+SDM 2024. The paper's estimator equations were not available; this follows the official code
+`ShaofeiShen768/CaMU` (`prepare.py`, `remove.py`, `main.py`), with z = the penultimate features of our
+models (`model.features`; the reference uses ResNet-18's 512-d embedding):
+
+1. Sample set D_s: |F| random retain points (capped at the retain size).
+2. Counterfactuals, once: forget and sample points each in a random order, paired by position;
+   x_cf = x_s + U[0, 1) per element, added in the normalized input space; y_cf = y_s, or, where
+   y_s = y_f, a class drawn uniformly from the others. The same draws for every member.
+3. Each epoch, zip(counterfactual batches, sample batches), both reshuffled, batch 32:
+   Step A (Adam, lr kl_lr, wd 1e-4):
+     0.5 KL_sum(softmax z0(x_s) || softmax z(x_s)) + 0.5 KL_sum(softmax z0(x_cf) || softmax z(x_f)),
+     softmax over the feature dimension, summed over the batch (`KLDivLoss(reduction='sum')`);
+   Step B (a second Adam on the same parameters, lr impair_lr, wd 1e-4):
+     0.9 CE(f(x_s), y_s) + 0.01 CE(f(x_f), y_cf).
+   z0 comes from a frozen copy of the original model in eval mode; the student is in train mode.
+Defaults: the reference's CIFAR-10/100 random-removal block (10 epochs, impair lr 1e-4, KL lr 1e-5).
+Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pipeline.optim import StackedAdam
+from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+
+NEEDS = ()
+
+
+class Config(MethodConfig):
+    kl_lr: float = Field(1e-5, gt=0)  # KL_LR, step A
+    impair_lr: float = Field(1e-4, gt=0)  # IMPAIR_LR, step B
+    epochs: int = Field(10, ge=1)  # IMPAIR_EPOCHS
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)  # both Adams
+    noise: float = Field(1.0, ge=0)  # x_cf = x_s + noise * U[0, 1), normalized space
+    kl_retain_weight: float = 0.5
+    kl_forget_weight: float = 0.5
+    ce_retain_weight: float = 0.9
+    ce_forget_weight: float = 0.01
+
+
+def kl_sum(teacher_z: torch.Tensor, student_z: torch.Tensor) -> torch.Tensor:
+    """KL(softmax teacher || softmax student) over the last axis, summed over the batch: (M,)."""
+    log_q = F.log_softmax(student_z.float(), dim=-1)
+    p = F.softmax(teacher_z.float(), dim=-1)
+    return F.kl_div(log_q, p, reduction="none").sum(dim=(1, 2))
+
+
+def step_a_loss(student, original, x_s, x_f, x_cf, cfg: Config) -> torch.Tensor:
+    """Representation loss of step A, per member: (M,)."""
+    with torch.no_grad():
+        z0_s, z0_cf = original.features(x_s), original.features(x_cf)
+    return cfg.kl_retain_weight * kl_sum(z0_s, student.features(x_s)) + \
+        cfg.kl_forget_weight * kl_sum(z0_cf, student.features(x_f))
+
+
+def step_b_loss(student, x_s, y_s, x_f, y_cf, cfg: Config) -> torch.Tensor:
+    """Classification loss of step B, per member: (M,)."""
+    ce_forget = per_model_ce(student(x_f), y_cf).mean(1)
+    ce_retain = per_model_ce(student(x_s), y_s).mean(1)
+    return cfg.ce_retain_weight * ce_retain + cfg.ce_forget_weight * ce_forget
+
+
+def counterfactuals(ctx, forget: np.ndarray, sample: np.ndarray, classes: int, noise: float):
+    """Positional pairs (forget point, sample point) after independent shuffles; returns forget indices
+    (n,), sample indices (n,), x_cf (n, C, H, W) normalized + noise, y_cf (n,) on the device."""
+    rng = ctx.rng("camu", "counterfactual")
+    pf, ps = rng.permutation(forget), rng.permutation(sample)
+    n = min(len(pf), len(ps))
+    pf, ps = pf[:n], ps[:n]
+    y_f, y_s = ctx.data.train_y[pf].cpu().numpy(), ctx.data.train_y[ps].cpu().numpy()
+    y_cf = y_s.copy()
+    for i in np.flatnonzero(y_s == y_f):
+        others = [c for c in range(classes) if c != y_f[i]]
+        y_cf[i] = others[rng.integers(len(others))]
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    x_s = ctx.data.normalize(ctx.data.train_x[torch.as_tensor(ps, device=ctx.data.device)])
+    u = torch.rand(x_s.shape, generator=gen).to(ctx.data.device)
+    return pf, ps, x_s + noise * u, torch.as_tensor(y_cf, device=ctx.data.device, dtype=torch.long)
+
+
+def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
+    forget, retain = np.asarray(forget), np.asarray(retain)
+    m, dev = model.n_models, ctx.data.device
+    n_sample = min(len(forget), len(retain))
+    sample = ctx.rng("camu", "sample").choice(retain, size=n_sample, replace=False)
+    pf, ps, x_cf_all, y_cf_all = counterfactuals(ctx, forget, sample, ctx.classes, cfg.noise)
+    original = model.select(range(m)).eval()
+    for p in original.parameters():
+        p.requires_grad_(False)
+    opt_kl = StackedAdam(model.parameters(), weight_decay=cfg.weight_decay)
+    opt_ce = StackedAdam(model.parameters(), weight_decay=cfg.weight_decay)
+    lr_kl = torch.full((m,), cfg.kl_lr, device=dev)
+    lr_ce = torch.full((m,), cfg.impair_lr, device=dev)
+    model.train()
+    for epoch in range(cfg.epochs):
+        pair_batches = index_batches(np.arange(len(pf)), cfg.batch_size, ctx.rng("camu", "pairs", epoch))
+        sample_batches = index_batches(sample, cfg.batch_size, ctx.rng("camu", "sample", epoch))
+        for pairs, s_idx in zip(pair_batches, sample_batches):
+            x_f, _ = batch_inputs(ctx.data, pf[pairs], m)
+            x_s, y_s = batch_inputs(ctx.data, s_idx, m)
+            t = torch.as_tensor(pairs, device=dev)
+            x_cf = x_cf_all[t].unsqueeze(0).expand(m, -1, -1, -1, -1)
+            y_cf = y_cf_all[t].unsqueeze(0).expand(m, -1)
+
+            loss_a = step_a_loss(model, original, x_s, x_f, x_cf, cfg).sum()
+            opt_kl.zero_grad()
+            loss_a.backward()
+            opt_kl.step(lr_kl)
+            meter.train_pass(len(s_idx) + len(pairs))
+            meter.forward_pass(len(s_idx) + len(pairs))
+
+            loss_b = step_b_loss(model, x_s, y_s, x_f, y_cf, cfg).sum()
+            opt_ce.zero_grad()
+            loss_b.backward()
+            opt_ce.step(lr_ce)
+            meter.train_pass(len(s_idx) + len(pairs))
+    notes = {"sample_size": int(n_sample), "pairs": int(len(pf)), "sample_capped": n_sample < len(forget)}
+    return MethodOutput(model=model, notes=notes)

@@ -1,0 +1,55 @@
+"""NegGrad+: descend on the retain set while ascending on the forget set, in one loss per step
+(algorithms.md section 8, decision 9).
+
+As in the DEL repository (`reihaneh-torkzadehmahani/DEL-Unlearning`, `unlearn.py::fine_tune_epoch`,
+grad_mode 'negrad+'; introduced by Kurmanji et al., "Towards Unbounded Machine Unlearning", NeurIPS 2023):
+each step pairs a retain batch with the next forget batch (the forget batches cycle within an epoch,
+reshuffled each epoch, as `zip(retain_dl, cycle(forget_dl))`) and minimizes
+    retain_weight * CE(retain batch) - forget_weight * CE(forget batch)
+with SGD (momentum 0.9, weight decay 0, constant lr), model in train mode. The spec gives no lr or
+epoch count for it; the defaults are a starting point for the grid (decision 9).
+"""
+
+import itertools
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.optim import StackedSGD
+from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+
+NEEDS = ()
+
+
+class Config(MethodConfig):
+    lr: float = Field(1e-2, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)  # retain batches; one step per retain batch
+    forget_batch_size: int = Field(128, ge=1)
+    retain_weight: float = Field(0.99, ge=0)  # alpha in the DEL code
+    forget_weight: float = Field(0.01, ge=0)  # 1 - alpha
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
+    forget, retain = np.asarray(forget), np.asarray(retain)
+    model.train()
+    m = model.n_models
+    opt = StackedSGD(model.parameters(), cfg.momentum, cfg.weight_decay)
+    lr = torch.full((m,), cfg.lr, device=ctx.data.device)
+    for epoch in range(cfg.epochs):
+        retain_batches = index_batches(retain, cfg.batch_size, ctx.rng("neggrad_plus", "retain", epoch))
+        forget_batches = index_batches(forget, cfg.forget_batch_size, ctx.rng("neggrad_plus", "forget", epoch))
+        for r_idx, f_idx in zip(retain_batches, itertools.cycle(forget_batches)):
+            x_r, y_r = batch_inputs(ctx.data, r_idx, m)
+            x_f, y_f = batch_inputs(ctx.data, f_idx, m)
+            ce_r = per_model_ce(model(x_r), y_r).mean(1)
+            ce_f = per_model_ce(model(x_f), y_f).mean(1)
+            loss = (cfg.retain_weight * ce_r - cfg.forget_weight * ce_f).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step(lr)
+            meter.train_pass(len(r_idx) + len(f_idx))
+    return MethodOutput(model=model)

@@ -1,0 +1,157 @@
+"""SFR-on: Saliency Forgetting in the Remain-preserving manifold, online (algorithms.md 6.2, decision 7).
+
+Huang, Cheng, Zheng, Wang, He, Li, Huang, "Unified Gradient-Based Machine Unlearning with Remain
+Geometry Enhancement", NeurIPS 2024. The paper's equations were not available; this follows the
+official code `K1nght/Unified-Unlearning-w-Remain-Geometry`, `Classification/unlearn/sfron.py`:
+
+1. Saliency mask, once, eval mode: diagonal empirical Fishers F_f, F_r = mean over forget (resp. all
+   retain) batches of the squared gradient of the batch-mean CE; M = [(F_f + 1e-15)/(F_r + 1e-15) >= gamma].
+2. One SGD (lr 0.01, momentum 0.9, wd 5e-4) for ascent and descent steps, lr cosine-annealed over
+   n_iters iterations (to 0).
+3. Iteration t: every forget_freq-th iteration a masked ascent step on a forget batch with the loss
+   -alpha_t mean_i(w_i l_i), w_i = B l_i^-lambda / sum_j l_j^-lambda (detached; the reference's
+   `AdaptiveLoss`, with its 1e-15 guard), alpha_t = alpha0 (1 + cos(pi t / T)) / 2, the gradient
+   multiplied by M and clipped to a global norm of max_norm (per member, decision 23); then, every
+   iteration, a plain descent step on a retain batch. Both in train mode. The reference's slow-weight
+   merge has beta = 1 and is a no-op; it is left out.
+Batches cycle through reshuffled passes of each set (the reference's `cycle(DataLoader(shuffle=True))`).
+
+Deviation, on by default: on an ascent step the entries outside the mask are left exactly as they are
+(parameter and momentum buffer). In the reference the shared optimizer still moves them on that step,
+through momentum left over from descent steps and weight decay, although their gradient is masked.
+`reference_step: true` reproduces that.
+Compute: the Fisher passes over F and the retain set, then one pass per ascent and descent example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipeline.optim import StackedSGD, clip_grad_norm_per_model
+from pipeline.unlearn.base import (
+    MethodConfig, MethodOutput, batch_inputs, index_batches, member_params, per_model_ce,
+)
+
+NEEDS = ()
+
+
+class Config(MethodConfig):
+    """Defaults: the CIFAR-10 / ResNet-18 / 10 % random block of the reference."""
+
+    lr: float = Field(0.01, gt=0)  # `retain_lr`, cosine-annealed over n_iters
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    n_iters: int = Field(1500, ge=1)
+    forget_freq: int = Field(5, ge=1)  # an ascent step every forget_freq iterations
+    forget_alpha: float = Field(25.0, ge=0)  # alpha0
+    max_norm: float = Field(7.0, gt=0)  # per-member grad-norm clip, ascent steps only
+    lambd: float = Field(0.5, ge=0)  # temperature of the adaptive weights (lambda in the paper)
+    gamma: float = Field(1.0, gt=0)  # Fisher-ratio threshold of the saliency mask (`th`)
+    batch_size: int = Field(128, ge=1)  # forget and retain batches
+    fisher_batch_size: int = Field(128, ge=1)
+    reference_step: bool = False  # True: ascent steps move unmasked entries by momentum/wd, as the reference
+
+
+def cycle_batches(ctx, indices: np.ndarray, batch_size: int, tag: str):
+    """Endless batches: one reshuffled pass after another."""
+    epoch = 0
+    while True:
+        yield from index_batches(indices, batch_size, ctx.rng("sfron", tag, epoch))
+        epoch += 1
+
+
+def fisher_diagonal(ctx, model, indices: np.ndarray, batch_size: int, meter, tag: str) -> list[torch.Tensor]:
+    """Mean over batches of the squared gradient of the batch-mean CE, per member: [(M, ...)]."""
+    model.eval()
+    m = model.n_models
+    params = member_params(model)
+    acc = [torch.zeros_like(p) for p in params]
+    batches = index_batches(indices, batch_size, ctx.rng("sfron", "fisher", tag))
+    for idx in batches:
+        x, y = batch_inputs(ctx.data, idx, m)
+        grads = torch.autograd.grad(per_model_ce(model(x), y).mean(1).sum(), params, allow_unused=True)
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a.add_(g.detach().pow(2) / len(batches))
+        meter.train_pass(len(idx))
+    return acc
+
+
+def saliency_mask(ctx, model, forget, retain, cfg: Config, meter) -> list[torch.Tensor]:
+    """0/1 tensors aligned with member_params(model): [(F_f + eps)/(F_r + eps) >= gamma]."""
+    f_forget = fisher_diagonal(ctx, model, forget, cfg.fisher_batch_size, meter, "forget")
+    f_retain = fisher_diagonal(ctx, model, retain, cfg.fisher_batch_size, meter, "retain")
+    return [((ff + 1e-15) / (fr + 1e-15) >= cfg.gamma).to(ff.dtype) for ff, fr in zip(f_forget, f_retain)]
+
+
+@torch.no_grad()
+def masked_sgd_step(opt: StackedSGD, lr: torch.Tensor, masks: list[torch.Tensor]) -> None:
+    """SGD step (momentum, weight decay) on the masked entries only; the others keep value and buffer."""
+    for p, buf, mask in zip(opt.params, opt.buffers, masks):
+        if p.grad is None:
+            continue
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        new_buf = opt.momentum * buf + p.grad + opt.weight_decay * p
+        new_p = p - lr.view(shape) * new_buf
+        keep = mask.bool()
+        buf.copy_(torch.where(keep, new_buf, buf))
+        p.copy_(torch.where(keep, new_p, p))
+
+
+def adaptive_weights(losses: torch.Tensor, lambd: float) -> torch.Tensor:
+    """w_i = B l_i^-lambda / sum_j l_j^-lambda per member, detached: (M, B)."""
+    coef = 1.0 / (losses.detach().pow(lambd) + 1e-15)
+    return coef / coef.sum(1, keepdim=True) * losses.shape[1]
+
+
+def ascent_step(model, opt: StackedSGD, masks, x, y, alpha: float, lr: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """One masked, loss-weighted ascent step; returns each member's gradient norm before clipping."""
+    losses = per_model_ce(model(x), y)  # (M, B)
+    loss = -(alpha * (adaptive_weights(losses, cfg.lambd) * losses).mean(1)).sum()
+    opt.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p, mask in zip(opt.params, masks):
+            if p.grad is not None:
+                p.grad.mul_(mask)
+    norms = clip_grad_norm_per_model(opt.params, cfg.max_norm)
+    if cfg.reference_step:
+        opt.step(lr)
+    else:
+        masked_sgd_step(opt, lr, masks)
+    return norms
+
+
+def descent_step(model, opt: StackedSGD, x, y, lr: torch.Tensor) -> None:
+    loss = per_model_ce(model(x), y).mean(1).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step(lr)
+
+
+def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
+    forget, retain = np.asarray(forget), np.asarray(retain)
+    masks = saliency_mask(ctx, model, forget, retain, cfg, meter)
+    m, dev, T = model.n_models, ctx.data.device, cfg.n_iters
+    opt = StackedSGD(member_params(model), cfg.momentum, cfg.weight_decay)
+    forget_batches = cycle_batches(ctx, forget, cfg.batch_size, "forget")
+    retain_batches = cycle_batches(ctx, retain, cfg.batch_size, "retain")
+    model.train()
+    for t in range(T):
+        decay = (1 + math.cos(math.pi * t / T)) / 2  # CosineAnnealingLR(T_max=T), closed form
+        lr = torch.full((m,), cfg.lr * decay, device=dev)
+        if t % cfg.forget_freq == 0:
+            idx = next(forget_batches)
+            x, y = batch_inputs(ctx.data, idx, m)
+            ascent_step(model, opt, masks, x, y, cfg.forget_alpha * decay, lr, cfg)
+            meter.train_pass(len(idx))
+        idx = next(retain_batches)
+        x, y = batch_inputs(ctx.data, idx, m)
+        descent_step(model, opt, x, y, lr)
+        meter.train_pass(len(idx))
+    saliency = sum(mk.flatten(1).sum(1) for mk in masks) / sum(mk[0].numel() for mk in masks)
+    return MethodOutput(model=model, notes={"mask_fraction": saliency.tolist()})
