@@ -39,7 +39,9 @@ class Setup:
         self.forget = np.arange(3, 3 + 20 * 7, 7)
         self.retain = np.setdiff1d(np.arange(n), self.forget)
         g = torch.Generator().manual_seed(1)
-        self.rows = 0.05 * torch.randn(len(self.forget), self.n_points, CLASSES, generator=g)
+        # a shared per-class shift (learnable) plus noise (not learnable)
+        shift = torch.randn(CLASSES, generator=g) / len(self.forget)
+        self.rows = shift + 0.02 * torch.randn(len(self.forget), self.n_points, CLASSES, generator=g)
         self.oracle = torch.randn(self.n_points, CLASSES, generator=g)
 
     def ctx(self, model_indices=(0, 1, 2)) -> Context:
@@ -106,10 +108,10 @@ def test_oracle_matching_reduces_mse_and_counts_passes(s):
     points = np.unique(idx)
     target = s.oracle[points][None]
     before = _mse(model, s, points, target)
-    out, meter = run_method(s, "oracle_matching", {"lr": 3e-3, "batch_size": 64}, model=model)
+    out, meter = run_method(s, "oracle_matching", {"lr": 3e-3, "batch_size": 64, "epochs": 2}, model=model)
     after = _mse(out.model, s, points, target)
     assert (after < 0.9 * before).all()
-    assert meter.backward == 4 * (5 * 20 + 20 * 20) and meter.forward_only == 0  # epochs x (r_f + r_r)|F|
+    assert meter.backward == 2 * (5 * 20 + 20 * 20) and meter.forward_only == 0  # epochs x (r_f + r_r)|F|
 
 
 def test_dmm_reduces_mse_to_its_own_dm_direct_targets(s):
@@ -119,10 +121,10 @@ def test_dmm_reduces_mse_to_its_own_dm_direct_targets(s):
     base = stacked_logits(s.model, s.data.train_x[torch.as_tensor(points)], s.data.normalize)
     target = base - s.rows.sum(0)[points][None]
     before = _mse(model, s, points, target)
-    out, meter = run_method(s, "dmm", {"lr": 3e-3, "batch_size": 64}, model=model)
+    out, meter = run_method(s, "dmm", {"lr": 3e-3, "batch_size": 64, "epochs": 2}, model=model)
     after = _mse(out.model, s, points, target)
     assert (after < 0.9 * before).all()
-    assert meter.backward == 4 * 500 and meter.forward_only == len(points)
+    assert meter.backward == 2 * 500 and meter.forward_only == len(points)
 
 
 def test_finetune_compute_count(s):
@@ -205,9 +207,9 @@ def test_sfron_adaptive_weights_and_compute(s):
     losses = torch.tensor([[1.0, 4.0], [0.25, 0.25]])
     w = sfron.adaptive_weights(losses, 0.5)
     torch.testing.assert_close(w, torch.tensor([[4 / 3, 2 / 3], [1.0, 1.0]]))
-    _, meter = run_method(s, "sfron", {"n_iters": 6, "forget_freq": 3, "batch_size": 16})
+    _, meter = run_method(s, "sfron", {"n_iters": 6, "forget_freq": 3, "batch_size": 10})
     fisher = len(s.forget) + len(s.retain)
-    assert meter.backward == fisher + 2 * 16 + 6 * 16
+    assert meter.backward == fisher + 2 * 10 + 6 * 10  # ascent at t = 0, 3; descent every t
 
 
 # ------------------------------------------------------------------------------------------ CaMU
@@ -273,7 +275,7 @@ def test_member_in_a_stack_equals_member_alone(s, name):
         torch.testing.assert_close(stacked.logits[2:], alone.logits, rtol=1e-5, atol=1e-5)
         return
     a, b = params_of(stacked.model), params_of(alone.model)
-    moved = max(float((a[n][2] - s.model.get_parameter(n)[2]).abs().max()) for n in a)
+    moved = max(float((a[n][2] - s.model.get_parameter(n)[2].detach()).abs().max()) for n in a)
     assert moved > 1e-4  # the method did something
     for n in a:
         torch.testing.assert_close(a[n][2:], b[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
