@@ -36,16 +36,20 @@ def planted(models: int, features: int, targets: int, *, classes: int = 10, seed
     return masks, outputs, w
 
 
-def sklearn_lasso(masks: np.ndarray, outputs: np.ndarray, *, n_lambdas, eps, val_fraction, seed, min_lambdas, tol, max_iter):
+def sklearn_lasso(
+    masks: np.ndarray, outputs: np.ndarray, *, n_lambdas, eps, val_fraction, seed, min_lambdas, tol, max_iter,
+    dtype=np.float64,
+):
     """The procedure of pipeline.datamodels.lasso, one target at a time with sklearn's coordinate descent.
 
     masks (m, n) bool, outputs (m, t) -> raw-unit weight (n, t), bias (t,), lambda (t,).
     """
+    outputs = outputs.astype(dtype)
     m, n = masks.shape
     n_val = round(val_fraction * m)
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).numpy()
     val, fit = perm[:n_val], perm[n_val:]
-    X = masks.astype(np.float64)
+    X = masks.astype(dtype)
 
     def standardise(rows):
         mu, sd = X[rows].mean(0), X[rows].std(0)
@@ -57,12 +61,12 @@ def sklearn_lasso(masks: np.ndarray, outputs: np.ndarray, *, n_lambdas, eps, val
     xf, xv, xa = (X[fit] - mu_f) / sd_f, (X[val] - mu_f) / sd_f, (X - mu_a) / sd_a
     xf = np.asfortranarray(xf)
     t = outputs.shape[1]
-    weight, bias, chosen = np.zeros((n, t)), np.zeros(t), np.zeros(t)
+    weight, bias, chosen = np.zeros((n, t), dtype), np.zeros(t, dtype), np.zeros(t, dtype)
     for j in range(t):
         yf = outputs[fit, j] - outputs[fit, j].mean()
         lam_max = max(np.abs(xf.T @ yf).max() / len(fit), np.finfo(np.float64).tiny)
         alphas = lam_max * eps ** (np.arange(n_lambdas) / max(n_lambdas - 1, 1))
-        coef, best_mse, last_mse, best = np.zeros(n), np.inf, np.inf, None
+        coef, best_mse, last_mse, best = np.zeros(n, dtype), np.inf, np.inf, None
         for k, alpha in enumerate(alphas):  # warm-started path, stopped by the same rule as ours
             _, c, _ = lasso_path(xf, yf, alphas=[alpha], coef_init=coef, tol=tol, max_iter=max_iter, check_input=False)
             coef = c[:, 0]

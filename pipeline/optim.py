@@ -20,23 +20,21 @@ class StackedSGD:
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
-        """lr (M,), active (M,) bool; grad_mask: optional per-parameter 0/1 tensors (DEL, SFR-on)."""
+        """lr (M,), active (M,) bool; grad_mask: optional per-parameter 0/1 tensors (DEL, SFR-on).
+        In place, no branches: an inactive member gets buf <- 1*buf + 0*d_p and p <- p - 0*buf."""
+        on = torch.ones_like(lr) if active is None else active.to(lr.dtype)
+        keep_buf = self.momentum * on + (1.0 - on)  # momentum for active members, 1 for inactive
         for i, (p, buf) in enumerate(zip(self.params, self.buffers)):
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            d_p = p.grad + self.weight_decay * p
+            d_p = p.grad
+            if self.weight_decay:
+                d_p.add_(p, alpha=self.weight_decay)
             if grad_mask is not None and grad_mask[i] is not None:
-                d_p = d_p * grad_mask[i]
-            new_buf = self.momentum * buf + d_p
-            new_p = p - lr.view(shape) * new_buf
-            if active is None:
-                buf.copy_(new_buf)
-                p.copy_(new_p)
-            else:
-                keep = active.view(shape)
-                buf.copy_(torch.where(keep, new_buf, buf))
-                p.copy_(torch.where(keep, new_p, p))
+                d_p.mul_(grad_mask[i])
+            buf.mul_(keep_buf.view(shape)).addcmul_(on.view(shape), d_p)
+            p.addcmul_((-lr * on).view(shape), buf)
 
 
 class StackedAdam:

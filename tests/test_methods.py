@@ -44,10 +44,12 @@ class Setup:
         self.rows = shift + 0.02 * torch.randn(len(self.forget), self.n_points, CLASSES, generator=g)
         self.oracle = torch.randn(self.n_points, CLASSES, generator=g)
 
-    def ctx(self, model_indices=(0, 1, 2)) -> Context:
+    def ctx(self, model_indices=(0, 1, 2), model_cfg=MODEL) -> Context:
+        def fresh(members):  # as the unlearn stage: model indices in, seeds derived from them
+            return build_model(model_cfg, [100 + i for i in members], self.data.shape, CLASSES)
+
         return Context(
-            data=self.data, classes=CLASSES, seed=5, model_indices=list(model_indices),
-            make_fresh_model=lambda seeds: build_model(MODEL, seeds, self.data.shape, CLASSES),
+            data=self.data, classes=CLASSES, seed=5, model_indices=list(model_indices), make_fresh_model=fresh,
             _datamodel_rows=lambda: self.rows, _target_oracle_logits=lambda: self.oracle,
         )
 
@@ -279,3 +281,17 @@ def test_member_in_a_stack_equals_member_alone(s, name):
     assert moved > 1e-4  # the method did something
     for n in a:
         torch.testing.assert_close(a[n][2:], b[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+
+
+@pytest.mark.parametrize("name", ["del", "sfron"])
+def test_conv_net_member_in_a_stack_equals_member_alone(s, name):
+    """Channel scores over conv kernels and per-member BatchNorm in train mode."""
+    cnn_cfg = ModelConfig(name="cnn", hidden=4)
+    cnn = build_model(cnn_cfg, [21, 22], s.data.shape, CLASSES)
+    mod, cfg = get_method(name), get_method(name).Config(**SMALL[name])
+    retain = s.retain[:200]
+    stacked = mod.run(s.ctx((0, 1), cnn_cfg), cnn.select([0, 1]), s.forget, retain, cfg, ComputeMeter()).model
+    alone = mod.run(s.ctx((1,), cnn_cfg), cnn.select([1]), s.forget, retain, cfg, ComputeMeter()).model
+    for n, p in stacked.state_dict().items():
+        torch.testing.assert_close(p[1:], alone.state_dict()[n], rtol=1e-4, atol=1e-5, msg=f"{name}: {n}")
+    assert not torch.equal(stacked.state_dict()["fc.weight"][1], cnn.state_dict()["fc.weight"][1])

@@ -30,8 +30,9 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([uniform_init((d_out,), d_in, g) for g in gens])) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.bmm(x, self.weight.transpose(1, 2))
-        return out + self.bias[:, None, :] if self.bias is not None else out
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
 
 
 class StackedConv2d(nn.Module):

@@ -75,7 +75,8 @@ def counterfactuals(ctx, forget: np.ndarray, sample: np.ndarray, classes: int, n
     pf, ps = rng.permutation(forget), rng.permutation(sample)
     n = min(len(pf), len(ps))
     pf, ps = pf[:n], ps[:n]
-    y_f, y_s = ctx.data.train_y[pf].cpu().numpy(), ctx.data.train_y[ps].cpu().numpy()
+    labels = ctx.data.train_y.cpu().numpy()
+    y_f, y_s = labels[pf], labels[ps]
     y_cf = y_s.copy()
     for i in np.flatnonzero(y_s == y_f):
         others = [c for c in range(classes) if c != y_f[i]]

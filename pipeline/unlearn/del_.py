@@ -15,8 +15,8 @@ Unlearning Through the Lens of Memorization", TMLR 2025. Reference code:
 3. Mask: the top `budget` (30 %) of ALL entries of the member, ranked jointly; per member (decision 23).
    Ties at the threshold are broken by position (parameter order, then entry), so the mask holds exactly
    floor(budget * entries) entries.
-4. Reset masked entries to a freshly initialized model's values (ctx.make_fresh_model, seeds derived
-   from the context seed and each member's model index).
+4. Reset masked entries to a freshly initialized model's values: ctx.make_fresh_model(model indices),
+   whose member k is initialized from a seed that depends only on (stage, model index k).
 5. Fine-tune on retain: SGD momentum 0.9, weight decay 0, cosine annealing per epoch to 0.01 lr;
    gradients masked except for the final layer (`model.head_prefix`), which is fine-tuned whole.
    BatchNorm running statistics update (train mode), as in the reference.
@@ -32,7 +32,6 @@ import torch
 from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.train import derive_seed
 from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
 
 NEEDS = ()
@@ -148,18 +147,13 @@ def finetune_masked(ctx, model, retain: np.ndarray, masks: dict[str, torch.Tenso
             meter.train_pass(len(idx))
 
 
-def fresh_seeds(ctx) -> list[int]:
-    """Each member's reset-init seed depends only on (context seed, its model index)."""
-    return [derive_seed(ctx.seed, "del", "fresh-init", i) for i in ctx.model_indices]
-
-
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     if ctx.make_fresh_model is None:
         raise RuntimeError("del needs ctx.make_fresh_model (a fresh init of the architecture)")
     scores = channel_scores(criticality(ctx, model, np.asarray(forget), cfg.forget_batch_size, meter),
                             cfg.top_fraction)
     masks = budget_mask(scores, cfg.budget)
-    reset_masked(model, ctx.make_fresh_model(fresh_seeds(ctx)), masks)
+    reset_masked(model, ctx.make_fresh_model(list(ctx.model_indices)), masks)
     finetune_masked(ctx, model, np.asarray(retain), masks, cfg, meter)
     n_entries = sum(v[0].numel() for v in masks.values())
     n_masked = sum(v.flatten(1).sum(1) for v in masks.values())

@@ -37,7 +37,7 @@ class Config(MethodConfig):
     gamma: float = Field(0.99, ge=0)  # CE weight of the min steps
     alpha: float = Field(0.1, ge=0)  # KL weight of the min steps
     temperature: float = Field(4.0, gt=0)
-    lr_decay_epochs: tuple[int, ...] = (3, 5, 9)
+    lr_decay_epochs: tuple[int, ...] = (3, 5, 9)  # in a grid, one value is a nested list: [[3, 5, 9]]
     lr_decay_rate: float = Field(0.1, gt=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -81,7 +81,8 @@ def scrub_loop(ctx, student, teacher, forget, retain, cfg: Config, meter) -> Non
             with torch.no_grad():
                 t_logits = teacher(x)
             s_logits = student(x)
-            loss = cfg.gamma * per_model_ce(s_logits, y).mean(1) + cfg.alpha * distill_kl(s_logits, t_logits, cfg.temperature)
+            kl = distill_kl(s_logits, t_logits, cfg.temperature)
+            loss = cfg.gamma * per_model_ce(s_logits, y).mean(1) + cfg.alpha * kl
             _step(opt, loss.sum(), lr, cfg.max_grad_norm)
             meter.train_pass(len(idx))
             meter.forward_pass(len(idx))
