@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -252,7 +252,10 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
 
 
 def format_errors(exc: ValidationError, source: str) -> str:
@@ -270,30 +273,49 @@ def format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+_FORGET_KINDS = {"random": RandomForget, "class": ClassForget, "indices": IndicesForget,
+                 "published": PublishedForget}
+
+
+def _mentions(annotation: Any, cls: type) -> bool:
+    """Whether a type annotation is or contains cls (in a list, an Optional, an Annotated union...)."""
+    return annotation is cls or any(_mentions(arg, cls) for arg in get_args(annotation))
+
+
+def _walk(loc: list[str]) -> tuple[list[str], Any]:
+    """Follow a pydantic error location through the config models: the YAML path parts (the
+    discriminator tag pydantic inserts after a forget-set union dropped, and only that one: `indices`
+    is both a tag and a field name) and the model reached at the end (None past a plain field)."""
+    parts: list[str] = []
+    model: Any = Config
+    tag_next = False
+    for part in loc:
+        if tag_next and part in _FORGET_KINDS:
+            model, tag_next = _FORGET_KINDS[part], False
+            continue
+        parts.append(part)
+        if part.isdigit() or model is None:
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = field.annotation if field is not None else None
+        if annotation is not None and _mentions(annotation, RandomForget):
+            model, tag_next = None, True
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = None
+    return parts, model
+
+
 def _yaml_path(loc: list[str]) -> str:
-    # pydantic puts the discriminator tag in the location of union members: drop it
-    parts = [p for p in loc if p not in ("random", "class", "indices", "published")]
     out = ""
-    for p in parts:
+    for p in _walk(loc)[0]:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or "<root>"
 
 
 def _valid_keys(loc: list[str]) -> list[str]:
-    model: Any = Config
-    for part in loc:
-        if part.isdigit() or model is None:
-            continue
-        if part in ("random", "class", "indices", "published"):
-            model = {"random": RandomForget, "class": ClassForget, "indices": IndicesForget,
-                     "published": PublishedForget}[part]
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        annotation = field.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return list(getattr(model, "model_fields", {}))
+    return list(getattr(_walk(loc)[1], "model_fields", {}))
 
 
 def _suggest(name: str, valid: list[str]) -> str:

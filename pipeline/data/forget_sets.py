@@ -35,25 +35,29 @@ def resolve_forget_set(spec, train_labels: np.ndarray) -> np.ndarray:
         return np.sort(rng.choice(members, size=count, replace=False)).astype(np.int64)
     if isinstance(spec, IndicesForget):
         if spec.file is not None:
-            return validate_indices(load_index_file(Path(spec.file)), n_train, spec.file)
+            named = f"{where} (file {spec.file})"
+            return validate_indices(load_index_file(Path(spec.file), named), n_train, named)
         return validate_indices(np.asarray(spec.indices), n_train, f"{where} (inline indices)")
     if isinstance(spec, PublishedForget):
         path = resources.files("pipeline.data") / "forget_sets" / "cifar10" / f"forget_set_{spec.number}.npy"
         with resources.as_file(path) as local:
-            indices = load_index_file(local)
+            indices = load_index_file(local, where)
         return validate_indices(indices, n_train, f"{where} (published CIFAR-10 set {spec.number})")
     raise ForgetSetError(f"{where}: unknown kind")
 
 
-def load_index_file(path: Path) -> np.ndarray:
+def load_index_file(path: Path, where: str | None = None) -> np.ndarray:
+    """A 1-D array from a .npy file (never unpickled); `where` names the config entry in errors."""
+    where = where or str(path)
     if not path.is_file():
-        raise ForgetSetError(f"{path}: forget-set file not found")
+        raise ForgetSetError(f"{where}: forget-set file not found: {path}")
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ForgetSetError(f"{path}: not a readable .npy array ({exc})") from None
-    if array.ndim != 1:
-        raise ForgetSetError(f"{path}: must be a 1-D array of indices, got shape {array.shape}")
+        raise ForgetSetError(f"{where}: {path} is not a readable .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 1:
+        shape = getattr(array, "shape", type(array).__name__)
+        raise ForgetSetError(f"{where}: {path} must hold a 1-D array of indices, got shape {shape}")
     return array
 
 

@@ -214,13 +214,12 @@ def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor) -
     theta, its gradient g = H theta - q, q: (n, t); c0, lam: (t,). sklearn's gap
     (cd_fast.enet_coordinate_descent) divided by m, written in Gram quantities.
     """
-    dual_norm = torch.linalg.vector_norm(g, math.inf, dim=0)  # ||X~' r / m||_inf
+    dual_norm = g.abs().amax(0)  # ||X~' r / m||_inf (vector_norm along dim 0 is 8x slower on CPU)
     const = torch.where(dual_norm > lam, lam / dual_norm.clamp_min(1e-30), torch.ones_like(lam))
     tq = torch.linalg.vecdot(theta, q, dim=0)
     r2 = (2 * c0 - tq + torch.linalg.vecdot(theta, g, dim=0)).clamp_min(0)  # ||r||^2 / m
     rty = 2 * c0 - tq  # r' yc / m
-    l1 = torch.linalg.vector_norm(theta, 1, dim=0)
-    return 0.5 * r2 * (1 + const * const) + lam * l1 - const * rty
+    return 0.5 * r2 * (1 + const * const) + lam * theta.abs().sum(0) - const * rty
 
 
 def _fista(
