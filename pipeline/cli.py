@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="oracle-farm: model farms, datamodels, unlearning, KLoM.")
@@ -25,7 +26,10 @@ def _bad_input_errors() -> tuple[type, ...]:
     from pipeline.stages import StageError
     from pipeline.store import StoreError
 
-    errors = [ConfigError, DataError, ForgetSetError, StageError, StoreError]
+    from pipeline.exchange import ExchangeError
+    from pipeline.lease import LeaseHeld
+
+    errors = [ConfigError, DataError, ForgetSetError, StageError, StoreError, LeaseHeld, ExchangeError]
     try:
         from pipeline.query import QueryError
 
@@ -49,12 +53,12 @@ def _guard(fn):
     try:
         return fn()
     except _bad_input_errors() as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        err.print(f"[red]failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[red]failed:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -108,7 +112,7 @@ def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typ
             table.add_column(col)
         for r in rows:
             colour = {"done": "green", "partial": "yellow"}.get(r["state"], "red")
-            table.add_row(r["stage"], r["id"], f"[{colour}]{r['state']}[/{colour}]", f"{r['done']}/{r['total']}",
+            table.add_row(escape(r["stage"]), r["id"], f"[{colour}]{r['state']}[/{colour}]", f"{r['done']}/{r['total']}",
                           r.get("detail", ""), _human(r["bytes"]))
         console.print(table)
 
@@ -187,8 +191,8 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
         for r in rows:
             k = r["klom"]
             table.add_row(r["forget_set"], r["method"], f"{k['forget']['p95']:.3f}", f"{k['retain']['p95']:.3f}",
-                          f"{k['val']['p95']:.3f}", f"{r['accuracy']['forget']:.2f}", f"{r['mia']:.2f}",
-                          f"{r['compute']:.4f}")
+                          f"{k['val']['p95']:.3f}", _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}",
+                          _num(r['compute'], 4))
         console.print(table)
 
     _guard(go)
@@ -317,6 +321,13 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.0f} PiB"
+
+
+def _num(x, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+import pipeline.cli_lifecycle  # noqa: E402,F401 - registers ls, gc, import-margins, export
 
 
 def main() -> None:  # pragma: no cover

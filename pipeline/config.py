@@ -182,6 +182,8 @@ class ExecutionConfig(Frozen):
     threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
     max_retries: int = Field(2, ge=0)
     ray_address: str | None = None
+    lease_ttl: float = Field(30.0, gt=0)  # seconds without a heartbeat before a stage's lease is stale
+    lease_wait: float = Field(0.0, ge=0)  # seconds to wait for a stage another driver holds (0: exit 2)
 
 
 class Config(Frozen):
@@ -196,6 +198,20 @@ class Config(Frozen):
     unlearn: UnlearnConfig = UnlearnConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     execution: ExecutionConfig = ExecutionConfig()
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_only_a_location(cls, value: str) -> str:
+        """A local path or a URL such as s3://bucket/prefix, and nothing else: credentials and endpoint
+        come from the environment (AWS_*), never from the config, which is printed and logged. The
+        message never repeats the value (it may hold a secret)."""
+        if "://" in value:
+            netloc = value.split("://", 1)[1].split("/", 1)[0]
+            if "@" in netloc or "?" in value or "#" in value:
+                raise ValueError("must be only a location (a local path or s3://bucket/prefix), got a URL with "
+                                 "credentials or parameters: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                                 "AWS_PROFILE and AWS_ENDPOINT_URL in the environment instead")
+        return value
 
     @model_validator(mode="after")
     def _unique_forget_names(self) -> "Config":

@@ -10,12 +10,28 @@ from pipeline.config import ExecutionConfig
 from pipeline.progress import Progress
 
 
+# Store settings a joined cluster's workers need to reach the same store as the driver. Only where the
+# store is, never who may read it: secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN) are not copied into the runtime_env, which Ray keeps in its job table and shows
+# on the dashboard; a cluster's nodes get them from their own environment (infra/cluster.yaml,
+# infra/rayjob.yaml), as do per-node settings (AWS_PROFILE names files on the node, ORACLE_FARM_CACHE
+# a local folder). A local instance started here inherits this process's whole environment.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_env(joining: bool) -> dict[str, str]:
+    env = {"PYTHONHASHSEED": "0"}
+    if joining:
+        env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    return env
+
+
 def init_ray(cfg: ExecutionConfig) -> None:
     """Join RAY_ADDRESS / execution.ray_address when given, else start a local instance on 127.0.0.1."""
     if ray.is_initialized():
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONHASHSEED": "0"}}
+    env = {"env_vars": worker_env(joining=bool(address))}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:

@@ -77,7 +77,21 @@ def _done_targets(store: Store, rel: str, n_points: int) -> np.ndarray:
 
 
 def run_fit(plan: Plan) -> dict:
+    """The fit, written under the fit stage's lease (pipeline.lease) unless already complete."""
+    from pipeline.lease import hold
+
+    plan.store.check_reachable()
+    meta = plan.prepared_meta()
+    if is_complete(plan.store, plan.fit):
+        return plan.store.read_json(f"{plan.fit.rel}/COMPLETE.json")
+    _check_inputs(plan, meta)
+    with hold(plan.store, [plan.fit.rel], plan.cfg.execution):
+        return _run_fit(plan)
+
+
+def _run_fit(plan: Plan) -> dict:
     """Fit every pending target block as a Ray task, then write the row-major copy and COMPLETE."""
+    plan.store.check_reachable()
     meta = plan.prepared_meta()
     ref = plan.fit
     if is_complete(plan.store, ref):

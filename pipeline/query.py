@@ -125,6 +125,7 @@ def open_attribution(config_path: str, overrides: list[str] = ()) -> Attribution
 
     cfg = load_config(config_path, list(overrides))
     plan = Plan(cfg, Store(cfg.store))
+    plan.store.check_reachable(create=False)
     if not is_complete(plan.store, plan.fit):
         raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished in {plan.store.root}: "
                          "run `oracle-farm fit` first")

@@ -78,8 +78,10 @@ def _logit_accuracy(logits: np.ndarray, labels: np.ndarray):
 
 
 def collect_rows(plan: Plan) -> list[dict]:
+    from pipeline.exchange import imported_rows
     from pipeline.unlearn_stage import method_grids, n_unlearned, select_hyperparameters, unlearn_family, unlearn_ref
 
+    plan.store.check_reachable(create=False)
     meta = plan.prepared_meta()
     labels = np.concatenate([plan.train_labels,
                              plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")["labels/val"][:]])
@@ -110,6 +112,7 @@ def collect_rows(plan: Plan) -> list[dict]:
                          "seconds_fraction": seconds / retrain_cost if retrain_cost else None,
                          "amortized": _amortized(plan, method), "hparams": hp.model_dump(mode="json"),
                          "notes": infos[0].get("notes", {})})
+        rows += imported_rows(plan, fs.name, n_u, labels)  # `M (imported)`: margins from import-margins
     return rows
 
 
@@ -206,7 +209,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
             ax.axhspan(floor["p95_low"], floor["p95_high"], color="grey", alpha=0.3, label="oracle floor (retrain)")
         ax.axhline(floor["p95"], color="grey", lw=1)
         for r in sub:
-            if r["method"] == "retrain":
+            if r["method"] == "retrain" or r["compute"] is None:  # imported rows: compute unknown
                 continue
             ax.scatter(max(r["compute"], 1e-5), r["klom"]["forget"]["p95"], label=r["method"])
         ax.set_xscale("log")

@@ -22,7 +22,9 @@ from pipeline.data.beton import read_beton, write_beton
 from pipeline.data.datasets import load_dataset
 from pipeline.data.forget_sets import forget_set_id, resolve_forget_set
 from pipeline.execution import init_ray, run_tasks, task_options
-from pipeline.store import ArraySpec, Family, StageRef, Store, ensure_stage, is_complete, mark_complete
+from pipeline.store import (
+    ArraySpec, Family, StageRef, Store, ensure_stage, file_sha256, is_complete, mark_complete,
+)
 from pipeline.train import DeviceData, Member, derive_seed, evaluate_members, retrain_example_passes, train_members
 
 ORACLE_ROLES = ("target", "reference", "eval")
@@ -96,6 +98,18 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------- prepare
 def run_prepare(plan: Plan) -> dict:
+    """The prepare stage, written under its lease (pipeline.lease) unless already complete."""
+    from pipeline.lease import hold
+
+    plan.store.check_reachable()
+    _ = plan.forget_sets  # validate forget sets before any work
+    if is_complete(plan.store, plan.prepare):
+        return plan.prepared_meta()
+    with hold(plan.store, [plan.prepare.rel], plan.cfg.execution):
+        return _run_prepare(plan)
+
+
+def _run_prepare(plan: Plan) -> dict:
     store, ref = plan.store, plan.prepare
     store.check_reachable()
     _ = plan.forget_sets  # validate forget sets before any work
@@ -104,10 +118,12 @@ def run_prepare(plan: Plan) -> dict:
     dataset = load_dataset(plan.cfg.data, plan.data_root)
     ensure_stage(store, ref, plan.cfg.data.model_dump(mode="json", exclude={"root"}), {}, plan.cfg.name)
     mean, std = dataset.channel_stats()
+    files = {}  # size and sha256 of each .beton: workers verify their local copies against them
     with tempfile.TemporaryDirectory() as tmp:
         for split, x, y in (("train", dataset.train_x, dataset.train_y), ("val", dataset.val_x, dataset.val_y)):
             local = Path(tmp) / f"{split}.beton"
             write_beton(local, x, y)
+            files[f"{split}.beton"] = {"size": local.stat().st_size, "sha256": file_sha256(local)}
             store.put_file(local, f"{ref.rel}/{split}.beton")
     group = store.open_group(f"{ref.rel}/arrays.zarr")
     labels = group.require_group("labels")
@@ -115,7 +131,7 @@ def run_prepare(plan: Plan) -> dict:
         labels.create_array(split, shape=y.shape, dtype="int64", chunks=y.shape, overwrite=True)[:] = y
     meta = {"dataset": dataset.name, "n_train": len(dataset.train_y), "n_val": len(dataset.val_y),
             "shape": list(dataset.shape), "classes": dataset.classes, "mean": mean, "std": std,
-            "data_root": plan.cfg.data.root if plan.cfg.data.dataset == "cifar10" else None}
+            "data_root": plan.cfg.data.root if plan.cfg.data.dataset == "cifar10" else None, "files": files}
     mark_complete(store, ref, meta)
     return meta
 
@@ -129,8 +145,11 @@ def load_device_data(store_root: str, prepare_rel: str, device: str) -> DeviceDa
     if key not in _DATA_CACHE:
         store = Store(store_root)
         meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
-        train_x, train_y = read_beton(store.local_file(f"{prepare_rel}/train.beton"))
-        val_x, val_y = read_beton(store.local_file(f"{prepare_rel}/val.beton"))
+        files = meta.get("files", {})  # stores prepared before hashes were recorded: size check only
+        train_x, train_y = read_beton(store.local_file(f"{prepare_rel}/train.beton",
+                                                       sha256=files.get("train.beton", {}).get("sha256")))
+        val_x, val_y = read_beton(store.local_file(f"{prepare_rel}/val.beton",
+                                                   sha256=files.get("val.beton", {}).get("sha256")))
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = DeviceData(train_x, train_y, val_x, val_y, meta["mean"], meta["std"], device)
     return _DATA_CACHE[key]
@@ -204,7 +223,24 @@ def pending_blocks(done: np.ndarray, block: int) -> list[tuple[int, int]]:
 
 
 def run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")) -> dict:
-    """Train every pending block of the chosen families as Ray tasks; finished blocks are skipped."""
+    """Train every pending block of the chosen families as Ray tasks; finished blocks are skipped.
+    Stage records made by another config stop it before anything is written; then it holds the lease
+    of every stage it writes (pipeline.lease) while it runs."""
+    from pipeline.lease import hold
+
+    plan.store.check_reachable()
+    plan.prepared_meta()
+    fams = [f for f in train_families(plan) if f.kind in kinds and f.n_models > 0]
+    for fam in fams:  # read-only where a record exists: ensure_stage only compares it
+        if plan.store.exists(f"{fam.ref.rel}/stage.json"):
+            section, upstream = stage_section(plan, fam)
+            ensure_stage(plan.store, fam.ref, section, upstream, plan.cfg.name)
+    with hold(plan.store, [f.ref.rel for f in fams], plan.cfg.execution):
+        return _run_train(plan, kinds)
+
+
+def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")) -> dict:
+    plan.store.check_reachable()
     meta = plan.prepared_meta()
     fams = [f for f in train_families(plan) if f.kind in kinds and f.n_models > 0]
     ex = plan.cfg.execution
@@ -300,6 +336,7 @@ def load_full_models(plan: Plan, indices: list[int], device: str = "cpu"):
 # ---------------------------------------------------------------------------------------- status
 def stage_status(plan: Plan) -> list[dict]:
     """For each stage: identity, state, blocks/models done, bytes."""
+    plan.store.check_reachable(create=False)
     rows = []
     meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
     rows.append({"stage": "prepare", "id": plan.prepare.id, "state": "done" if meta else "missing",

@@ -36,17 +36,43 @@ def _is_url(root: str) -> bool:
     return "://" in root
 
 
+def _s3_endpoint() -> str | None:
+    """The S3 endpoint named by the environment (as botocore reads it), or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def default_storage_options(root: str) -> dict:
+    """fsspec options for a store URL. Credentials are never among them: s3fs/botocore read
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE from the environment.
+    The endpoint is passed explicitly (the same value botocore would read) so that fsspec's cached
+    filesystem instances are told apart by endpoint; listings are never cached, since other processes
+    add markers while this one runs."""
+    if not root.startswith(("s3://", "s3a://")):
+        return {}
+    options: dict = {"use_listings_cache": False}
+    endpoint = _s3_endpoint()
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return options
+
+
 class Store:
     def __init__(self, root: str, storage_options: dict | None = None):
-        self.root = root.rstrip("/")
-        self.is_local = not _is_url(self.root)
+        self.is_local = not _is_url(root)
+        self.root = root.rstrip("/") if self.is_local or not root.endswith("://") else root
         if self.is_local:
             self.root = str(Path(self.root).expanduser().resolve())
             self.fs = fsspec.filesystem("file")
             self.base = self.root
+            self.storage_options = {}
         else:
-            self.fs, self.base = fsspec.url_to_fs(self.root, **(storage_options or {}))
-        self.storage_options = storage_options or {}
+            self.storage_options = {**default_storage_options(self.root), **(storage_options or {})}
+            try:
+                self.fs, self.base = fsspec.url_to_fs(self.root, **self.storage_options)
+            except Exception as exc:  # unknown protocol, missing driver, malformed URL
+                raise StoreError(f"{self.root}: not a usable store URL ({type(exc).__name__}: {exc}); "
+                                 "expected a local path or s3://bucket/prefix") from None
+            self.base = self.base.rstrip("/")
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -97,24 +123,41 @@ class Store:
             tmp = self.path(rel) + ".partial"
             self.fs.put_file(str(local), tmp)
             os.replace(tmp, self.path(rel))
-        else:
+        else:  # one PUT, or a multipart upload that appears only when completed: no rename on S3
             self.fs.put_file(str(local), self.path(rel))
 
-    def local_file(self, rel: str, cache_dir: str | None = None) -> Path:
-        """A local path to an object: itself when local, else a verified copy in a local cache."""
+    def local_file(self, rel: str, cache_dir: str | None = None, sha256: str | None = None) -> Path:
+        """A local path to an object: itself when local, else a verified copy in a local cache.
+
+        The copy is made once per machine (cache: `cache_dir`, else $ORACLE_FARM_CACHE, else
+        ~/.cache/oracle-farm), into a temporary name, checked against the object's size and, when
+        given, the sha256 recorded by the stage that wrote it, and only then renamed into place (a
+        rename inside the local cache only). A cached copy is reused only when its size and hash
+        still match; a corrupt one is copied again."""
         if self.is_local:
             return Path(self.path(rel))
-        info = self.fs.info(self.path(rel))
-        cache = Path(cache_dir or os.environ.get("ORACLE_FARM_CACHE", Path.home() / ".cache/oracle-farm"))
-        target = cache / hashlib.sha256(self.url(rel).encode()).hexdigest()[:24] / Path(rel).name
-        if target.is_file() and target.stat().st_size == info["size"]:
+        try:
+            size = int(self.fs.info(self.path(rel))["size"])
+        except FileNotFoundError:
+            raise StoreError(f"{self.url(rel)}: not found in the store") from None
+        cache = Path(cache_dir or os.environ.get("ORACLE_FARM_CACHE") or Path.home() / ".cache/oracle-farm")
+        key = hashlib.sha256(f"{self.url(rel)}\0{sha256 or ''}".encode()).hexdigest()[:24]
+        target = cache / key / Path(rel).name
+        if target.is_file() and target.stat().st_size == size and (sha256 is None or file_sha256(target) == sha256):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".part-{os.getpid()}")
-        self.fs.get_file(self.path(rel), str(tmp))
-        if tmp.stat().st_size != info["size"]:
-            raise StoreError(f"{self.url(rel)}: copied {tmp.stat().st_size} bytes, expected {info['size']}")
-        os.replace(tmp, target)  # a rename inside the local cache only
+        tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+        try:
+            self.fs.get_file(self.path(rel), str(tmp))
+            got = tmp.stat().st_size
+            if got != size:
+                raise StoreError(f"{self.url(rel)}: copied {got} bytes, expected {size}")
+            if sha256 is not None and (digest := file_sha256(tmp)) != sha256:
+                raise StoreError(f"{self.url(rel)}: the copy's sha256 {digest[:16]}... differs from the "
+                                 f"recorded {sha256[:16]}...: the stored object is corrupt or was replaced")
+            os.replace(tmp, target)  # a rename inside the local cache only
+        finally:
+            tmp.unlink(missing_ok=True)
         return target
 
     def size(self, rel: str) -> int:
@@ -136,19 +179,59 @@ class Store:
     def open_group(self, rel: str, mode: str = "a") -> zarr.Group:
         return zarr.open_group(store=self.zarr_store(rel), mode=mode, zarr_format=3)
 
-    def check_reachable(self) -> None:
+    def check_reachable(self, create: bool = True) -> None:
+        """Fail early, with a message naming the store, when it cannot be used: a local root that
+        cannot be created (create=True) or an object store whose URL has no bucket, whose bucket does
+        not exist, which refuses the credentials or which cannot be reached. Never prints secrets."""
+        if self.is_local:
+            try:
+                if create:
+                    Path(self.base).mkdir(parents=True, exist_ok=True)
+                elif Path(self.base).exists() and not Path(self.base).is_dir():
+                    raise StoreError(f"{self.root}: the store root is not a folder")
+            except OSError as exc:
+                raise StoreError(f"{self.root}: store not usable ({type(exc).__name__}: {exc})") from None
+            return
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        if "s3" in protocols:
+            self._check_s3()
+            return
         try:
-            if self.is_local:
-                Path(self.base).mkdir(parents=True, exist_ok=True)
-            else:
-                bucket = self.base.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    raise StoreError(f"{self.root}: bucket {bucket!r} does not exist")
-                self.fs.ls(bucket)
-        except StoreError:
-            raise
+            self.fs.ls(self.base, detail=False)
+        except FileNotFoundError:
+            pass  # a fresh prefix
         except Exception as exc:
             raise StoreError(f"{self.root}: store not reachable ({type(exc).__name__}: {exc})") from None
+
+    def _check_s3(self) -> None:
+        bucket, _, prefix = self.base.partition("/")
+        where = self.root + (f" (endpoint {_s3_endpoint()})" if _s3_endpoint() else "")
+        if not bucket:
+            raise StoreError(f"{self.root}: no bucket in the store URL; expected s3://bucket/prefix")
+        # a probe client that gives up after two attempts, so a wrong endpoint fails in seconds
+        probe = fsspec.filesystem("s3", skip_instance_cache=True, **{
+            **self.storage_options, "config_kwargs": {"connect_timeout": 10, "read_timeout": 30,
+                                                      "retries": {"max_attempts": 2, "mode": "standard"}}})
+        probe.retries = 1
+        try:
+            probe.call_s3("head_bucket", Bucket=bucket)
+            probe.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+        except FileNotFoundError:
+            raise StoreError(f"{where}: bucket {bucket!r} does not exist") from None
+        except PermissionError as exc:
+            raise StoreError(f"{where}: access denied ({exc}); check the credentials in AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy") from None
+        except Exception as exc:
+            raise StoreError(f"{where}: store not reachable ({type(exc).__name__}: {exc}); check "
+                             "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network") from None
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _json_default(obj):
@@ -172,20 +255,28 @@ class StageRef:
         return f"{self.kind}/{self.kind}-{self.id}"
 
 
-def ensure_stage(store: Store, ref: StageRef, section: dict, upstream: dict, label: str = "") -> None:
-    """Create the stage record, or check that the stored one describes the same stage."""
-    record = {"kind": ref.kind, "id": ref.id, "config": section, "upstream": upstream,
-              "schema": SCHEMA_VERSION, "label": label}
+def check_stage(store: Store, ref: StageRef, section: dict, upstream: dict) -> bool:
+    """Read-only: True when the stored stage record describes this stage, False when there is none;
+    StoreError when it describes another. Check every stage a command will write before writing any."""
     stored = store.read_json(f"{ref.rel}/stage.json")
     if stored is None:
-        store.write_json(f"{ref.rel}/stage.json", {**record, "created": time.time()})
-        return
-    for key in ("kind", "id", "config", "upstream", "schema"):
-        if json.dumps(stored.get(key), sort_keys=True) != json.dumps(record[key], sort_keys=True, default=_json_default):
+        return False
+    record = {"kind": ref.kind, "id": ref.id, "config": section, "upstream": upstream, "schema": SCHEMA_VERSION}
+    for key, value in record.items():
+        if json.dumps(stored.get(key), sort_keys=True) != json.dumps(value, sort_keys=True, default=_json_default):
             raise StoreError(
                 f"{store.url(ref.rel)}: the stored stage was made by another config ({key} differs); "
                 "use another store root or remove that stage"
             )
+    return True
+
+
+def ensure_stage(store: Store, ref: StageRef, section: dict, upstream: dict, label: str = "") -> None:
+    """Create the stage record, or check that the stored one describes the same stage."""
+    if not check_stage(store, ref, section, upstream):
+        record = {"kind": ref.kind, "id": ref.id, "config": section, "upstream": upstream,
+                  "schema": SCHEMA_VERSION, "label": label, "created": time.time()}
+        store.write_json(f"{ref.rel}/stage.json", record)
 
 
 def is_complete(store: Store, ref: StageRef) -> bool:

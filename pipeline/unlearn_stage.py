@@ -79,6 +79,15 @@ def check_needs(plan: Plan, grids: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- running
 def run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: str) -> None:
+    """Run the jobs holding the lease of each job's stage (pipeline.lease)."""
+    from pipeline.lease import hold
+
+    plan.prepared_meta()
+    with hold(plan.store, [unlearn_ref(plan, m, hp, fs).rel for m, hp, fs in jobs], plan.cfg.execution):
+        _run_unlearn_jobs(plan, jobs, label)
+
+
+def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: str) -> None:
     """jobs: (method, hparams, forget set name). Each is its own stage; pending blocks run as tasks."""
     meta = plan.prepared_meta()
     ex = plan.cfg.execution
@@ -199,6 +208,7 @@ def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
 def run_unlearn(plan: Plan) -> dict:
     grids = method_grids(plan.cfg)
     check_needs(plan, grids)
+    plan.store.check_reachable()
     chosen = select_hyperparameters(plan, grids)
     jobs = [(m, hp, fs.name) for m, hp in chosen.items() for fs in plan.cfg.forget_sets]
     run_unlearn_jobs(plan, jobs, "unlearn")

@@ -7,7 +7,6 @@ them normalized per channel with the train split's mean and std.
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +97,10 @@ CIFAR_LAYOUT = (
 )
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allowed list."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits plain containers, strings, numbers and numpy arrays; anything else is refused,
     so a crafted file cannot run code."""
@@ -116,16 +119,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only plain data is allowed")
+        raise _Refused(f"refused to load {module}.{name}: only plain data is allowed")
 
 
 def restricted_load(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            obj = _RestrictedUnpickler(io.BufferedReader(fh), encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+            obj = _RestrictedUnpickler(fh, encoding="latin1").load()
+    except _Refused as exc:
         raise DataError(f"{path}: {exc}") from None
-    except Exception as exc:  # truncated or not a pickle at all
+    except Exception as exc:  # truncated, or not a pickle at all
         raise DataError(f"{path}: not a readable CIFAR-10 pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a dict, got {type(obj).__name__}")

@@ -1,0 +1,454 @@
+"""Exchange with other tools: import externally produced margins, export any stored array.
+
+Import (`oracle-farm import-margins`): a `.npy` or `.npz` of margins, shape (models, points), points =
+n_train + n_val of the config's prepared dataset (train first, as every family stores them), float32
+(float64 is accepted and cast to float32 when every value fits). The file is read with
+`allow_pickle=False`, so a pickled object array is refused, and it is checked whole (shape, dtype,
+finite values) before anything is written. It becomes an external family, stage kind `external`:
+
+    external/external-<id>/stage.json   import kind, method, forget set, name, source file, its sha256
+    external/external-<id>/arrays.zarr/models/margins   float32 (N, P), chunks (1, P)
+    external/external-<id>/markers/models/<start>-<end>.json   written after the rows, as everywhere
+
+id = stage_id("external", {sha256 of the file, kind, method, forget set id, name, points},
+{prepare id, forget set id}). Imported `unlearned` margins of method M on a reported forget set F are
+scored by `evaluate` / `report` as the row `M (imported)` (see `imported_rows`).
+
+Export (`oracle-farm export`): any stored array to `.npy` (written through a memory map) or Parquet
+(one row group per chunk of rows), chunk by chunk, never the whole array in memory. Parquet layout:
+column `index` (int64, the row) and `value` (1-D arrays) or `values` (a fixed-size list of the row's
+flattened trailing dimensions); the key-value metadata `oracle_farm` holds the shape, dtype and source
+(`read_parquet_array` rebuilds the array).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import ArraySpec, Family, StageRef, Store, ensure_stage
+
+IMPORT_KINDS = ("full", "oracle", "unlearned")
+EXTERNAL = "external"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_CHUNK_BYTES = 64 << 20
+
+
+class ExchangeError(ValueError):
+    """A file to import or an array to export is not what it must be: the message names it."""
+
+
+# ---------------------------------------------------------------------------------------- reading a file
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_margins_file(path: str | Path, n_points: int) -> tuple[np.ndarray, list[str]]:
+    """The margins array of a .npy/.npz (memory-mapped when .npy), validated; warnings to show."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExchangeError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise ExchangeError(f"{path}: expected a .npy or .npz file, got {suffix or 'no suffix'!r}")
+    try:
+        if suffix == ".npy":
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as exc:
+                if "memory-mapped" in str(exc) or "object" in str(exc).lower():
+                    raise ExchangeError(f"{path}: holds Python objects (a pickled object array); refused: "
+                                        "save a float32 array of margins") from None
+                raise
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                keys = list(npz.files)
+                key = "margins" if "margins" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ExchangeError(f"{path}: holds arrays {keys}; name the margins `margins` or keep only one")
+                arr = npz[key]
+    except ExchangeError:
+        raise
+    except ValueError as exc:
+        msg = str(exc)
+        if "pickle" in msg.lower() or "object" in msg.lower():
+            raise ExchangeError(f"{path}: holds Python objects (pickled data); refused: save a float32 array "
+                                "of margins") from None
+        raise ExchangeError(f"{path}: not a readable NumPy file ({msg})") from None
+    except (OSError, EOFError) as exc:
+        raise ExchangeError(f"{path}: not a readable NumPy file ({type(exc).__name__}: {exc})") from None
+    return validate_margins(arr, n_points, str(path))
+
+
+def validate_margins(arr: np.ndarray, n_points: int, where: str) -> tuple[np.ndarray, list[str]]:
+    warnings = []
+    if arr.dtype.hasobject:
+        raise ExchangeError(f"{where}: holds Python objects; refused: save a float32 array of margins")
+    if arr.dtype not in (np.float32, np.float64):
+        raise ExchangeError(f"{where}: dtype {arr.dtype}; margins must be float32 (or float64, cast to float32)")
+    if arr.ndim != 2:
+        raise ExchangeError(f"{where}: shape {arr.shape}; expected (models, points) with points = {n_points}")
+    if arr.shape[1] != n_points:
+        raise ExchangeError(f"{where}: shape {arr.shape} has {arr.shape[1]} points per model; the config's "
+                            f"prepared dataset has n_train + n_val = {n_points} (train points first)")
+    if arr.shape[0] < 1:
+        raise ExchangeError(f"{where}: no models (shape {arr.shape})")
+    step = max(1, _CHUNK_BYTES // max(1, arr.shape[1] * arr.dtype.itemsize))
+    for start in range(0, arr.shape[0], step):
+        rows = np.asarray(arr[start : start + step])
+        cast = rows.astype(np.float32)
+        bad = ~np.isfinite(cast)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            what = "a non-finite value" if not np.isfinite(rows[r, c]) else "a value too large for float32"
+            raise ExchangeError(f"{where}: {what} ({float(rows[r, c])}) at model {start + r}, point {c}; "
+                                "every margin must be finite")
+    if arr.dtype == np.float64:
+        warnings.append(f"{where}: float64 margins cast to float32")
+    return arr, warnings
+
+
+# ---------------------------------------------------------------------------------------- import
+def external_ref(digest: str, description: dict, upstream: dict) -> StageRef:
+    from pipeline.config import stage_id
+
+    return StageRef(EXTERNAL, stage_id(EXTERNAL, {"sha256": digest, **description}, upstream))
+
+
+def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = None, method: str | None = None,
+                   name: str | None = None) -> dict:
+    """Validate the file whole, then write it as an external family (rows, then markers)."""
+    from pipeline.data.forget_sets import forget_set_id
+    from pipeline.lease import hold
+
+    path = Path(path)
+    if kind not in IMPORT_KINDS:
+        raise ExchangeError(f"--kind {kind!r}: expected one of {', '.join(IMPORT_KINDS)}")
+    if kind in ("oracle", "unlearned") and not forget_set:
+        raise ExchangeError(f"--kind {kind} needs --forget-set NAME (one of {sorted(plan.forget_sets)})")
+    if kind == "full" and forget_set:
+        raise ExchangeError("--kind full takes no --forget-set")
+    if kind == "unlearned" and not method:
+        raise ExchangeError("--kind unlearned needs --method NAME (the row is reported as `NAME (imported)`)")
+    for flag, value in (("--method", method), ("--name", name)):
+        if value is not None and not _NAME.match(value):
+            raise ExchangeError(f"{flag} {value!r}: use letters, digits and _.+- (at most 64 characters)")
+    if forget_set is not None and forget_set not in plan.forget_sets:
+        raise ExchangeError(f"--forget-set {forget_set!r}: unknown; the config's forget sets are "
+                            f"{sorted(plan.forget_sets)}")
+    meta = plan.prepared_meta()
+    n_points = meta["n_train"] + meta["n_val"]
+    arr, warnings = load_margins_file(path, n_points)  # everything checked before any write
+    digest = file_digest(path)
+    fid = forget_set_id(plan.forget_sets[forget_set]) if forget_set else None
+    description = {"kind": kind, "method": method, "forget": fid, "name": name or "", "points": n_points}
+    upstream = {"prepare": plan.prepare.id, **({"forget": fid} if fid else {})}
+    ref = external_ref(digest, description, upstream)
+    n = int(arr.shape[0])
+    section = {**description, "forget_set": forget_set, "source": path.name, "sha256": digest, "models": n,
+               "dtype": str(arr.dtype)}
+    family = Family(plan.store, ref, "models", [ArraySpec("margins", (n_points,), "float32")])
+    plan.store.check_reachable()
+    with hold(plan.store, [ref.rel], plan.cfg.execution):
+        ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
+        family.ensure_arrays(n)
+        done = family.done_mask(n)
+        block = max(1, min(plan.cfg.execution.block_size, _CHUNK_BYTES // (4 * n_points)))
+        written = 0
+        for start in range(0, n, block):
+            end = min(n, start + block)
+            if done[start:end].all():
+                continue
+            rows = np.asarray(arr[start:end], dtype=np.float32)
+            family.write_block(start, {"margins": rows}, {"source": path.name, "imported": time.time()})
+            written += end - start
+    return {"ref": ref, "models": n, "written": written, "warnings": warnings, "url": plan.store.url(ref.rel)}
+
+
+def external_stages(store: Store, prepare_id: str | None = None) -> list[dict]:
+    """Every external stage record (optionally only those made on this prepared dataset)."""
+    out = []
+    for entry in store.list(EXTERNAL):
+        if not entry.startswith(f"{EXTERNAL}-"):
+            continue
+        rel = f"{EXTERNAL}/{entry}"
+        rec = store.read_json(f"{rel}/stage.json")
+        if rec is None or (prepare_id is not None and rec.get("upstream", {}).get("prepare") != prepare_id):
+            continue
+        out.append({**rec, "ref": StageRef(EXTERNAL, rec["id"])})
+    return out
+
+
+def external_reached(plan) -> list[dict]:
+    """External stages a config would use: on its prepared dataset, and (when tied to a forget set)
+    on one of its forget sets."""
+    from pipeline.data.forget_sets import forget_set_id
+
+    fids = {forget_set_id(v) for v in plan.forget_sets.values()}
+    return [r for r in external_stages(plan.store, plan.prepare.id)
+            if r.get("upstream", {}).get("forget") in (None, *fids)]
+
+
+def _complete_family(store: Store, rec: dict) -> tuple[Family, int] | None:
+    n = int(rec["config"]["models"])
+    family = Family(store, rec["ref"], "models", [ArraySpec("margins", (rec["config"]["points"],), "float32")])
+    return (family, n) if family.done_mask(n).all() else None
+
+
+def imported_rows(plan, forget_name: str, n_u: int, labels: np.ndarray) -> list[dict]:
+    """Report rows `M (imported)` for complete imported `unlearned` margins on this forget set, scored
+    like any method (KLoM against the eval oracles, MIA); accuracy and compute are unknown (None).
+    When more than N_u models were imported the first N_u are scored (equal sample sizes, decision 17)."""
+    from pipeline.data.forget_sets import forget_set_id
+    from pipeline.report import score
+
+    fid = forget_set_id(plan.forget_sets[forget_name])
+    rows = []
+    for rec in external_reached(plan):
+        cfg = rec["config"]
+        if cfg.get("kind") != "unlearned" or cfg.get("forget") != fid:
+            continue
+        got = _complete_family(plan.store, rec)
+        if got is None:
+            continue
+        family, n = got
+        use = min(n, n_u)
+        margins = family.read("margins", use)
+        label = f"{cfg['method']} (imported)" + (f" [{cfg['name']}]" if cfg.get("name") else "")
+        notes = {"imported_models": n, "scored_models": use}
+        if n < n_u:
+            notes["warning"] = f"{n} imported models against {n_u} in the other rows: KLoM's bias differs"
+        rows.append({"method": label, "forget_set": forget_name,
+                     **score(plan, forget_name, margins, lambda pts: None, labels),
+                     "compute": None, "seconds_fraction": None, "amortized": None,
+                     "hparams": {"imported": rec["id"], "source": cfg.get("source"), "sha256": cfg.get("sha256")},
+                     "notes": notes})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- export
+ARRAY_FORMS = (
+    "prepare/labels/train | prepare/labels/val",
+    "fit/<theta|theta_rows|bias|lds|lam|theta_logit|bias_logit>",
+    "full/<margins|logits|accuracy>",
+    "subset/[fit|heldout/]<margins|logits|accuracy|masks>",
+    "oracle/<forget set>/<target|reference|eval>/<name>",
+    "unlearn/<method>/<forget set>/<name>",
+    "<kind>/<kind>-<id>/<path inside arrays.zarr>   (any stage, e.g. external/external-<id>/models/margins)",
+)
+
+
+def resolve_array(plan, spec: str):
+    """(zarr array, rows to export, source description) for an --array spec (see ARRAY_FORMS)."""
+    from pipeline.stages import FamilySpec, family_store
+
+    parts = [p for p in spec.strip("/").split("/") if p]
+    if len(parts) < 2:
+        raise ExchangeError(f"--array {spec!r}: expected one of:\n  " + "\n  ".join(ARRAY_FORMS))
+    store = plan.store
+    kind = parts[0]
+    if parts[1].startswith(f"{kind}-") and len(parts) >= 3:  # raw: a stage of any config in this store
+        rel = f"{kind}/{parts[1]}"
+        return _zarr_array(store, rel, "/".join(parts[2:]), spec), None, f"{store.url(rel)}/arrays.zarr"
+    if kind == "prepare":
+        return _zarr_array(store, plan.prepare.rel, "/".join(parts[1:]), spec), None, plan.prepare.rel
+    if kind == "fit":
+        from pipeline.store import is_complete
+
+        if not is_complete(store, plan.fit):
+            raise ExchangeError(f"--array {spec}: the fit stage {plan.fit.id} is not complete: run `oracle-farm fit`")
+        name = "/".join(parts[1:])
+        if name == "theta" and _has(store, plan.fit.rel, "theta_rows"):
+            name = "theta_rows"  # the same values, chunked for row reads: export reads rows
+        return _zarr_array(store, plan.fit.rel, name, spec), None, plan.fit.rel
+    meta = plan.prepared_meta()
+    t = plan.cfg.train
+    if kind == "full":
+        name = parts[-1]
+        fam = FamilySpec(plan.full, "models", t.full.models, "full")
+    elif kind == "subset":
+        role = parts[1] if len(parts) == 3 else "fit"
+        if role not in ("fit", "heldout"):
+            raise ExchangeError(f"--array {spec}: subset roles are fit and heldout")
+        name = parts[-1]
+        fam = FamilySpec(plan.subset, role, t.subset.models if role == "fit" else t.subset.heldout, "subset",
+                         alpha=t.subset.alpha, logits=t.subset.store_logits)
+    elif kind == "oracle":
+        if len(parts) != 4:
+            raise ExchangeError(f"--array {spec}: expected oracle/<forget set>/<role>/<name>")
+        _, fs, role, name = parts
+        _forget(plan, fs, spec)
+        if role not in ("target", "reference", "eval"):
+            raise ExchangeError(f"--array {spec}: oracle roles are target, reference and eval")
+        fam = FamilySpec(plan.oracle(fs), role, getattr(t.oracle, role), "oracle")
+    elif kind == "unlearn":
+        if len(parts) != 4:
+            raise ExchangeError(f"--array {spec}: expected unlearn/<method>/<forget set>/<name>")
+        _, method, fs, name = parts
+        _forget(plan, fs, spec)
+        return _unlearn_array(plan, method, fs, name, spec, meta)
+    else:
+        raise ExchangeError(f"--array {spec!r}: unknown stage {kind!r}; expected one of:\n  " + "\n  ".join(ARRAY_FORMS))
+    family = family_store(plan, fam, meta)
+    if fam.n_models == 0 or not family.done_mask(fam.n_models).all():
+        done = int(family.done_mask(fam.n_models).sum()) if fam.n_models else 0
+        raise ExchangeError(f"--array {spec}: {done}/{fam.n_models} models of {fam.ref.rel} ({fam.role}) are done: "
+                            "run `oracle-farm train` first")
+    return _zarr_array(store, fam.ref.rel, f"{fam.role}/{name}", spec), fam.n_models, fam.ref.rel
+
+
+def _forget(plan, fs: str, spec: str) -> None:
+    if fs not in plan.forget_sets:
+        raise ExchangeError(f"--array {spec}: unknown forget set {fs!r}; known: {sorted(plan.forget_sets)}")
+
+
+def _unlearn_array(plan, method: str, fs: str, name: str, spec: str, meta: dict):
+    from pipeline.unlearn_stage import method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref
+
+    grids = method_grids(plan.cfg)
+    if method not in grids:
+        raise ExchangeError(f"--array {spec}: method {method!r} is not in the config's unlearn.methods "
+                            f"({sorted(grids)})")
+    grid = grids[method]
+    hp = grid[0]
+    if len(grid) > 1:
+        record = plan.store.read_json(selection_rel(plan, method, grid))
+        if record is None:
+            raise ExchangeError(f"--array {spec}: the grid of {method} has not been selected: run `oracle-farm unlearn`")
+        hp = grid[record["chosen"]]
+    ref = unlearn_ref(plan, method, hp, fs)
+    n = n_unlearned(plan.cfg)
+    if not unlearn_family(plan, ref, meta).done_mask(n).all():
+        raise ExchangeError(f"--array {spec}: unlearn[{method},{fs}] is not complete: run `oracle-farm unlearn`")
+    return _zarr_array(plan.store, ref.rel, f"models/{name}", spec), n, ref.rel
+
+
+def _has(store: Store, rel: str, name: str) -> bool:
+    try:
+        return name in store.open_group(f"{rel}/arrays.zarr", mode="r")
+    except FileNotFoundError:
+        return False
+
+
+def _zarr_array(store: Store, rel: str, path: str, spec: str):
+    import zarr
+
+    try:
+        group = store.open_group(f"{rel}/arrays.zarr", mode="r")
+    except FileNotFoundError:
+        raise ExchangeError(f"--array {spec}: {store.url(rel)} holds no arrays") from None
+    try:
+        node = group[path]
+    except KeyError:
+        raise ExchangeError(f"--array {spec}: no array {path!r} in {store.url(rel)}/arrays.zarr; it holds "
+                            f"{sorted(_array_paths(group))}") from None
+    if not isinstance(node, zarr.Array):
+        raise ExchangeError(f"--array {spec}: {path!r} is a group holding {sorted(_array_paths(node))}")
+    return node
+
+
+def _array_paths(group, prefix: str = "") -> list[str]:
+    import zarr
+
+    out = []
+    for key, node in group.members():
+        out += [f"{prefix}{key}"] if isinstance(node, zarr.Array) else _array_paths(node, f"{prefix}{key}/")
+    return out
+
+
+def chunk_rows(arr, chunk_rows: int | None = None) -> int:
+    if chunk_rows:
+        return max(1, int(chunk_rows))
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rows = max(1, _CHUNK_BYTES // row_bytes)
+    c0 = arr.chunks[0] if arr.ndim else 1
+    return rows // c0 * c0 if rows >= c0 else rows
+
+
+def export_array(arr, out: str | Path, n_rows: int | None = None, rows_per_chunk: int | None = None,
+                 source: str = "") -> dict:
+    """Write rows 0..n_rows of a stored array to .npy or .parquet, chunk by chunk."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".npy", ".parquet"):
+        raise ExchangeError(f"--out {out}: expected a .npy or .parquet file name")
+    if arr.ndim == 0:
+        raise ExchangeError(f"{source}: a 0-d array; nothing to chunk")
+    n = arr.shape[0] if n_rows is None else min(int(n_rows), arr.shape[0])
+    shape = (n, *arr.shape[1:])
+    step = chunk_rows(arr, rows_per_chunk)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    chunks = 0
+    try:
+        if suffix == ".npy":
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=arr.dtype, shape=shape)
+            for start in range(0, n, step):
+                mm[start : start + step] = arr[start : min(n, start + step)]
+                chunks += 1
+            mm.flush()
+            del mm
+        else:
+            chunks = _write_parquet(arr, tmp, n, shape, step, source)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "shape": list(shape), "dtype": str(arr.dtype), "chunks": chunks, "rows_per_chunk": step,
+            "bytes": out.stat().st_size}
+
+
+def _write_parquet(arr, tmp: Path, n: int, shape: tuple, step: int, source: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    meta = {"oracle_farm": json.dumps({"shape": list(shape), "dtype": str(arr.dtype), "source": source})}
+    writer = None
+    chunks = 0
+    try:
+        for start in range(0, n, step):
+            rows = np.ascontiguousarray(arr[start : min(n, start + step)])
+            index = pa.array(np.arange(start, start + len(rows), dtype=np.int64))
+            if len(shape) == 1:
+                table = pa.table({"index": index, "value": pa.array(rows)})
+            else:
+                values = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
+                table = pa.table({"index": index, "values": values})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
+            writer.write_table(table.replace_schema_metadata(meta), row_group_size=max(1, len(rows)))
+            chunks += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return chunks
+
+
+def read_parquet_array(path: str | Path) -> np.ndarray:
+    """An array written by `export_array` to Parquet, rebuilt (whole, in memory)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"oracle_farm"])
+    shape, dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
+    if "value" in table.column_names:
+        flat = table.column("value").combine_chunks().to_numpy(zero_copy_only=False)
+    else:
+        flat = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=dtype).reshape(shape)
+
+
+def warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)

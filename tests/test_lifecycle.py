@@ -1,0 +1,283 @@
+"""Store lifecycle (decision 26) through the real console script: `oracle-farm ls`, `oracle-farm gc`
+(dry run, deletion, leased stages kept) on a store holding two configs, and stage leases: the lease
+protocol in process, then two `oracle-farm train` drivers started at once on one store that a dead
+driver left with a stale lease and a half-written block."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import CLI, REPO, TINY, assert_same_arrays, copy_store, store_snapshot, tiny_plan, wait_for
+
+TINY_B = TINY.read_text().replace("name: tiny", "name: tiny-b").replace("epochs: 4", "epochs: 5")
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# ------------------------------------------------------------------------------------------ a store, two configs
+def fake_stages(plan, partial_subset: bool = False) -> None:
+    """Stage records and small arrays + markers for every stage a config reaches except prepare (which
+    is real): gc and ls see stages exactly as the stage modules would leave them, at no training cost."""
+    from pipeline.lifecycle import reached_by
+    from pipeline.stages import FamilySpec, stage_section
+    from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
+    from pipeline.unlearn_stage import method_grids, selection_rel, unlearn_ref
+
+    store, specs = plan.store, [ArraySpec("margins", (4,), "float32")]
+
+    def family(ref, role, n, done):
+        fam = Family(store, ref, role, specs)
+        fam.ensure_arrays(n)
+        fam.write_block(0, {"margins": np.zeros((done, 4), np.float32)})
+
+    sub = plan.cfg.train.subset
+    for kind, ref, roles in [("full", plan.full, ["models"]), ("subset", plan.subset, ["fit", "heldout"])] + \
+            [("oracle", plan.oracle(n), ["target", "reference", "eval"]) for n in plan.forget_sets]:
+        section, upstream = stage_section(plan, FamilySpec(ref, roles[0], 1, kind, alpha=sub.alpha,
+                                                           logits=sub.store_logits))
+        ensure_stage(store, ref, section, upstream, plan.cfg.name)
+        for role in roles:
+            family(ref, role, 3, 2 if partial_subset and kind == "subset" else 3)
+    ensure_stage(store, plan.fit, plan.cfg.fit.model_dump(mode="json"),
+                 {"subset": plan.subset.id, "models": sub.models, "heldout": sub.heldout}, plan.cfg.name)
+    mark_complete(store, plan.fit, {"fake": True})
+    for method, grid in method_grids(plan.cfg).items():
+        for hp in grid:
+            for fs in plan.forget_sets:
+                ref = unlearn_ref(plan, method, hp, fs)
+                ensure_stage(store, ref, {"method": method, "hparams": hp.model_dump(mode="json"), "forget_set": fs},
+                             {"full": plan.full.id}, plan.cfg.name)
+                family(ref, "models", 2, 2)
+        if len(grid) > 1:
+            store.write_json(selection_rel(plan, method, grid), {"method": method, "chosen": 0})
+    store.write_bytes(f"reports/{plan.cfg.name}/report.md", b"# fake report\n")
+    stages, _ = reached_by(plan)
+    assert all(store.exists(f"{rel}/stage.json") for rel in stages)
+
+
+@pytest.fixture(scope="module")
+def two_configs(tmp_path_factory):
+    """A store root holding tiny.yaml (A) and tiny.yaml with train.epochs 5 (B, 'tiny-b'): prepare is real
+    and shared, every other stage is a small fake; B's subset is partial and B's full is being written
+    (a live lease held by this test process)."""
+    from pipeline.stages import run_prepare
+
+    tmp = tmp_path_factory.mktemp("two-configs")
+    (tmp / "tiny-b.yaml").write_text(TINY_B)
+    root = tmp / "store"
+    a = tiny_plan(root)
+    b = tiny_plan(root, config=tmp / "tiny-b.yaml")
+    run_prepare(a)
+    fake_stages(a)
+    fake_stages(b, partial_subset=True)
+    from pipeline.lease import Lease
+
+    lease = Lease(b.store, [b.full.rel], ttl=3600).acquire()  # refreshed by its thread while the module runs
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a stage")
+    yield {"root": root, "a": a, "b": b, "a_yaml": TINY, "b_yaml": tmp / "tiny-b.yaml", "lease": lease}
+    lease.release()
+
+
+def test_ls_lists_every_stage_with_state_size_lease_and_config_diff(two_configs):
+    root, a, b = two_configs["root"], two_configs["a"], two_configs["b"]
+    result = run_cli("ls", str(root), "--config", str(TINY), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["rel"]: r for r in json.loads(result.stdout)}
+    from pipeline.lifecycle import reached_by
+
+    reach_a, _ = reached_by(a)
+    reach_b, _ = reached_by(b)
+    assert set(rows) == reach_a | reach_b
+    assert {rel for rel, r in rows.items() if r["reached"]} == reach_a
+    prepare = rows[a.prepare.rel]
+    assert prepare["state"] == "complete" and prepare["bytes"] > 0 and prepare["age_s"] >= 0
+    assert prepare["config"] == "tiny" and prepare["reached"] and a.prepare == b.prepare
+    assert rows[a.subset.rel]["state"] == "complete" and rows[a.subset.rel]["models"] == {"fit": [3, 3], "heldout": [3, 3]}
+    sub_b = rows[b.subset.rel]
+    assert sub_b["state"] == "partial" and sub_b["models"]["fit"] == [2, 3] and sub_b["config"] == "tiny-b"
+    assert sub_b["diff"] == ["train.epochs: 5 -> 4"]  # stored (B) -> the --config (A)
+    assert rows[b.oracle("random10").rel]["diff"] == ["train.epochs: 5 -> 4"]
+    lease = rows[b.full.rel]["lease"]
+    assert lease["live"] and lease["pid"] == os.getpid() and lease["host"] == socket.gethostname()
+
+    table = run_cli("ls", "--config", str(TINY), "--set", f"store={root}")  # ROOT from the config's store
+    assert table.returncode == 0, table.stderr
+    assert f"leased by {socket.gethostname()} pid {os.getpid()}" in table.stdout
+    assert "train.epochs: 5 -> 4" in table.stdout and "partial (fit 2/3, heldout 2/3" in table.stdout
+
+    missing = run_cli("ls", str(root / "nowhere"))
+    assert missing.returncode == 2 and "no store there" in missing.stderr
+
+
+def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_configs):
+    root, a, b = two_configs["root"], two_configs["a"], two_configs["b"]
+    from pipeline.lifecycle import reached_by
+
+    reach_a, others_a = reached_by(a)
+    reach_b, others_b = reached_by(b)
+    assert reach_a & reach_b == {a.prepare.rel}  # only prepare is shared
+    leased = b.full.rel
+    expected = (reach_b - reach_a - {leased}) | (others_b - others_a)
+
+    before = store_snapshot(root)
+    dry = run_cli("gc", str(root), "--keep", str(TINY), "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] and {r["rel"] for r in report["remove"]} == expected
+    assert [r["rel"] for r in report["leased"]] == [leased] and report["left_alone"] == ["notes"]
+    assert report["bytes"] == sum(r["bytes"] for r in report["remove"]) > 0
+    assert store_snapshot(root) == before  # a dry run changes nothing
+
+    text = run_cli("gc", str(root), "--keep", str(TINY))
+    assert text.returncode == 0 and "dry run: pass --yes to delete" in text.stdout
+    assert f"kept (being written)  {leased}: host {socket.gethostname()}, pid {os.getpid()}" in text.stdout
+
+    done = run_cli("gc", str(root), "--keep", str(TINY), "--yes")
+    assert done.returncode == 0, done.stderr
+    after = store_snapshot(root)
+    gone = {p for p in before if p not in after}
+    assert all(any(p == rel or p.startswith(rel + "/") for rel in expected) for p in gone)
+    for rel in expected:
+        assert not (root / rel).exists(), rel
+    kept = reach_a | others_a | {leased, "notes"}
+    for path, (size, mtime) in before.items():  # A's stages and shared prepare: every file as it was
+        if size >= 0 and any(path.startswith(rel + "/") for rel in kept):
+            assert after.get(path) == (size, mtime), path
+    assert f"removed {len(expected)} entries" in done.stdout
+
+    again = run_cli("gc", str(root), "--keep", str(TINY), "--keep", str(two_configs["b_yaml"]), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["remove"] == []
+
+
+# ------------------------------------------------------------------------------------------ leases in process
+def test_lease_protocol(tmp_path):
+    from pipeline.lease import Lease, LeaseHeld, owner_identity, read_lease
+    from pipeline.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    with Lease(store, ["full/full-1", "oracle/oracle-2"], ttl=2.0) as mine:
+        rec = read_lease(store, "full/full-1")
+        assert rec["token"] == mine.token and rec["pid"] == os.getpid() and rec["ttl"] == 2.0
+        with pytest.raises(LeaseHeld, match=rf"oracle/oracle-2 is being written by another driver: host "
+                                            rf"{socket.gethostname()}, pid {os.getpid()}, since"):
+            Lease(store, ["oracle/oracle-2", "unlearn/unlearn-3"]).acquire()
+        assert read_lease(store, "unlearn/unlearn-3") is None  # the loser holds nothing
+        beat = rec["heartbeat"]
+        wait_for(lambda: read_lease(store, "full/full-1")["heartbeat"] > beat, timeout=5, what="a heartbeat")
+    assert read_lease(store, "full/full-1") is None and read_lease(store, "oracle/oracle-2") is None
+
+    # a live holder on another host: wait up to lease_wait, then a message naming it
+    other = {"host": "elsewhere", "pid": 4242, "token": "t", "started": time.time() - 60, "heartbeat": time.time(),
+             "ttl": 30}
+    store.write_json("fit/fit-4/LEASE.json", other)
+    t0 = time.monotonic()
+    with pytest.raises(LeaseHeld, match="host elsewhere, pid 4242.*waited 1 s"):
+        Lease(store, ["fit/fit-4"], wait=1.0, quiet=True).acquire()
+    assert time.monotonic() - t0 >= 1.0
+    # ... whose heartbeat then expires: taken over
+    store.write_json("fit/fit-4/LEASE.json", {**other, "heartbeat": time.time() - 31})
+    with Lease(store, ["fit/fit-4"]) as taker:
+        assert read_lease(store, "fit/fit-4")["token"] == taker.token
+    # a fresh heartbeat but a holder provably gone (this machine, its pid no longer running): taken over
+    store.write_json("fit/fit-4/LEASE.json", {**owner_identity(), "pid": dead_pid(), "pid_start": "1", "token": "t",
+                                              "started": time.time(), "heartbeat": time.time(), "ttl": 30})
+    with Lease(store, ["fit/fit-4"]) as taker:
+        assert read_lease(store, "fit/fit-4")["token"] == taker.token
+    # ... but not while that pid runs the process that wrote the lease
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        from pipeline.lease import _proc_start
+
+        store.write_json("fit/fit-4/LEASE.json", {**owner_identity(), "pid": sleeper.pid, "token": "t",
+                                                  "pid_start": _proc_start(sleeper.pid), "started": time.time(),
+                                                  "heartbeat": time.time(), "ttl": 30})
+        with pytest.raises(LeaseHeld, match=f"pid {sleeper.pid}"):
+            Lease(store, ["fit/fit-4"]).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ------------------------------------------------------------------------------------------ two drivers at once
+def test_two_drivers_at_once_one_trains_the_other_exits_2_and_a_stale_lease_is_taken_over(tiny_store, tmp_path):
+    """A dead driver (another host, expired heartbeat) left the full stage leased with its block half
+    written and unmarked. Two `train` drivers start at once: one takes the stale lease over and redoes
+    the block, the other exits 2 naming it; a third, told to wait, waits and finds nothing left to do."""
+    from pipeline.stages import FamilySpec, family_store
+
+    ref_plan = tiny_store.plan
+    root = tmp_path / "store"
+    copy_store(tiny_store.root / "prepare", root / "prepare")
+    copy_store(tiny_store.root / ref_plan.full.rel, root / ref_plan.full.rel)
+    plan = tiny_plan(root)
+    meta = plan.prepared_meta()
+    fam = FamilySpec(plan.full, "models", plan.cfg.train.full.models, "full")
+    family = family_store(plan, fam, meta)
+    for marker in (root / plan.full.rel / "markers" / "models").glob("*.json"):
+        marker.unlink()
+    garbage = np.full(family.array("margins").shape, 7.0, np.float32)
+    family.array("margins", mode="r+")[:] = garbage  # the dead driver's half-written rows
+    stale = {"host": "ghost", "pid": dead_pid(), "token": "dead", "started": time.time() - 3600,
+             "heartbeat": time.time() - 120, "ttl": 30}
+    (root / plan.full.rel / "LEASE.json").write_text(json.dumps(stale))
+
+    args = [CLI, "train", str(TINY), "--family", "full", "--set", f"store={root}"]
+    env = {**os.environ, "COLUMNS": "250"}
+    drivers = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+               for _ in range(2)]
+    lease_path = root / plan.full.rel / "LEASE.json"
+
+    def taken_over():
+        try:
+            return json.loads(lease_path.read_text())["token"] != "dead"
+        except (OSError, ValueError):
+            return False
+
+    waiter = None
+    try:
+        wait_for(lambda: taken_over() or all(d.poll() is not None for d in drivers), timeout=300,
+                 what="a driver taking the stale lease over")
+        waiter = subprocess.Popen(args + ["--set", "execution.lease_wait=300"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+        outs = [d.communicate(timeout=600) for d in drivers]
+        waited = waiter.communicate(timeout=600)
+    finally:
+        for p in drivers + [waiter]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = sorted(d.returncode for d in drivers)
+    assert codes == [0, 2], outs
+    winner = next(i for i, d in enumerate(drivers) if d.returncode == 0)
+    loser_err = outs[1 - winner][1]
+    assert "train: 4 models trained" in outs[winner][0]
+    assert (f"is being written by another driver: host {socket.gethostname()}, pid {drivers[winner].pid}, since"
+            in loser_err), loser_err
+    assert "Traceback" not in loser_err and "models trained" not in outs[1 - winner][0]
+    assert waiter.returncode == 0 and "train: 0 models trained" in waited[0], waited
+
+    markers = list((root / plan.full.rel / "markers" / "models").glob("*.json"))
+    assert len(markers) == 1  # one block, done once
+    assert not lease_path.exists()  # released
+    got = {n: family.read(n, fam.n_models) for n in ("margins", "logits", "accuracy")}
+    ref_family = family_store(ref_plan, FamilySpec(ref_plan.full, "models", fam.n_models, "full"), meta)
+    want = {n: ref_family.read(n, fam.n_models) for n in got}
+    assert_same_arrays(got, want, exact=True)  # as a single uninterrupted driver wrote them

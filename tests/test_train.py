@@ -1,0 +1,314 @@
+"""The batched trainer and the train stage: a member of a block equals that member trained alone,
+determinism (decision 14), resume after an interruption, growth of a family (decision 13), bad input,
+and a Ray worker killed mid-task."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import (
+    CLI, TINY, assert_same_arrays, cli, copy_store, descendants, family_arrays, full_weights, kill_tree,
+    marker_files, n_blocks, start_session, store_snapshot, tiny_plan, total_models, wait_for,
+)
+from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.data.datasets import load_dataset
+from pipeline.stages import FamilySpec, family_store, load_full_models, run_prepare, run_train, train_families
+from pipeline.store import StageRef
+from pipeline.train import DeviceData, Member, evaluate_members, train_members
+
+
+# ------------------------------------------------------------------------------------------ batched == alone
+@pytest.fixture(scope="module")
+def digits() -> DeviceData:
+    ds = load_dataset(DataConfig())
+    mean, std = ds.channel_stats()
+    return DeviceData(ds.train_x, ds.train_y, ds.val_x, ds.val_y, mean, std)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def block_vs_alone(data, model_cfg, train_cfg, members) -> list[tuple[float, float]]:
+    """For each member k: (max |param/buffer diff|, max |margin diff|) between the block and alone."""
+    block, _ = train_members(model_cfg, train_cfg, data, members, 10)
+    block_out = evaluate_members(block, data)
+    diffs = []
+    for k, member in enumerate(members):
+        alone, _ = train_members(model_cfg, train_cfg, data, [member], 10)
+        alone_out = evaluate_members(alone, data)
+        a, b = alone.state_dict(), block.state_dict()
+        state = max((b[name][k] - a[name][0]).abs().max().item() for name in a)
+        margin = float(np.abs(block_out["margins"][k] - alone_out["margins"][0]).max())
+        diffs.append((state, margin))
+    return diffs
+
+
+def subset_members(n_train: int, count: int) -> list[Member]:
+    """As the subset family draws them: Bernoulli(1/2) masks, so every member has its own subset size."""
+    fam = FamilySpec(StageRef("subset", "0123456789abcdef"), "fit", count, "subset", alpha=0.5)
+    return [fam.member(i, n_train)[0] for i in range(count)]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_mlp_member_of_a_block_equals_member_alone(digits, one_thread, augment):
+    members = subset_members(digits.n_train, 3) + [Member(77, np.arange(digits.n_train))]
+    assert len({len(m.indices) for m in members}) == 4  # unequal sizes: some members sit steps out
+    cfg = TrainConfig(epochs=2, batch_size=32, warmup_epochs=1, augment=augment)
+    for state, margin in block_vs_alone(digits, ModelConfig(name="mlp", hidden=16), cfg, members):
+        assert state <= 1e-5 and margin <= 1e-5
+
+
+def test_cnn_member_of_a_block_equals_member_alone(digits, one_thread):
+    """Grouped convolutions may sum in another order than a single model's: float tolerance."""
+    members = [Member(seed, np.arange(digits.n_train)) for seed in (5, 6, 7)]
+    cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
+    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members):
+        assert state <= 1e-4 and margin <= 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py: a member that sits out a step (its subset is smaller) is still run forward in train mode, "
+    "so its BatchNorm running statistics keep moving; remove this mark once fixed"))
+def test_cnn_members_with_unequal_subsets_equal_alone(digits, one_thread):
+    members = subset_members(digits.n_train, 2) + [Member(9, np.arange(digits.n_train))]
+    cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
+    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members):
+        assert state <= 1e-4 and margin <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------ determinism
+def train_fresh(root: Path, *overrides: str):
+    plan = tiny_plan(root, *overrides)
+    run_prepare(plan)
+    out = run_train(plan)
+    return plan, out
+
+
+def test_tiny_store_is_complete(tiny_store):
+    plan = tiny_store.plan
+    arrays = family_arrays(plan)
+    assert arrays, "no families"
+    meta = plan.prepared_meta()
+    for key, value in arrays.items():
+        if key.endswith("/margins"):
+            assert value.shape[1] == meta["n_train"] + meta["n_val"]
+            assert np.isfinite(value).all() and (value != 0).any(axis=1).all(), key
+        if key.endswith("/accuracy"):
+            assert (value > 0.3).all() and value.mean() > 0.6, f"{key}: {value}"  # learns (chance: 0.1)
+    assert len(marker_files(tiny_store.root)) == n_blocks(plan)
+
+
+def test_same_config_twice_is_bit_identical(tiny_store, tmp_path):
+    plan, out = train_fresh(tmp_path / "again")
+    assert out["trained"] == total_models(plan)
+    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=True)
+    assert_same_arrays(full_weights(plan), full_weights(tiny_store.plan), exact=True)
+
+
+def test_another_block_size_agrees_to_float_tolerance(tiny_store, tmp_path):
+    plan, _ = train_fresh(tmp_path / "block3", "execution.block_size=3")
+    assert [ref.id for _, ref in plan.all_stage_refs()] == [ref.id for _, ref in tiny_store.plan.all_stage_refs()]
+    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=False, rtol=1e-4, atol=1e-3)
+    got = load_full_models(plan, [0, 1, 2, 3]).stacked_state()
+    want = load_full_models(tiny_store.plan, [0, 1, 2, 3]).stacked_state()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ resume, growth
+def test_rerun_skips_finished_blocks_and_redoes_the_rest(tiny_store, tmp_path):
+    """The state an interruption leaves: blocks without a marker (rows holding garbage) and a
+    half-written marker. A re-run trains exactly those blocks and gives identical arrays."""
+    root = copy_store(tiny_store.root, tmp_path / "store")
+    plan = tiny_plan(root)
+    meta = plan.prepared_meta()
+    subset_fit = next(f for f in train_families(plan) if (f.kind, f.role) == ("subset", "fit"))
+    oracle_eval = next(f for f in train_families(plan) if (f.kind, f.role) == ("oracle", "eval"))
+    redo = 0
+    for fam, (start, end) in ((subset_fit, (8, 16)), (oracle_eval, (0, oracle_eval.n_models))):
+        family = family_store(plan, fam, meta)
+        marker = Path(plan.store.path(f"{family.marker_rel}/{start:07d}-{end:07d}.json"))
+        marker.unlink()
+        family.array("margins", mode="r+")[start:end] = 7.0  # half-written rows
+        redo += end - start
+    torn = Path(plan.store.path(f"{family_store(plan, subset_fit, meta).marker_rel}/0000016-0000024.json"))
+    torn.write_text(torn.read_text()[:20])  # a marker cut short reads as not done
+    redo += 8
+    torn_rel = str(torn.relative_to(root))
+    kept = {k: v for k, v in marker_files(root).items() if k != torn_rel}
+    assert len(kept) == n_blocks(plan) - 3
+
+    out = run_train(plan)
+
+    assert out["trained"] == redo
+    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=True)
+    after = marker_files(root)
+    assert {k: after[k] for k in kept} == kept  # finished blocks untouched
+    assert len(after) == n_blocks(plan)
+    assert json.loads(torn.read_text())["end"] == 24
+    assert run_train(plan) == {"trained": 0}
+
+
+def test_raising_the_family_size_trains_only_the_new_models(tiny_store, tmp_path):
+    root = copy_store(tiny_store.root, tmp_path / "store")
+    before = marker_files(root)
+    plan = tiny_plan(root, "train.full.models=6")
+    assert plan.full == tiny_store.plan.full
+
+    assert run_train(plan) == {"trained": 2}
+
+    after = marker_files(root)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == [f"{plan.full.rel}/markers/models/0000004-0000006.json"]
+    fam = FamilySpec(plan.full, "models", 6, "full")
+    grown = family_store(plan, fam, plan.prepared_meta())
+    old = family_store(tiny_store.plan, fam, tiny_store.plan.prepared_meta())
+    assert grown.array("margins").shape[0] == 6
+    assert np.array_equal(grown.read("margins", 4), old.read("margins", 4))
+    assert (grown.read("margins")[4:] != 0).any(axis=1).all()
+    assert load_full_models(plan, [0, 5]).n_models == 2
+    # shrinking N again trains nothing and keeps what is stored
+    assert run_train(tiny_plan(root, "train.full.models=2")) == {"trained": 0}
+    assert grown.array("margins").shape[0] == 6
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_unknown_model_name_exits_2_and_leaves_no_store(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.read_text().replace("name: mlp", "name: transformer"))
+    store = tmp_path / "store"
+    result = cli("train", str(config), "--set", f"store={store}")
+    assert result.returncode == 2, result.stderr
+    assert "model.name" in result.stderr and "'mlp', 'cnn' or 'resnet9'" in result.stderr
+    assert "transformer" in result.stderr and "Traceback" not in result.stderr
+    assert not store.exists()
+
+
+def forge_stage_json(root: Path, ref: StageRef) -> None:
+    path = root / ref.rel / "stage.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {
+        "kind": ref.kind, "id": ref.id, "upstream": {}, "schema": 1, "label": "other", "created": 0}
+    record["config"] = {"made": "by another config"}
+    path.write_text(json.dumps(record))
+
+
+def test_a_stage_made_by_another_config_exits_2_and_is_left_alone(tiny_store, tmp_path):
+    root = copy_store(tiny_store.root, tmp_path / "store")
+    forge_stage_json(root, tiny_store.plan.full)
+    before = store_snapshot(root)
+    result = cli("train", str(TINY), "--set", f"store={root}")
+    assert result.returncode == 2, result.stderr
+    assert "made by another config" in result.stderr and tiny_store.plan.full.id in result.stderr
+    assert store_snapshot(root) == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stages.run_train creates the stage records and arrays of the families it reaches first before it "
+    "checks the later ones; check every stored stage.json first, then write; remove this mark once fixed"))
+def test_a_conflicting_later_stage_leaves_a_fresh_store_untouched(tiny_store, tmp_path):
+    root = tmp_path / "store"
+    copy_store(tiny_store.root / "prepare", root / "prepare")  # prepared, nothing trained
+    forge_stage_json(root, tiny_store.plan.oracle("tune"))
+    before = store_snapshot(root)
+    result = cli("train", str(TINY), "--set", f"store={root}")
+    assert result.returncode == 2, result.stderr
+    assert "made by another config" in result.stderr
+    assert store_snapshot(root) == before
+
+
+# ------------------------------------------------------------------------------------------ kills (slow)
+LONG = ("train.epochs=60", "execution.block_size=4")  # ~20 s of training on 2 cores, 17 blocks
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """An uninterrupted in-process run of the LONG config, to compare interrupted runs with."""
+    plan, _ = train_fresh(tmp_path_factory.mktemp("long-reference"), *LONG)
+    return plan
+
+
+def cli_train(root: Path, log: Path):
+    args = [CLI, "train", str(TINY), "--set", f"store={root}", *(x for o in LONG for x in ("--set", o))]
+    return start_session(args, log)
+
+
+def models_in(markers: dict[str, bytes]) -> int:
+    return sum(json.loads(v)["end"] - json.loads(v)["start"] for v in markers.values())
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_then_rerun_gives_identical_arrays(long_reference, tmp_path):
+    root = tmp_path / "store"
+    plan = tiny_plan(root, *LONG)
+    blocks, total = n_blocks(plan), total_models(plan)
+    proc = cli_train(root, tmp_path / "first.log")
+    tree = []
+    try:
+        wait_for(lambda: len(marker_files(root)) >= 3 or proc.poll() is not None, timeout=400,
+                 every=0.05, what="three finished blocks")
+        assert proc.poll() is None, "the run finished before it could be interrupted; make LONG longer"
+        tree = descendants(proc.pid)
+    finally:
+        kill_tree(proc, tree, sig=signal.SIGKILL)  # the driver's whole process group, then stragglers
+    survived = marker_files(root)  # taken once every process of the first run is gone
+    assert 3 <= len(survived) < blocks, "interrupted too late to test a resume"
+    done = models_in(survived)
+
+    result = cli("train", str(TINY), "--set", f"store={root}", *(x for o in LONG for x in ("--set", o)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"train: {total - done} models trained" in result.stdout  # finished blocks were not retrained
+    after = marker_files(root)
+    assert {k: after[k] for k in survived} == survived  # their markers are the first run's, unchanged
+    assert len(after) == blocks
+    assert_same_arrays(family_arrays(plan), family_arrays(long_reference), exact=True)
+    assert_same_arrays(full_weights(plan), full_weights(long_reference), exact=True)
+
+
+@pytest.mark.slow
+def test_killing_a_ray_worker_mid_task_is_retried(long_reference, tmp_path):
+    import psutil
+
+    root = tmp_path / "store"
+    proc = cli_train(root, tmp_path / "run.log")
+    killed = []
+    try:
+        def busy_worker():
+            for p in descendants(proc.pid):
+                try:
+                    if "ray::train_block_task" in " ".join(p.cmdline()):
+                        return p
+                except psutil.Error:
+                    continue
+            return None
+
+        worker = wait_for(lambda: busy_worker() or proc.poll() is not None, timeout=400, every=0.05,
+                          what="a worker running train_block_task")
+        assert worker is not True and proc.poll() is None, "the run finished before a worker could be killed"
+        time.sleep(0.5)  # well inside the task (each takes seconds)
+        worker.send_signal(signal.SIGKILL)
+        killed.append(worker.pid)
+        proc.wait(timeout=500)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    plan = tiny_plan(root, *LONG)
+    assert re.search(rf"train: {total_models(plan)} models trained", log)
+    assert len(marker_files(root)) == n_blocks(plan)
+    assert_same_arrays(family_arrays(plan), family_arrays(long_reference), exact=True)
