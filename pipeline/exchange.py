@@ -62,6 +62,10 @@ def load_margins_file(path: str | Path, n_points: int) -> tuple[np.ndarray, list
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
         raise ExchangeError(f"{path}: expected a .npy or .npz file, got {suffix or 'no suffix'!r}")
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if not head.startswith(b"\x93NUMPY" if suffix == ".npy" else b"PK"):
+        raise ExchangeError(f"{path}: not a readable NumPy file (no {'.npy' if suffix == '.npy' else 'zip'} header)")
     try:
         if suffix == ".npy":
             try:
@@ -107,7 +111,8 @@ def validate_margins(arr: np.ndarray, n_points: int, where: str) -> tuple[np.nda
     step = max(1, _CHUNK_BYTES // max(1, arr.shape[1] * arr.dtype.itemsize))
     for start in range(0, arr.shape[0], step):
         rows = np.asarray(arr[start : start + step])
-        cast = rows.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = rows.astype(np.float32)
         bad = ~np.isfinite(cast)
         if bad.any():
             r, c = np.argwhere(bad)[0]
@@ -160,6 +165,10 @@ def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = N
                "dtype": str(arr.dtype)}
     family = Family(plan.store, ref, "models", [ArraySpec("margins", (n_points,), "float32")])
     plan.store.check_reachable()
+    if plan.store.exists(f"{ref.rel}/stage.json"):  # already imported: read-only (ensure_stage only compares)
+        ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
+        if family.done_mask(n).all():
+            return {"ref": ref, "models": n, "written": 0, "warnings": warnings, "url": plan.store.url(ref.rel)}
     with hold(plan.store, [ref.rel], plan.cfg.execution):
         ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
         family.ensure_arrays(n)

@@ -53,8 +53,9 @@ _RETRY = object()
 DEFAULT_TTL = 30.0
 
 
-class LeaseHeld(RuntimeError):
-    """Another live driver holds the lease of a stage this one needs to write."""
+class LeaseHeld(StoreError):
+    """Another live driver holds the lease of a stage this one needs to write (a StoreError, so every
+    entrypoint that maps StoreError to exit 2 does so for this too)."""
 
     def __init__(self, store: Store, rel: str, record: dict, waited: float = 0.0):
         self.record = record
@@ -94,11 +95,13 @@ def _read(path: str) -> str | None:
 
 
 def _proc_start(pid: int) -> str | None:
-    """Start time of a process (clock ticks since boot, /proc/<pid>/stat field 22), None if gone."""
+    """Start time of a process (clock ticks since boot, /proc/<pid>/stat field 22), None if it is gone
+    or has exited (a zombie)."""
     stat = _read(f"/proc/{pid}/stat")
     if stat is None:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # fields after the command name; 22nd overall
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name: field 3 (state) onwards
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has exited
 
 
 def _pid_namespace() -> str | None:

@@ -154,6 +154,9 @@ def write_report(plan: Plan, out_dir: Path | None = None) -> Path:
     (out / "report.json").write_text(json.dumps({"config": plan.cfg.name, "rows": summary, "fit": fit,
                                                  "plots": plots}, indent=1, default=float))
     (out / "report.md").write_text(_markdown(plan, summary, fit, plots))
+    if not plan.store.is_local:  # an object store: a copy beside the stages, readable from anywhere
+        for name in ["report.json", "report.md", *plots]:
+            plan.store.put_file(out / name, f"{report_dir(plan)}/{name}")
     return out
 
 

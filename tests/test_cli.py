@@ -26,9 +26,14 @@ def test_help_lists_the_commands():
 
 
 # ------------------------------------------------------------------------------------------ config
-def test_config_prints_the_resolved_config_and_every_stage_id(tmp_path):
-    store = tmp_path / "store"
-    result = cli("config", str(TINY), "--set", f"store={store}", "--set", "train.epochs=5")
+@pytest.fixture(scope="module")
+def config_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("config") / "store"
+    return store, cli("config", str(TINY), "--set", f"store={store}", "--set", "train.epochs=5")
+
+
+def test_config_prints_the_resolved_config_and_every_stage_id(config_run):
+    store, result = config_run
     assert result.returncode == 0, result.stderr
     assert "epochs: 5" in result.stdout and "momentum: 0.9" in result.stdout  # defaults are shown
     for label, ref in tiny_plan(store, "train.epochs=5").all_stage_refs():
@@ -127,11 +132,17 @@ def test_status_table_on_a_trained_store(tiny_store, status_table):
     assert "models 4/4" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py: rich reads `[random10]` in `oracle[random10]` as a markup tag and drops it; escape the cell "
-    "text (rich.markup.escape), also in `config` and in error messages; remove this mark once fixed"))
 def test_status_table_names_the_forget_set_of_each_oracle_stage(status_table):
+    """Rich would read `[random10]` as a markup tag and drop it, unless the cell is escaped."""
     result = status_table
+    assert "oracle[random10]" in result.stdout and "oracle[tune]" in result.stdout
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cli.py `config`: the stage label cell is not escaped, so rich drops `[random10]` from "
+    "`oracle[random10]` (as `status` did); escape it with rich.markup.escape; remove this mark once fixed"))
+def test_config_table_names_the_forget_set_of_each_oracle_stage(config_run):
+    _, result = config_run
     assert "oracle[random10]" in result.stdout and "oracle[tune]" in result.stdout
 
 

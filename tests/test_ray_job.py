@@ -68,7 +68,7 @@ def test_ray_job_submit_trains_the_tiny_config(tmp_path, tiny_store):
         assert "Connecting to existing Ray cluster at address: 127.0.0.1" in log  # joined via RAY_ADDRESS
         status = subprocess.run([RAY, "job", "status", "--address", url, job_id], capture_output=True,
                                 text=True, timeout=120, env={**os.environ, **env})
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr
     finally:
         kill_tree(head, sig=signal.SIGTERM, grace=15)
         shutil.rmtree(temp, ignore_errors=True)

@@ -3,8 +3,10 @@
 Default suite (fast): `oracle-farm train --family full` (prepare + 4 models) through the real console
 script on s3://, equal bit for bit to the same models in a local store; the .beton files reach the
 workers through a verified local cache; no credential in any object, output or Ray log; a bad URL, a
-missing bucket, refused credentials and an unreachable endpoint exit 2 naming the store, before any work.
-Slow: prepare + train (SIGKILLed mid-way and resumed) + fit + query on s3://, against the local store.
+missing bucket, refused credentials and an unreachable endpoint exit 2 naming the store, before any work,
+from every stage entry and the query API.
+Slow: prepare + train (SIGKILLed mid-way and resumed) + fit + query + the rest of `run` on s3://,
+against the local store.
 
 Endpoint and credentials reach every process through AWS_* variables only (never the config).
 """
@@ -169,15 +171,12 @@ def refusing(tmp_path_factory):
 
 
 def test_bad_stores_exit_2_before_any_work(moto, refusing, run_env):
-    """Through the console script, all at once: a URL without a bucket, a missing bucket, refused
-    credentials and an endpoint where nothing listens; exit 2, a message naming the store, no work."""
+    """Through the console script, side by side: a missing bucket and refused credentials; exit 2, a
+    message naming the store, no Ray started, nothing written."""
     moto.bucket("untouched")
-    dead = f"http://127.0.0.1:{free_port()}"
     cases = [
-        (["train", "s3://"], {}, "no bucket"),
         (["train", "s3://no-such-bucket/farm"], {}, "bucket 'no-such-bucket' does not exist"),
-        (["train", "s3://untouched/farm"], {"AWS_ENDPOINT_URL": refusing.endpoint}, "access denied"),
-        (["fit", "s3://untouched/farm"], {"AWS_ENDPOINT_URL": dead}, "not reachable"),
+        (["fit", "s3://untouched/farm"], {"AWS_ENDPOINT_URL": refusing.endpoint}, "access denied"),
     ]
     procs = []
     for (command, root), extra, _ in cases:
@@ -193,6 +192,26 @@ def test_bad_stores_exit_2_before_any_work(moto, refusing, run_env):
         _assert_no_secret("error output", {"stdout": stdout, "stderr": stderr})
     assert moto.objects("untouched") == {}
     assert not Path(run_env["RAY_TMPDIR"], "ray").exists()  # Ray never started
+
+
+@pytest.mark.parametrize("root, endpoint, expected", [
+    ("s3://", None, "no bucket in the store URL"),
+    ("s3://untouched/farm", "dead", "not reachable"),
+    ("nosuchprotocol://bucket/p", None, "not a usable store URL"),
+])
+def test_bad_urls_and_endpoints(moto, monkeypatch, root, endpoint, expected):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    if endpoint == "dead":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    for args in (["prepare", str(TINY)], ["query", "top-k", str(TINY), "--target", "0"]):
+        result = CliRunner().invoke(app, [*args, "--set", f"store={root}"])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert root in message and expected in message, message
+        _assert_no_secret("error output", {"output": result.output})
 
 
 @pytest.mark.parametrize("command", [
@@ -276,15 +295,16 @@ def _markers(moto, bucket: str) -> int:
     keys = []
     for page in moto.client().get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys += [o["Key"] for o in page.get("Contents", [])]
-    return sum("/markers/" in k and k.endswith(".json") and "/fit/" not in k for k in keys)
+    return sum("/markers/" in k and k.endswith(".json") for k in keys)  # train markers: fit has not run
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_s3_prepare_train_killed_resumed_fit_query(moto, tiny_store, run_env, tmp_path):
     """The whole path on s3:// through the console script: prepare, train SIGKILLed (the driver's
-    process group) after some blocks and resumed, fit, query top-k --json, status; arrays equal to the
-    local store's bit for bit; no credential in any object, output or log."""
+    process group) after some blocks and resumed, fit, query top-k --json, status, then `run` (unlearn
+    and the report); arrays equal to the local store's bit for bit; no credential in any object, output,
+    report or log."""
     from pipeline.stages import stage_status
 
     bucket = moto.bucket("slow")
@@ -336,6 +356,15 @@ def test_s3_prepare_train_killed_resumed_fit_query(moto, tiny_store, run_env, tm
     states = {r["stage"]: r["state"] for r in json.loads(out.stdout)}
     assert all(states[s] == "done" for s in states if not s.startswith("unlearn")), states
 
-    _assert_no_secret("store", moto.objects(bucket))
+    # the rest of the run (unlearn, report): the report is written locally and copied into the store
+    out = cli("run", str(TINY), *store_opt, "--out", str(tmp_path / "report"), env=run_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    outputs["run"] = out.stdout + out.stderr
+    objects = moto.objects(bucket)
+    report = _files_under(tmp_path / "report")
+    assert objects["farm/reports/tiny/report.md"] == (tmp_path / "report" / "report.md").read_bytes()
+
+    _assert_no_secret("store", objects)
+    _assert_no_secret("report", report)
     _assert_no_secret("output", outputs)
     _assert_no_secret("ray logs", _files_under(run_env["RAY_TMPDIR"]))

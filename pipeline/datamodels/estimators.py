@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Datamodel:
     """Linear datamodels of t targets over n training points, in raw inclusion units.
 
@@ -38,7 +38,7 @@ class Datamodel:
         return self.bias + masks.to(self.weight) @ self.weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LassoPath:
     """LASSO solutions along a regularisation path, in raw inclusion units.
 
@@ -283,7 +283,7 @@ def _fista(
         restart = bad | (torch.linalg.vecdot(d, new - theta, dim=0) < 0)
         mom = torch.where(restart, torch.ones_like(mom), mom_next)
         if bad.any():  # reject those steps: retry from theta without momentum, with a larger L
-            lip = torch.where(bad, (1.5 * curv / dd.clamp_min(1e-30)).clamp_max(feat.lipschitz), lip)
+            lip = torch.where(bad, (1.2 * curv / dd.clamp_min(1e-30)).clamp_max(feat.lipschitz), lip)
             idx = bad.nonzero().squeeze(1)
             new.index_copy_(1, idx, theta.index_select(1, idx))
             g_new.index_copy_(1, idx, g.index_select(1, idx))
@@ -490,7 +490,7 @@ def lds(weight: Tensor, bias: Tensor, masks_heldout: Tensor, outputs_heldout: Te
     """
     pred = bias + masks_heldout.to(weight) @ weight
     rp = _average_ranks(pred)
-    ra = _average_ranks(outputs_heldout.to(weight.device))
+    ra = _average_ranks(outputs_heldout.to(weight.device, torch.float64))
     rp, ra = rp - rp.mean(0), ra - ra.mean(0)
     vp, va = (rp * rp).sum(0), (ra * ra).sum(0)
     rho = (rp * ra).sum(0) / torch.sqrt(vp * va)

@@ -1,5 +1,9 @@
 """finetune (FT; "GD" in the DMM code): continue training on the retain set with SGD
-(algorithms.md section 8: momentum 0.9, wd 5e-4, lr 1e-3..1e-4, 3-5 epochs, batch 64)."""
+(algorithms.md section 8: momentum 0.9, wd 5e-4, lr 1e-3..1e-4, 3-5 epochs, batch 64, constant lr in
+the DMM code; the SFR-on repository anneals it with a cosine over the epochs, `schedule: cosine`)."""
+
+import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -16,19 +20,23 @@ class Config(MethodConfig):
     batch_size: int = Field(64, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: per step, down to 0 at the end
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     model.train()
     m = model.n_models
     opt = StackedSGD(model.parameters(), cfg.momentum, cfg.weight_decay)
-    lr = torch.full((m,), cfg.lr, device=ctx.data.device)
+    steps = cfg.epochs * math.ceil(len(retain) / cfg.batch_size)
+    step = 0
     for epoch in range(cfg.epochs):
         for idx in index_batches(retain, cfg.batch_size, ctx.rng("finetune", epoch)):
+            scale = 0.5 * (1 + math.cos(math.pi * step / steps)) if cfg.schedule == "cosine" else 1.0
             x, y = batch_inputs(ctx.data, idx, m)
             loss = per_model_ce(model(x), y).mean(1).sum()
             opt.zero_grad()
             loss.backward()
-            opt.step(lr)
+            opt.step(torch.full((m,), cfg.lr * scale, device=ctx.data.device))
             meter.train_pass(len(idx))
+            step += 1
     return MethodOutput(model=model)
