@@ -75,7 +75,7 @@ def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[
         table.add_column("id")
         table.add_column("path")
         for label, ref in plan.all_stage_refs():
-            table.add_row(label, ref.id, plan.store.url(ref.rel))
+            table.add_row(escape(label), ref.id, plan.store.url(ref.rel))
         console.print(table)
 
     _guard(go)

@@ -396,7 +396,7 @@ def export_array(arr, out: str | Path, n_rows: int | None = None, rows_per_chunk
         raise ExchangeError(f"{source}: a 0-d array; nothing to chunk")
     n = arr.shape[0] if n_rows is None else min(int(n_rows), arr.shape[0])
     shape = (n, *arr.shape[1:])
-    step = chunk_rows(arr, rows_per_chunk)
+    step = min(chunk_rows(arr, rows_per_chunk), max(1, n))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     chunks = 0

@@ -138,9 +138,6 @@ def test_status_table_names_the_forget_set_of_each_oracle_stage(status_table):
     assert "oracle[random10]" in result.stdout and "oracle[tune]" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py `config`: the stage label cell is not escaped, so rich drops `[random10]` from "
-    "`oracle[random10]` (as `status` did); escape it with rich.markup.escape; remove this mark once fixed"))
 def test_config_table_names_the_forget_set_of_each_oracle_stage(config_run):
     _, result = config_run
     assert "oracle[random10]" in result.stdout and "oracle[tune]" in result.stdout

@@ -21,8 +21,19 @@ TINY_B = TINY.read_text().replace("name: tiny", "name: tiny-b").replace("epochs:
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_many(list(args), timeout=timeout)[0]
+
+
+def run_many(*commands: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run console-script commands at once (when they only read the store, or write different things)."""
     env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    procs = [subprocess.Popen([CLI, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+             for c in commands]
+    out = []
+    for cmd, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess([CLI, *cmd], p.returncode, stdout, stderr))
+    return out
 
 
 def dead_pid() -> int:
@@ -98,7 +109,9 @@ def two_configs(tmp_path_factory):
 
 def test_ls_lists_every_stage_with_state_size_lease_and_config_diff(two_configs):
     root, a, b = two_configs["root"], two_configs["a"], two_configs["b"]
-    result = run_cli("ls", str(root), "--config", str(TINY), "--json")
+    result, table, missing = run_many(["ls", str(root), "--config", str(TINY), "--json"],
+                                      ["ls", "--config", str(TINY), "--set", f"store={root}"],  # ROOT: the config's
+                                      ["ls", str(root / "nowhere")])
     assert result.returncode == 0, result.stderr
     rows = {r["rel"]: r for r in json.loads(result.stdout)}
     from pipeline.lifecycle import reached_by
@@ -118,12 +131,10 @@ def test_ls_lists_every_stage_with_state_size_lease_and_config_diff(two_configs)
     lease = rows[b.full.rel]["lease"]
     assert lease["live"] and lease["pid"] == os.getpid() and lease["host"] == socket.gethostname()
 
-    table = run_cli("ls", "--config", str(TINY), "--set", f"store={root}")  # ROOT from the config's store
     assert table.returncode == 0, table.stderr
     assert f"leased by {socket.gethostname()} pid {os.getpid()}" in table.stdout
     assert "train.epochs: 5 -> 4" in table.stdout and "partial (fit 2/3, heldout 2/3" in table.stdout
 
-    missing = run_cli("ls", str(root / "nowhere"))
     assert missing.returncode == 2 and "no store there" in missing.stderr
 
 
@@ -138,7 +149,7 @@ def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_
     expected = (reach_b - reach_a - {leased}) | (others_b - others_a)
 
     before = store_snapshot(root)
-    dry = run_cli("gc", str(root), "--keep", str(TINY), "--json")
+    dry, text = run_many(["gc", str(root), "--keep", str(TINY), "--json"], ["gc", str(root), "--keep", str(TINY)])
     assert dry.returncode == 0, dry.stderr
     report = json.loads(dry.stdout)
     assert report["dry_run"] and {r["rel"] for r in report["remove"]} == expected
@@ -146,7 +157,6 @@ def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_
     assert report["bytes"] == sum(r["bytes"] for r in report["remove"]) > 0
     assert store_snapshot(root) == before  # a dry run changes nothing
 
-    text = run_cli("gc", str(root), "--keep", str(TINY))
     assert text.returncode == 0 and "dry run: pass --yes to delete" in text.stdout
     assert f"kept (being written)  {leased}: host {socket.gethostname()}, pid {os.getpid()}" in text.stdout
 
