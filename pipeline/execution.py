@@ -35,9 +35,20 @@ def init_ray(cfg: ExecutionConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=None if cfg.device == "cuda" else 0,
+        _bind_local_instance_to_loopback()
+        ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=None if cfg.device == "cuda" else 0,
                  include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env=env, log_to_driver=True, configure_logging=False)
+
+
+def _bind_local_instance_to_loopback() -> None:
+    """Ray 2.x resolves 127.0.0.1 to the machine's routable address and listens on every interface
+    unless cluster mode is off; a local instance must stay on the loopback interface."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+    from ray._private import ray_constants
+
+    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # the driver read the variable at import time
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def task_options(cfg: ExecutionConfig) -> dict:

@@ -138,16 +138,26 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
             if cfg.augment:
                 x = augment(x, [m.seed for m in members], epoch, step)
             lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)
+            saved = None if active.all() else [b.clone() for b in model.buffers()]
             with autocast_for(cfg, data.device):
                 loss = stacked_loss(model(x), data.train_y[idx], cfg.label_smoothing)
             opt.zero_grad()
             loss.backward()
+            if saved is not None:  # a member sitting out this step keeps its BatchNorm statistics too
+                restore_inactive(model, saved, active.to(data.device))
             opt.step(lr, active.to(data.device))
             passes += int(active.sum()) * cfg.batch_size
         if progress is not None:
             progress(epoch + 1, cfg.epochs)
     model.eval()
     return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def restore_inactive(model: StackedModel, saved: list[torch.Tensor], active: torch.Tensor) -> None:
+    """Put back the buffers (running statistics) of inactive members; every buffer has the model axis first."""
+    for buf, old in zip(model.buffers(), saved):
+        buf.copy_(torch.where(active.view((-1,) + (1,) * (buf.dim() - 1)), buf, old))
 
 
 def evaluate_members(model: StackedModel, data: DeviceData) -> dict[str, np.ndarray]:

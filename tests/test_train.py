@@ -79,9 +79,6 @@ def test_cnn_member_of_a_block_equals_member_alone(digits, one_thread):
         assert state <= 1e-4 and margin <= 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py: a member that sits out a step (its subset is smaller) is still run forward in train mode, "
-    "so its BatchNorm running statistics keep moving; remove this mark once fixed"))
 def test_cnn_members_with_unequal_subsets_equal_alone(digits, one_thread):
     members = subset_members(digits.n_train, 2) + [Member(9, np.arange(digits.n_train))]
     cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
