@@ -11,6 +11,7 @@ DEMO_CONFIG ?= configs/digits.yaml
 
 demo: setup
 	$(BIN)/oracle-farm run $(DEMO_CONFIG)
+	$(BIN)/oracle-farm status $(DEMO_CONFIG)
 
 test: setup
 	$(BIN)/pytest
