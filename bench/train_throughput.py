@@ -22,7 +22,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DataConfig, ModelConfig, SyntheticSpec, TrainConfig  # noqa: E402
+from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data.beton import ffcv_loader, write_beton  # noqa: E402
 from pipeline.data.datasets import load_dataset  # noqa: E402
 from pipeline.train import DeviceData, Member, derive_seed, epoch_batches, train_members, triangle_lr  # noqa: E402

@@ -175,3 +175,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_many(*commands: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run console-script commands at once (when they only read the store, or write different things)."""
+    env = {**os.environ, "COLUMNS": "250"}
+    procs = [subprocess.Popen([CLI, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+             for c in commands]
+    out = []
+    for cmd, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess([CLI, *cmd], p.returncode, stdout, stderr))
+    return out

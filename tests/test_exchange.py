@@ -6,27 +6,13 @@ round-trips stored arrays through .npy and Parquet."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from helpers import CLI, REPO, TINY, copy_store, store_snapshot
+from helpers import TINY, copy_store, run_many, store_snapshot
 
 SOLO = ("--set", "unlearn.methods={}")  # evaluate scores the retrain row and imported rows only: no unlearning
-
-
-def run_many(*commands: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Run console-script commands at once (they only read the store, or write different things)."""
-    env = {**os.environ, "COLUMNS": "250"}
-    procs = [subprocess.Popen([CLI, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-             for c in commands]
-    out = []
-    for cmd, p in zip(commands, procs):
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess([CLI, *cmd], p.returncode, stdout, stderr))
-    return out
 
 
 @pytest.fixture(scope="module")

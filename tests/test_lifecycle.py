@@ -10,30 +10,17 @@ import os
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import CLI, REPO, TINY, assert_same_arrays, copy_store, store_snapshot, tiny_plan, wait_for
+from helpers import CLI, REPO, TINY, assert_same_arrays, copy_store, store_snapshot, tiny_plan, wait_for, run_many
 
 TINY_B = TINY.read_text().replace("name: tiny", "name: tiny-b").replace("epochs: 4", "epochs: 5")
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_many(list(args), timeout=timeout)[0]
-
-
-def run_many(*commands: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Run console-script commands at once (when they only read the store, or write different things)."""
-    env = {**os.environ, "COLUMNS": "250"}
-    procs = [subprocess.Popen([CLI, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-             for c in commands]
-    out = []
-    for cmd, p in zip(commands, procs):
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess([CLI, *cmd], p.returncode, stdout, stderr))
-    return out
 
 
 def dead_pid() -> int:

@@ -3,7 +3,6 @@ member unlearned in a stack equals the same member unlearned alone (decision 23)
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.models import StackedModel
 from pipeline.models.layers import (
-    StackedBatchNorm2d, StackedConv2d, StackedLinear, from_channels, to_channels,
+    StackedBatchNorm2d, StackedConv2d, StackedLinear, to_channels,
 )
 
 
