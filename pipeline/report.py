@@ -143,15 +143,42 @@ def report_dir(plan: Plan) -> str:
     return f"reports/{plan.cfg.name}"
 
 
-def write_report(plan: Plan, out_dir: Path | None = None) -> Path:
+def report_key(plan: Plan, chosen: dict) -> str:
+    """Identity of a report: what it scores. Every input stage is content-addressed and complete when
+    this is asked, so an equal key means an equal report (imported families are listed too)."""
+    from pipeline.config import stage_id
+    from pipeline.unlearn_stage import n_unlearned, unlearn_ref
+
+    refs = {"full": plan.full.id, "fit": plan.fit.id, "external": plan.store.list("external"),
+            "oracle": {fs.name: plan.oracle(fs.name).id for fs in plan.cfg.forget_sets},
+            "unlearn": sorted(unlearn_ref(plan, m, hp, fs.name).id for m, hp in chosen.items()
+                              for fs in plan.cfg.forget_sets)}
+    section = {"evaluate": plan.cfg.evaluate.model_dump(mode="json"), "models": n_unlearned(plan.cfg),
+               "oracles": plan.cfg.train.oracle.model_dump(mode="json")}
+    return stage_id("report", section, refs)
+
+
+def report_path(plan: Plan, out_dir: Path | None = None) -> Path:
+    if out_dir:
+        return Path(out_dir)
+    return Path(plan.store.path(report_dir(plan))) if plan.store.is_local else Path("report") / plan.cfg.name
+
+
+def is_current(plan: Plan, out_dir: Path | None, key: str) -> bool:
+    try:
+        return json.loads((report_path(plan, out_dir) / "report.json").read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def write_report(plan: Plan, out_dir: Path | None = None, key: str | None = None) -> Path:
     rows = collect_rows(plan)
-    out = Path(out_dir) if out_dir else (Path(plan.store.path(report_dir(plan))) if plan.store.is_local
-                                         else Path("report") / plan.cfg.name)
+    out = report_path(plan, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fit = plan.store.read_json(f"{plan.fit.rel}/COMPLETE.json")
     plots = _plots(rows, out)
     summary = [{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows]
-    (out / "report.json").write_text(json.dumps({"config": plan.cfg.name, "rows": summary, "fit": fit,
+    (out / "report.json").write_text(json.dumps({"config": plan.cfg.name, "key": key, "rows": summary, "fit": fit,
                                                  "plots": plots}, indent=1, default=float))
     (out / "report.md").write_text(_markdown(plan, summary, fit, plots))
     if not plan.store.is_local:  # an object store: a copy beside the stages, readable from anywhere

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fit_stage import run_fit
-from pipeline.report import write_report
+from pipeline.report import is_current, report_key, report_path, write_report
 from pipeline.stages import Plan, run_prepare, run_train
 from pipeline.unlearn import get_method
 from pipeline.unlearn_stage import check_needs, method_grids, run_unlearn
@@ -18,5 +18,9 @@ def run_all(plan: Plan, out_dir: str | None = None) -> Path:
     run_train(plan)
     if any("datamodels" in get_method(m).NEEDS for m in grids) or plan.cfg.train.subset.models > 1:
         run_fit(plan)
-    run_unlearn(plan)
-    return write_report(plan, Path(out_dir) if out_dir else None)
+    chosen = run_unlearn(plan)
+    out = Path(out_dir) if out_dir else None
+    key = report_key(plan, {m: get_method(m).Config.model_validate(hp) for m, hp in chosen.items()})
+    if is_current(plan, out, key):  # nothing it scores has changed: a finished run recomputes nothing
+        return report_path(plan, out)
+    return write_report(plan, out, key)
