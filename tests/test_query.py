@@ -1,0 +1,108 @@
+"""The fit stage on the shared tiny store, its resume, and the attribution queries against NumPy on the
+whole matrix (Python API and console script)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import TINY, cli, copy_store, tiny_plan
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_store, tmp_path_factory):
+    """A copy of the tiny store with its fit stage run (per-margin and per-logit diff-in-means)."""
+    from pipeline.fit_stage import run_fit
+
+    root = copy_store(tiny_store.root, tmp_path_factory.mktemp("fitted") / "store")
+    plan = tiny_plan(root)
+    summary = run_fit(plan)
+    return root, plan, summary
+
+
+def _matrix(plan, name="theta"):
+    return plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")[name][:]
+
+
+def test_fit_equals_the_estimator_on_all_subset_models(fitted):
+    import torch
+
+    from pipeline.datamodels import diff_in_means
+    from pipeline.fit_stage import _subset_family
+    from pipeline.stages import family_store
+
+    _, plan, summary = fitted
+    meta = plan.prepared_meta()
+    fam = family_store(plan, _subset_family(plan, "fit"), meta)
+    n = plan.cfg.train.subset.models
+    dm = diff_in_means(torch.as_tensor(fam.read("masks", n)), torch.as_tensor(fam.read("margins", n)))
+    np.testing.assert_allclose(_matrix(plan), dm.weight.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_matrix(plan, "theta_rows"), _matrix(plan))
+    assert summary["lds_mean"] > 0  # subset models trained on half the data are predictable from masks
+
+
+def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
+    from pipeline.fit_stage import run_fit
+
+    root, _, _ = fitted
+    copy = copy_store(root, tmp_path / "store")
+    plan = tiny_plan(copy, "execution.fit_block_targets=512")
+    want = _matrix(plan)
+    markers = sorted(plan.store.list(f"{plan.fit.rel}/markers/targets"))
+    # as a fit killed after its first block: later markers and the completion record never written
+    for name in markers[1:]:
+        plan.store.remove(f"{plan.fit.rel}/markers/targets/{name}")
+    plan.store.remove(f"{plan.fit.rel}/COMPLETE.json")
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
+    group["theta"][:, 512:] = 0
+    first = plan.store.read_bytes(f"{plan.fit.rel}/markers/targets/{markers[0]}")
+    run_fit(plan)
+    np.testing.assert_array_equal(_matrix(plan), want)
+    assert plan.store.read_bytes(f"{plan.fit.rel}/markers/targets/{markers[0]}") == first  # not redone
+
+
+def test_queries_equal_numpy_on_the_whole_matrix(fitted):
+    from pipeline.query import open_attribution
+
+    root, plan, _ = fitted
+    am = open_attribution(str(TINY), [f"store={root}"])
+    theta = _matrix(plan)
+    target = 1500
+    top = am.top_k(target, k=5)
+    assert [p.index for p in top["positive"]] == list(np.argsort(-theta[:, target], kind="stable")[:5])
+    assert [p.index for p in top["negative"]] == list(np.argsort(theta[:, target], kind="stable")[:5])
+    assert top["positive"][0].label == int(plan.train_labels[top["positive"][0].index])
+    np.testing.assert_array_equal(am.row(3), theta[3])
+    np.testing.assert_array_equal(am.self_influence(), np.diagonal(theta[:, : theta.shape[0]]))
+    full_logits = np.random.default_rng(0).normal(size=(theta.shape[1], 10)).astype(np.float32)
+    labels = am.labels
+    forget = plan.forget_sets["random10"]
+    out = am.predict(forget, full_logits, labels)
+    rows = _matrix(plan, "theta_logit").astype(np.float32)[forget].sum(0)
+    np.testing.assert_allclose(out["logits"], full_logits - rows, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_query_json_and_errors(fitted):
+    root, plan, _ = fitted
+    store = f"store={root}"
+    res = cli("query", "top-k", str(TINY), "--target", "7", "--k", "3", "--json", "--set", store)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    theta = _matrix(plan)
+    assert [p["index"] for p in got["positive"]] == list(np.argsort(-theta[:, 7], kind="stable")[:3])
+    res = cli("query", "predict", str(TINY), "--forget-set", "random10", "--json", "--set", store)
+    assert res.returncode == 0 and len(json.loads(res.stdout)["points"]) == 10
+    for args, words in [
+        (("query", "top-k", str(TINY), "--target", "99999"), "out of range"),
+        (("query", "row", str(TINY), "--index", "-1"), "out of range"),
+        (("query", "predict", str(TINY), "--forget-set", "nope"), "unknown forget set"),
+    ]:
+        res = cli(*args, "--set", store)
+        assert res.returncode == 2 and words in res.stderr, (args, res.stderr)
+
+
+def test_query_without_a_finished_fit_is_exit_2(tiny_store):
+    res = cli("query", "top-k", str(TINY), "--target", "1", "--set", f"store={tiny_store.root}")
+    assert res.returncode == 2 and "not finished" in res.stderr
