@@ -10,6 +10,8 @@ Arrays (see storage_layout.md), in <root>/fit/fit-<id>/arrays.zarr:
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import ray
 import torch
@@ -155,11 +157,14 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int) -> int:
         per_class = [_estimate(cfg, masks, logits[:, :, c]) for c in range(meta["classes"])]
         group["theta_logit"][:, start:end] = torch.stack([d.weight for d in per_class], -1).half().cpu().numpy()
         group["bias_logit"][start:end] = torch.stack([d.bias for d in per_class], -1).cpu().numpy()
-    group["theta"][:, start:end] = out["theta"].cpu().numpy()
+    written = {"theta": out["theta"].cpu().numpy()}
+    written.update({name: out[name].float().cpu().numpy() for name in ("bias", "lam", "lds")})
+    group["theta"][:, start:end] = written["theta"]
     for name in ("bias", "lam", "lds"):
-        group[name][start:end] = out[name].float().cpu().numpy()
+        group[name][start:end] = written[name]
+    checksums = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in written.items()}
     plan.store.write_json(f"{plan.fit.rel}/markers/targets/{start:07d}-{end:07d}.json",
-                          {"start": start, "end": end, "threads": torch.get_num_threads()})
+                          {"start": start, "end": end, "checksums": checksums, "threads": torch.get_num_threads()})
     return end - start
 
 
