@@ -6,9 +6,7 @@ Family sizes, block size, CPUs/GPUs, threads and the store root are execution se
 
 from __future__ import annotations
 
-import json
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -377,10 +375,3 @@ def extra_status(plan: Plan) -> list[dict]:
 
 STATUS_PROVIDERS: list = []
 
-
-def describe(plan: Plan) -> str:
-    return json.dumps({label: ref.id for label, ref in plan.all_stage_refs()}, indent=1)
-
-
-def now() -> float:
-    return time.time()

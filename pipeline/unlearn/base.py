@@ -113,8 +113,3 @@ def per_model_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def member_params(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def full_rows(data: DeviceData, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Point indices into train ++ val for training indices (identity: train points come first)."""
-    return torch.as_tensor(idx, device=data.device, dtype=torch.long)
