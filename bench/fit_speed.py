@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--min-lambdas", type=int, default=10, help="early stop of the path; 0 = full path")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--max-iter", type=int, default=5000)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; sklearn runs on one (on this 2-vCPU VM a second thread adds no GEMM speed and stalls when other work shares the cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="our fit is timed best of this many")
     p.add_argument("--sklearn-dtype", choices=["float64", "float32"], default="float64")
