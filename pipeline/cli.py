@@ -48,6 +48,15 @@ def _plan(config: str, overrides: Optional[list[str]], data_root: Optional[str] 
     return Plan(cfg, Store(cfg.store), data_root)
 
 
+def _finished(config: str, overrides: Optional[list[str]], out: Optional[str]):
+    from pipeline.config import load_config
+    from pipeline.runrecord import finished_run
+    from pipeline.store import Store
+
+    cfg = load_config(config, overrides or [])
+    return finished_run(cfg, Store(cfg.store), out)
+
+
 def _guard(fn):
     """Run fn; bad input exits 2 with its message, any other failure exits 1."""
     try:
@@ -216,11 +225,14 @@ def report(config: str, set_: Optional[list[str]] = SetOpt,
 def run(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
         out: Optional[str] = typer.Option(None, "--out", help="folder for the report")):
     """Every stage in order, each skipped when its outputs are complete; then the report."""
-    _stages()
-    from pipeline.run import run_all
 
     def go():
-        path = run_all(_plan(config, set_, data_root), out)
+        path = _finished(config, set_, out)  # before importing torch and Ray: a finished run answers at once
+        if path is None:
+            _stages()
+            from pipeline.run import run_all
+
+            path = run_all(_plan(config, set_, data_root), out)
         console.print(f"report: {path / 'report.md'}", highlight=False)
 
     _guard(go)

@@ -229,10 +229,11 @@ def human_age(seconds: float | None) -> str:
 def reached_by(plan) -> tuple[set[str], set[str]]:
     """(stage rels, other rels) a config reaches (see the module docstring)."""
     from pipeline.exchange import external_reached
+    from pipeline.runrecord import report_dir
     from pipeline.unlearn_stage import method_grids, selection_rel, unlearn_ref
 
     stages = {ref.rel for _, ref in plan.all_stage_refs()}
-    others = {f"reports/{plan.cfg.name}"}
+    others = {report_dir(plan.cfg)}
     for method, grid in method_grids(plan.cfg).items():
         for hp in grid:
             for fs in plan.forget_sets:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import runrecord
 from pipeline.evaluate.klom import bootstrap_p95_interval, klom
 from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
 from pipeline.stages import FamilySpec, Plan, StageError, family_store
@@ -139,10 +140,6 @@ def _amortized(plan: Plan, method: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def report_dir(plan: Plan) -> str:
-    return f"reports/{plan.cfg.name}"
-
-
 def report_key(plan: Plan, chosen: dict) -> str:
     """Identity of a report: what it scores. Every input stage is content-addressed and complete when
     this is asked, so an equal key means an equal report (imported families are listed too)."""
@@ -159,9 +156,7 @@ def report_key(plan: Plan, chosen: dict) -> str:
 
 
 def report_path(plan: Plan, out_dir: Path | None = None) -> Path:
-    if out_dir:
-        return Path(out_dir)
-    return Path(plan.store.path(report_dir(plan))) if plan.store.is_local else Path("report") / plan.cfg.name
+    return runrecord.report_path(plan.cfg, plan.store, out_dir)
 
 
 def is_current(plan: Plan, out_dir: Path | None, key: str) -> bool:
@@ -183,7 +178,7 @@ def write_report(plan: Plan, out_dir: Path | None = None, key: str | None = None
     (out / "report.md").write_text(_markdown(plan, summary, fit, plots))
     if not plan.store.is_local:  # an object store: a copy beside the stages, readable from anywhere
         for name in ["report.json", "report.md", *plots]:
-            plan.store.put_file(out / name, f"{report_dir(plan)}/{name}")
+            plan.store.put_file(out / name, f"{runrecord.report_dir(plan.cfg)}/{name}")
     return out
 
 

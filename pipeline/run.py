@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.fit_stage import run_fit
-from pipeline.report import is_current, report_key, report_path, write_report
+from pipeline.lifecycle import reached_by
+from pipeline.report import is_current, report_key, write_report
+from pipeline.runrecord import report_dir, report_path, write_record
 from pipeline.stages import Plan, run_prepare, run_train
 from pipeline.unlearn import get_method
 from pipeline.unlearn_stage import check_needs, method_grids, run_unlearn
@@ -18,9 +20,11 @@ def run_all(plan: Plan, out_dir: str | None = None) -> Path:
     run_train(plan)
     if any("datamodels" in get_method(m).NEEDS for m in grids) or plan.cfg.train.subset.models > 1:
         run_fit(plan)
-    chosen = run_unlearn(plan)
-    out = Path(out_dir) if out_dir else None
-    key = report_key(plan, {m: get_method(m).Config.model_validate(hp) for m, hp in chosen.items()})
-    if is_current(plan, out, key):  # nothing it scores has changed: a finished run recomputes nothing
-        return report_path(plan, out)
-    return write_report(plan, out, key)
+    chosen = {m: get_method(m).Config.model_validate(hp) for m, hp in run_unlearn(plan).items()}
+    key = report_key(plan, chosen)
+    out = report_path(plan.cfg, plan.store, out_dir)
+    if not is_current(plan, out, key):  # nothing it scores has changed: a finished run recomputes nothing
+        out = write_report(plan, out, key)
+    stages, others = reached_by(plan)
+    write_record(plan.cfg, plan.store, out_dir, key, sorted(stages), sorted(others - {report_dir(plan.cfg)}))
+    return out

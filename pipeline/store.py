@@ -23,7 +23,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-import zarr
 
 from pipeline.config import SCHEMA_VERSION
 
@@ -117,6 +116,14 @@ class Store:
         except FileNotFoundError:
             return []
 
+    def find(self, rel: str) -> list[str]:
+        """Every object under rel, as paths relative to it, sorted (empty when there is none)."""
+        base = self.path(rel).rstrip("/")
+        try:
+            return sorted(p[len(base) + 1 :] for p in self.fs.find(base) if p.startswith(base + "/"))
+        except FileNotFoundError:
+            return []
+
     def put_file(self, local: str | Path, rel: str) -> None:
         if self.is_local:
             Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
@@ -172,11 +179,15 @@ class Store:
 
     # ------------------------------------------------------------------ zarr
     def zarr_store(self, rel: str):
+        import zarr  # imported here: a no-op `run` reads only markers and must start fast
+
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel))
         return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=self.storage_options)
 
     def open_group(self, rel: str, mode: str = "a") -> zarr.Group:
+        import zarr
+
         return zarr.open_group(store=self.zarr_store(rel), mode=mode, zarr_format=3)
 
     def check_reachable(self, create: bool = True) -> None:

@@ -1,0 +1,101 @@
+"""`oracle-farm run` end to end on the tiny config, and its no-op re-run: a finished run is recognised
+from its run record without importing torch or Ray, and anything it read that changed sends it back
+through the stages (which skip finished work block by block)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import TINY, copy_store, tiny_plan
+
+from pipeline.config import load_config
+from pipeline.runrecord import RECORD, finished_run
+from pipeline.store import Store
+
+NO_OP_RUN = """
+import sys
+from pipeline.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print("IMPORTED", sorted(m for m in ("torch", "ray", "zarr") if m in sys.modules))
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_store, tmp_path_factory):
+    from pipeline.run import run_all
+
+    root = copy_store(tiny_store.root, tmp_path_factory.mktemp("run") / "store")
+    plan = tiny_plan(root)
+    out = run_all(plan)
+    return {"root": root, "plan": plan, "out": out}
+
+
+def _cfg(root, *overrides):
+    cfg = load_config(TINY, [f"store={root}", *overrides])
+    return cfg, Store(cfg.store)
+
+
+def test_run_writes_the_report_and_its_record(finished):
+    out = finished["out"]
+    assert {"report.md", "report.json", RECORD} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / RECORD).read_text())
+    assert json.loads((out / "report.json").read_text())["key"] == record["report_key"]
+    plan = finished["plan"]
+    assert {ref.rel for _, ref in plan.all_stage_refs()} <= set(record["stages"])
+    assert finished_run(*_cfg(finished["root"])) == out
+
+
+def test_a_no_op_rerun_imports_neither_torch_nor_ray(finished):
+    before = (finished["out"] / "report.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-c", NO_OP_RUN, "run", str(TINY), "--set", f"store={finished['root']}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "IMPORTED []" in proc.stdout, proc.stdout
+    assert f"report: {finished['out'] / 'report.md'}" in proc.stdout.replace("\n", "")
+    assert (finished["out"] / "report.json").read_bytes() == before
+
+
+def test_another_config_is_not_finished(finished):
+    assert finished_run(*_cfg(finished["root"], "evaluate.bootstrap=21")) is None
+    assert finished_run(*_cfg(finished["root"], "train.full.models=5")) is None
+    # execution settings change no output: the same run
+    assert finished_run(*_cfg(finished["root"], "execution.block_size=4")) == finished["out"]
+
+
+@pytest.mark.parametrize("what", ["subset block marker", "fit completion", "report"])
+def test_a_changed_store_or_a_missing_report_is_not_finished(finished, what):
+    cfg, store = _cfg(finished["root"])
+    plan, root = finished["plan"], finished["root"]
+    path = {"subset block marker": lambda: sorted((root / plan.subset.rel / "markers").rglob("*.json"))[-1],
+            "fit completion": lambda: root / plan.fit.rel / "COMPLETE.json",
+            "report": lambda: finished["out"] / "report.md"}[what]()
+    assert finished_run(cfg, store) == finished["out"]
+    saved = path.read_bytes()
+    path.unlink()
+    try:
+        assert finished_run(cfg, store) is None
+    finally:
+        path.write_bytes(saved)
+    assert finished_run(cfg, store) == finished["out"]
+
+
+def test_a_rerun_after_a_lost_block_redoes_it_and_rewrites_the_record(finished, tmp_path):
+    from pipeline.run import run_all
+
+    root = copy_store(finished["root"], tmp_path / "store")  # another store: a new record
+    plan = tiny_plan(root)
+    run_all(plan)
+    assert finished_run(plan.cfg, plan.store) is not None
+    marker = sorted((root / plan.full.rel / "markers").rglob("*.json"))[0]
+    marker.unlink()
+    assert finished_run(plan.cfg, plan.store) is None
+    run_all(plan)
+    assert marker.exists()
+    assert finished_run(plan.cfg, plan.store) is not None
