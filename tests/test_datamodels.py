@@ -72,17 +72,18 @@ def test_lasso_fixed_lambda_matches_sklearn():
     lams = torch.tensor([0.1, 0.02])
     x = masks.double().numpy()
     scaler = StandardScaler().fit(x)  # population std, as ours
+    xs = scaler.transform(x)
     for dtype, tol, atol in [(torch.float64, 1e-12, 1e-6), (torch.float32, 1e-7, 1e-3)]:
         path = lasso_path(masks, outputs, lambdas=lams, tol=tol, max_iter=20000, dtype=dtype)
         assert path.weight.shape == (2, 60, 3) and path.lambdas.shape == (2, 3)
         for k, lam in enumerate(lams.tolist()):
             for j in range(3):
-                sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(scaler.transform(x), outputs[:, j].double().numpy())
+                sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(xs, outputs[:, j].double().numpy())
                 w, b = path.weight[k, :, j].double().numpy(), path.bias[k, j].item()
                 # standardised units: theta = w_raw * sigma
                 np.testing.assert_allclose(w * scaler.scale_, sk.coef_, atol=atol)
                 # raw inclusion units: the same predictions on raw masks
-                np.testing.assert_allclose(b + x @ w, sk.predict(scaler.transform(x)), atol=10 * atol)
+                np.testing.assert_allclose(b + x @ w, sk.predict(xs), atol=10 * atol)
 
 
 def test_lasso_per_target_lambdas_and_degenerate_columns():

@@ -126,13 +126,16 @@ def ridge(masks: Tensor, outputs: Tensor, *, lam: float = 1.0, dtype: torch.dtyp
 
 # ----------------------------------------------------------------------------------------------
 # LASSO: batched accelerated proximal gradient on standardised features
+#
+# The solver works target-major: theta, q and gradients are (t, n), so dropping converged targets
+# selects rows (contiguous copies) and per-target reductions run along contiguous memory.
 
 
 @dataclass(frozen=True)
 class _Features:
     """Standardised design X~ = (X - mu) / sigma over m models, with its least-squares gradient.
 
-    grad(theta (n, t), q (n, t)) = X~' X~ theta / m - q; lipschitz = largest eigenvalue of X~' X~ / m.
+    grad(theta (t, n), q (t, n)) = theta X~' X~ / m - q; lipschitz = largest eigenvalue of X~' X~ / m.
     """
 
     m: int
@@ -145,11 +148,14 @@ class _Features:
 
 @dataclass(frozen=True)
 class _Targets:
-    """Centred targets: ybar (t,), q = X~' (y - ybar) / m (n, t), c0 = ||y - ybar||^2 / 2m (t,)."""
+    """Centred targets: ybar (t,), q = (y - ybar)' X~ / m (t, n), c0 = ||y - ybar||^2 / 2m (t,)."""
 
     ybar: Tensor
     q: Tensor
     c0: Tensor
+
+    def take(self, rows: Tensor) -> _Targets:
+        return _Targets(ybar=self.ybar[rows], q=self.q[rows], c0=self.c0[rows])
 
 
 def _features(X: Tensor) -> _Features:
@@ -162,16 +168,16 @@ def _features(X: Tensor) -> _Features:
     # one iteration costs 2mnt flops through X~ or n^2 t through the Gram matrix: take the cheaper
     if 2 * m < n:
         small = xs @ xs.T / m
-        xs_t = xs.T.contiguous()
+        xs_t = xs.T
 
         def grad(theta: Tensor, q: Tensor) -> Tensor:
-            return torch.addmm(q, xs_t, xs @ theta, beta=-1, alpha=1 / m)
+            return torch.addmm(q, theta @ xs_t, xs, beta=-1, alpha=1 / m)
 
     else:
         small = gram = xs.T @ xs / m
 
         def grad(theta: Tensor, q: Tensor) -> Tensor:
-            return torch.addmm(q, gram, theta, beta=-1)
+            return torch.addmm(q, theta, gram, beta=-1)
 
     lipschitz = max(_top_eigenvalue(small), 1e-12)
     return _Features(m=m, mu=mu, sigma=sigma, xs=xs, grad=grad, lipschitz=lipschitz)
@@ -194,32 +200,32 @@ def _targets(feat: _Features, Y: Tensor) -> _Targets:
     """Y (m, t) -> centred target statistics against the standardised features."""
     ybar = Y.mean(0)
     yc = Y - ybar
-    return _Targets(ybar=ybar, q=feat.xs.T @ yc / feat.m, c0=(yc * yc).sum(0) / (2 * feat.m))
+    return _Targets(ybar=ybar, q=yc.T @ feat.xs / feat.m, c0=(yc * yc).sum(0) / (2 * feat.m))
 
 
 def _to_raw(feat: _Features, tg: _Targets, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """theta (n, t) in standardised units -> (weight (n, t), bias (t,)) in raw inclusion units."""
-    weight = theta / feat.sigma[:, None]
+    """theta (t, n) in standardised units -> (weight (n, t), bias (t,)) in raw inclusion units."""
+    weight = (theta / feat.sigma).T
     return weight, tg.ybar - feat.mu @ weight
 
 
 def _soft(x: Tensor, thr: Tensor) -> Tensor:
-    """Soft-thresholding, x (n, t) by thr (t,), in two passes: x - clamp(x, -thr, thr)."""
+    """Soft-thresholding of x (t, n) by thr (t, 1), in two passes: x - clamp(x, -thr, thr)."""
     return x - torch.clamp(x, -thr, thr)
 
 
 def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor) -> Tensor:
     """Duality gap per target (t,) of (1/2m)||yc - X~ theta||^2 + lam ||theta||_1.
 
-    theta, its gradient g = H theta - q, q: (n, t); c0, lam: (t,). sklearn's gap
+    theta, its gradient g = theta H - q, q: (t, n); c0, lam: (t,). sklearn's gap
     (cd_fast.enet_coordinate_descent) divided by m, written in Gram quantities.
     """
-    dual_norm = g.abs().amax(0)  # ||X~' r / m||_inf (vector_norm along dim 0 is 8x slower on CPU)
+    dual_norm = g.abs().amax(1)  # ||X~' r / m||_inf
     const = torch.where(dual_norm > lam, lam / dual_norm.clamp_min(1e-30), torch.ones_like(lam))
-    tq = torch.linalg.vecdot(theta, q, dim=0)
-    r2 = (2 * c0 - tq + torch.linalg.vecdot(theta, g, dim=0)).clamp_min(0)  # ||r||^2 / m
+    tq = torch.linalg.vecdot(theta, q)
+    r2 = (2 * c0 - tq + torch.linalg.vecdot(theta, g)).clamp_min(0)  # ||r||^2 / m
     rty = 2 * c0 - tq  # r' yc / m
-    return 0.5 * r2 * (1 + const * const) + lam * theta.abs().sum(0) - const * rty
+    return 0.5 * r2 * (1 + const * const) + lam * theta.abs().sum(1) - const * rty
 
 
 def _fista(
@@ -233,24 +239,24 @@ def _fista(
     tol: float,
     check_every: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """Solve min (1/2m)||yc - X~ theta||^2 + lam ||theta||_1 for every target column at once.
+    """Solve min (1/2m)||yc - X~ theta||^2 + lam ||theta||_1 for every target at once.
 
-    theta0 (n, t) warm start, lam (t,), lip0 (t,) initial curvature estimates (default 1) ->
-    (theta (n, t), curvature estimates (t,) to pass to the next solve). FISTA with adaptive
-    (gradient) restart and a step size per column. A column stops when its duality gap
+    theta0 (t, n) warm start, lam (t,), lip0 (t,) initial curvature estimates (default 1) ->
+    (theta (t, n), curvature estimates (t,) to pass to the next solve). FISTA with adaptive
+    (gradient) restart and a step size per target. A target stops when its duality gap
     <= tol * ||yc||^2 / m (sklearn's criterion) and leaves the batch, so later iterations multiply
-    only the unconverged columns.
+    only the unconverged targets.
     """
     # below ~10 eps the gap is rounding noise (it sums terms of size ||yc||^2 / m), never met
     tol = max(tol, 10 * torch.finfo(theta0.dtype).eps)
     out = theta0.clone()
     # The global Lipschitz constant is several times the curvature on a sparse support, so each
-    # column starts with an optimistic one (>= 1, the curvature along any single standardised
+    # target starts with an optimistic one (>= 1, the curvature along any single standardised
     # feature) and raises it when a step shows more curvature. The check is exact and free for a
     # quadratic: a step d from z descends iff d'Hd <= L d'd, and Hd = g(new) - g(z) is known.
     lip = torch.ones_like(lam) if lip0 is None else lip0.clone()
     out_lip = lip.clone()
-    cols = torch.arange(out.shape[1], device=out.device)
+    rows = torch.arange(out.shape[0], device=out.device)
     q, c0 = tg.q, tg.c0
     theta = theta_prev = theta0
     g = g_prev = feat.grad(theta, q)
@@ -261,32 +267,31 @@ def _fista(
             if it == max_iter:
                 done = torch.ones_like(done)
             n_done = int(done.sum())
-            # dropping columns copies the whole state: wait until an eighth of them are done
+            # dropping targets copies the whole state: wait until an eighth of them are done
             if 8 * n_done >= done.numel():
-                out[:, cols[done]] = theta[:, done]
-                out_lip[cols[done]] = lip[done]
+                out[rows[done]] = theta[done]
+                out_lip[rows[done]] = lip[done]
                 if n_done == done.numel():
                     break
                 keep = ~done
-                cols, q, c0, lam, mom, lip = cols[keep], q[:, keep], c0[keep], lam[keep], mom[keep], lip[keep]
-                theta, theta_prev, g, g_prev = theta[:, keep], theta_prev[:, keep], g[:, keep], g_prev[:, keep]
+                rows, q, c0, lam, mom, lip = rows[keep], q[keep], c0[keep], lam[keep], mom[keep], lip[keep]
+                theta, theta_prev, g, g_prev = theta[keep], theta_prev[keep], g[keep], g_prev[keep]
         mom_next = (1 + torch.sqrt(1 + 4 * mom * mom)) / 2
-        w = 1 + (mom - 1) / mom_next  # z = theta + (w - 1)(theta - theta_prev)
+        w = (1 + (mom - 1) / mom_next)[:, None]  # z = theta + (w - 1)(theta - theta_prev)
         z = torch.lerp(theta_prev, theta, w)
         g_z = torch.lerp(g_prev, g, w)  # the gradient is affine: no matmul for z
-        new = _soft(torch.addcmul(z, g_z, -1 / lip), lam / lip)
+        new = _soft(torch.addcmul(z, g_z, -1 / lip[:, None]), (lam / lip)[:, None])
         g_new = feat.grad(new, q)
         d = new - z
-        curv = torch.linalg.vecdot(d, g_new - g_z, dim=0)
-        dd = torch.linalg.vecdot(d, d, dim=0)
+        curv = torch.linalg.vecdot(d, g_new - g_z)
+        dd = torch.linalg.vecdot(d, d)
         bad = curv > lip * dd
-        restart = bad | (torch.linalg.vecdot(d, new - theta, dim=0) < 0)
+        restart = bad | (torch.linalg.vecdot(d, new - theta) < 0)
         mom = torch.where(restart, torch.ones_like(mom), mom_next)
         if bad.any():  # reject those steps: retry from theta without momentum, with a larger L
             lip = torch.where(bad, (1.2 * curv / dd.clamp_min(1e-30)).clamp_max(feat.lipschitz), lip)
-            idx = bad.nonzero().squeeze(1)
-            new.index_copy_(1, idx, theta.index_select(1, idx))
-            g_new.index_copy_(1, idx, g.index_select(1, idx))
+            new[bad] = theta[bad]
+            g_new[bad] = g[bad]
         theta_prev, theta, g_prev, g = theta, new, g, g_new
     return out, out_lip
 
@@ -297,26 +302,25 @@ def _default_lambdas(tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
     lam_max is the smallest lambda whose solution is all zeros (on standardised features, so it is
     about twice fast_l1's value computed on raw masks).
     """
-    lam_max = tg.q.abs().amax(0).clamp_min(torch.finfo(tg.q.dtype).tiny)
+    lam_max = tg.q.abs().amax(1).clamp_min(torch.finfo(tg.q.dtype).tiny)
     expo = torch.arange(n_lambdas, dtype=tg.q.dtype, device=tg.q.device) / max(n_lambdas - 1, 1)
     return lam_max[None, :] * eps ** expo[:, None]
 
 
 def _warm_start(theta: Tensor, theta_old: Tensor, lam_old: Tensor, lam: Tensor, lam_new: Tensor) -> Tensor:
-    """Start for lam_new (t,) from the solutions theta_old, theta (n, t) at lam_old, lam (t,).
+    """Start for lam_new (t,) from the solutions theta_old, theta (t, n) at lam_old, lam (t,).
 
     On a fixed support and signs the LASSO solution is linear in lambda, so extrapolating the last
     two solutions is exact there; coefficients that are zero or that the line carries across zero
     start at zero, where the path leaves them.
     """
-    pred = theta + (lam_new - lam) / (lam - lam_old).clamp_max(-1e-30) * (theta - theta_old)
+    slope = ((lam_new - lam) / (lam - lam_old).clamp_max(-1e-30))[:, None]
+    pred = torch.addcmul(theta, theta - theta_old, slope)
     return torch.where(pred * theta > 0, pred, torch.zeros_like(pred))
 
 
-def _path(
-    feat: _Features, tg: _Targets, lambdas: Tensor, *, max_iter: int, tol: float
-) -> Iterator[Tensor]:
-    """Yield theta (n, t) in standardised units for each row of lambdas (k, t), warm-started."""
+def _path(feat: _Features, tg: _Targets, lambdas: Tensor, *, max_iter: int, tol: float) -> Iterator[Tensor]:
+    """Yield theta (t, n) in standardised units for each row of lambdas (k, t), warm-started."""
     theta = theta_old = torch.zeros_like(tg.q)
     lip = None
     for j, lam in enumerate(lambdas):
@@ -327,6 +331,7 @@ def _path(
 
 
 def _lambda_grid(lambdas: Tensor | None, tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
+    """The (k, t) grid: the default path, or lambdas given as a scalar, (k,) shared or (k, t)."""
     if lambdas is None:
         return _default_lambdas(tg, n_lambdas, eps)
     lambdas = torch.as_tensor(lambdas, dtype=tg.q.dtype, device=tg.q.device)
@@ -334,7 +339,7 @@ def _lambda_grid(lambdas: Tensor | None, tg: _Targets, n_lambdas: int, eps: floa
         lambdas = lambdas[None]
     if lambdas.ndim == 1:
         lambdas = lambdas[:, None]
-    return lambdas.expand(lambdas.shape[0], tg.q.shape[1])
+    return lambdas.expand(lambdas.shape[0], tg.q.shape[0])
 
 
 def lasso_path(
@@ -383,26 +388,27 @@ def _select_and_refit(
     tg = _targets(fit_feat, Y_fit)
     grid = _default_lambdas(tg, n_lambdas, eps)
     theta = theta_old = torch.zeros_like(tg.q)
-    best_w = torch.zeros_like(tg.q)
+    best_theta = torch.zeros_like(tg.q)  # in the fitting models' standardisation
     best_lam = grid[0].clone()
     best_mse = torch.full_like(tg.c0, math.inf)
     last_mse = torch.full_like(tg.c0, math.inf)
     lip = torch.ones_like(tg.c0)
     alive = torch.arange(tg.c0.shape[0], device=tg.q.device)
+    y_val = Y_val.T
     for j, lam in enumerate(grid):
-        sub = _Targets(ybar=tg.ybar[alive], q=tg.q[:, alive], c0=tg.c0[alive])
-        start = theta[:, alive]
+        sub = tg.take(alive)
+        start = theta[alive]
         if j >= 2:
-            start = _warm_start(start, theta_old[:, alive], grid[j - 2, alive], grid[j - 1, alive], lam[alive])
+            start = _warm_start(start, theta_old[alive], grid[j - 2, alive], grid[j - 1, alive], lam[alive])
         th, lip[alive] = _fista(fit_feat, sub, lam[alive], start, lip[alive], max_iter=max_iter, tol=tol)
         theta_old = theta.clone()
-        theta[:, alive] = th
+        theta[alive] = th
         w, b = _to_raw(fit_feat, sub, th)
-        mse = ((Y_val[:, alive] - b - X_val @ w) ** 2).mean(0)
+        mse = ((y_val[alive] - b[:, None] - w.T @ X_val.T) ** 2).mean(1)
         better = mse < best_mse[alive]  # strict: ties keep the larger lambda (sparser model)
         best_mse[alive] = torch.where(better, mse, best_mse[alive])
         best_lam[alive] = torch.where(better, lam[alive], best_lam[alive])
-        best_w[:, alive] = torch.where(better, w, best_w[:, alive])
+        best_theta[alive] = torch.where(better[:, None], th, best_theta[alive])
         rose = mse > last_mse[alive]
         last_mse[alive] = mse
         if min_lambdas is not None and j + 1 >= min_lambdas:
@@ -411,7 +417,8 @@ def _select_and_refit(
                 break
     all_tg = _targets(all_feat, Y_all)
     # warm start: the selected path solution, re-expressed in the all-model standardisation
-    theta, _ = _fista(all_feat, all_tg, best_lam, best_w * all_feat.sigma[:, None], lip, max_iter=max_iter, tol=tol)
+    start = best_theta * (all_feat.sigma / fit_feat.sigma)
+    theta, _ = _fista(all_feat, all_tg, best_lam, start, lip, max_iter=max_iter, tol=tol)
     weight, bias = _to_raw(all_feat, all_tg, theta)
     return Datamodel(weight=weight, bias=bias, lam=best_lam)
 
@@ -442,7 +449,7 @@ def lasso(
     4. refit on all m models (standardised over all of them) at each target's lambda;
     5. return weights in raw inclusion units (theta / sigma, bias - mu @ weight).
     ``lam`` is in standardised units (sklearn ``Lasso`` alpha on standardised features).
-    target_chunk bounds memory: targets are solved in column chunks sharing one Gram matrix.
+    target_chunk bounds memory: targets are solved in chunks sharing one standardised design.
     """
     X, Y = _as_float(masks, outputs, dtype)
     m = X.shape[0]
