@@ -178,6 +178,9 @@ class ExecutionConfig(Frozen):
     num_gpus: float = Field(0, ge=0)  # per task
     device: Literal["cpu", "cuda"] = "cpu"
     block_size: int = Field(32, gt=0)  # models per Ray task
+    # training data (decision 12): resident on the device, streamed through FFCV's Loader, or auto
+    # (resident when the dataset takes at most half the device's free memory); same batches either way
+    data_path: Literal["auto", "resident", "stream"] = "auto"
     fit_block_targets: int = Field(512, gt=0)  # targets per fit task
     threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
     max_retries: int = Field(2, ge=0)

@@ -14,16 +14,22 @@ def margins_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return correct - torch.logsumexp(others, dim=-1)
 
 
-@torch.no_grad()
 def stacked_logits(model, images: torch.Tensor, normalize, batch: int = 1024) -> torch.Tensor:
     """Logits of every member on every image, eval mode, float32.
     images (P, C, H, W) uint8 on the model's device -> (M, P, classes)."""
+    chunks = (images[start : start + batch] for start in range(0, images.shape[0], batch))
+    return logits_over_chunks(model, chunks, normalize)
+
+
+@torch.no_grad()
+def logits_over_chunks(model, chunks, normalize) -> torch.Tensor:
+    """Logits of every member on uint8 image chunks, concatenated in order: (M, P, classes)."""
     was_training = model.training
     model.eval()
     m = model.n_models
     out = []
-    for start in range(0, images.shape[0], batch):
-        x = normalize(images[start : start + batch])
+    for images in chunks:
+        x = normalize(images)
         out.append(model(x.unsqueeze(0).expand(m, *x.shape)).float())
     model.train(was_training)
     return torch.cat(out, dim=1)

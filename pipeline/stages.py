@@ -137,19 +137,28 @@ def _run_prepare(plan: Plan) -> dict:
 _DATA_CACHE: dict = {}
 
 
-def load_device_data(store_root: str, prepare_rel: str, device: str) -> DeviceData:
-    """The prepared dataset, read once per worker process through FFCV into device tensors."""
-    key = (store_root, prepare_rel, device)
+def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: str = "resident") -> DeviceData:
+    """The prepared dataset, once per worker process: read through FFCV into device tensors, or
+    streamed through FFCV's Loader batch by batch (decision 12; `execution.data_path`)."""
+    from pipeline.data.stream import StreamedData, resident_fits
+
+    key = (store_root, prepare_rel, device, data_path)
     if key not in _DATA_CACHE:
         store = Store(store_root)
         meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
         files = meta.get("files", {})  # stores prepared before hashes were recorded: size check only
-        train_x, train_y = read_beton(store.local_file(f"{prepare_rel}/train.beton",
-                                                       sha256=files.get("train.beton", {}).get("sha256")))
-        val_x, val_y = read_beton(store.local_file(f"{prepare_rel}/val.beton",
-                                                   sha256=files.get("val.beton", {}).get("sha256")))
+        local = {split: store.local_file(f"{prepare_rel}/{split}.beton",
+                                         sha256=files.get(f"{split}.beton", {}).get("sha256"))
+                 for split in ("train", "val")}
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = DeviceData(train_x, train_y, val_x, val_y, meta["mean"], meta["std"], device)
+        if data_path == "stream" or (data_path == "auto" and not resident_fits(meta, device)):
+            labels = store.open_group(f"{prepare_rel}/arrays.zarr", mode="r")["labels"]
+            _DATA_CACHE[key] = StreamedData(local["train"], local["val"], meta["shape"], labels["train"][:],
+                                            labels["val"][:], meta["mean"], meta["std"], device)
+        else:
+            train_x, train_y = read_beton(local["train"])
+            val_x, val_y = read_beton(local["val"])
+            _DATA_CACHE[key] = DeviceData(train_x, train_y, val_x, val_y, meta["mean"], meta["std"], device)
     return _DATA_CACHE[key]
 
 
@@ -268,7 +277,7 @@ def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, 
     store = Store(store_root)
     plan = Plan(cfg, store)
     meta = plan.prepared_meta()
-    data = load_device_data(store_root, plan.prepare.rel, cfg.execution.device)
+    data = load_device_data(store_root, plan.prepare.rel, cfg.execution.device, cfg.execution.data_path)
     members, masks = zip(*(fam.member(i, meta["n_train"]) for i in range(start, end)))
     model, counters = train_members(cfg.model, cfg.train, data, list(members), meta["classes"])
     outputs = evaluate_members(model, data)

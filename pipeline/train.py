@@ -1,4 +1,6 @@
-"""Training recipe for a block of M models as one stacked computation. Knows no paths and no Ray.
+"""Training recipe for a block of M models as one stacked computation. Knows no paths and no Ray: data
+comes from a `DeviceData` (resident) or `pipeline.data.stream.StreamedData` (FFCV Loader), which give
+the same batches for the same members (decision 12).
 
 Each member has its own init seed, its own subset of the training set and its own seeded order; a
 member trained in a block ends with the same weights (to float tolerance) as trained alone.
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.margins import margins_from_logits, stacked_logits
+from pipeline.margins import logits_over_chunks, margins_from_logits
 from pipeline.models import StackedModel, build_model
 from pipeline.optim import StackedSGD
 
@@ -42,8 +44,11 @@ class DeviceData:
     def __init__(self, train_x, train_y, val_x, val_y, mean, std, device="cpu"):
         self.device = torch.device(device)
         self.train_x = torch.as_tensor(train_x, device=self.device)
-        self.train_y = torch.as_tensor(train_y, device=self.device, dtype=torch.long)
         self.val_x = torch.as_tensor(val_x, device=self.device)
+        self._set_labels_and_stats(train_y, val_y, mean, std)
+
+    def _set_labels_and_stats(self, train_y, val_y, mean, std) -> None:
+        self.train_y = torch.as_tensor(train_y, device=self.device, dtype=torch.long)
         self.val_y = torch.as_tensor(val_y, device=self.device, dtype=torch.long)
         self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(-1, 1, 1)
@@ -54,7 +59,7 @@ class DeviceData:
 
     @property
     def n_train(self) -> int:
-        return self.train_x.shape[0]
+        return self.train_y.shape[0]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return (x_uint8.float() - self.mean) / self.std
@@ -64,6 +69,27 @@ class DeviceData:
 
     def all_labels(self) -> torch.Tensor:
         return torch.cat([self.train_y, self.val_y])
+
+    def image_chunks(self, batch: int):
+        """Every image, train then val, in order, as uint8 chunks of at most `batch` on the device."""
+        images = self.all_images()
+        return (images[start : start + batch] for start in range(0, images.shape[0], batch))
+
+    def training_steps(self, members: list[Member], epochs: int, batch_size: int):
+        """Per step of training: (epoch, step, images uint8 (M, B, ...), labels (M, B), active (M,) bool)."""
+        for epoch in range(epochs):
+            for step, idx, active in block_steps(members, epoch, batch_size):
+                idx = idx.to(self.device)
+                yield epoch, step, self.train_x[idx], self.train_y[idx], active
+
+
+def block_steps(members: list[Member], epoch: int, batch_size: int):
+    """Per step of one epoch: (step, training indices (M, B), active (M,) bool). A member whose epoch
+    is over sits out (inactive) on a repeat of its last batch."""
+    batches = [torch.as_tensor(epoch_batches(m, epoch, batch_size)) for m in members]
+    for step in range(max(len(b) for b in batches)):
+        active = torch.tensor([step < len(b) for b in batches])
+        yield step, torch.stack([b[min(step, len(b) - 1)] for b in batches]), active
 
 
 def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:
@@ -129,25 +155,22 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
         raise ValueError(f"train.batch_size {cfg.batch_size} exceeds a member's training-set size")
     passes = 0
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        batches = [torch.as_tensor(epoch_batches(m, epoch, cfg.batch_size)) for m in members]
-        for step in range(int(steps_per_epoch.max())):
-            active = torch.tensor([step < len(b) for b in batches])
-            idx = torch.stack([b[min(step, len(b) - 1)] for b in batches]).to(data.device)  # (M, B)
-            x = data.normalize(data.train_x[idx])
-            if cfg.augment:
-                x = augment(x, [m.seed for m in members], epoch, step)
-            lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)
-            saved = None if active.all() else [b.clone() for b in model.buffers()]
-            with autocast_for(cfg, data.device):
-                loss = stacked_loss(model(x), data.train_y[idx], cfg.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            if saved is not None:  # a member sitting out this step keeps its BatchNorm statistics too
-                restore_inactive(model, saved, active.to(data.device))
-            opt.step(lr, active.to(data.device))
-            passes += int(active.sum()) * cfg.batch_size
-        if progress is not None:
+    last_step = int(steps_per_epoch.max()) - 1
+    for epoch, step, images, labels, active in data.training_steps(members, cfg.epochs, cfg.batch_size):
+        x = data.normalize(images)
+        if cfg.augment:
+            x = augment(x, [m.seed for m in members], epoch, step)
+        lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)
+        saved = None if active.all() else [b.clone() for b in model.buffers()]
+        with autocast_for(cfg, data.device):
+            loss = stacked_loss(model(x), labels, cfg.label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        if saved is not None:  # a member sitting out this step keeps its BatchNorm statistics too
+            restore_inactive(model, saved, active.to(data.device))
+        opt.step(lr, active.to(data.device))
+        passes += int(active.sum()) * cfg.batch_size
+        if progress is not None and step == last_step:
             progress(epoch + 1, cfg.epochs)
     model.eval()
     return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
@@ -162,7 +185,7 @@ def restore_inactive(model: StackedModel, saved: list[torch.Tensor], active: tor
 
 def evaluate_members(model: StackedModel, data: DeviceData) -> dict[str, np.ndarray]:
     """Logits (float16) and margins (float32) of every member on train ++ val, and accuracies."""
-    return outputs_from_logits(stacked_logits(model, data.all_images(), data.normalize), data)
+    return outputs_from_logits(logits_over_chunks(model, data.image_chunks(1024), data.normalize), data)
 
 
 def outputs_from_logits(logits: torch.Tensor, data: DeviceData) -> dict[str, np.ndarray]:

@@ -71,6 +71,31 @@ def test_mlp_member_of_a_block_equals_member_alone(digits, one_thread, augment):
         assert state <= 1e-5 and margin <= 1e-5
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_streamed_path_gives_the_resident_paths_batches_and_model(digits, one_thread, tmp_path, model):
+    """Decision 12: a block trained through FFCV's Loader (one per member, its own seeded order) ends
+    bit-identical to the same block trained on device-resident data, augmentation included."""
+    from pipeline.data.beton import write_beton
+    from pipeline.data.stream import StreamedData
+
+    for split, x, y in (("train", digits.train_x, digits.train_y), ("val", digits.val_x, digits.val_y)):
+        write_beton(tmp_path / f"{split}.beton", x.numpy(), y.numpy())
+    streamed = StreamedData(tmp_path / "train.beton", tmp_path / "val.beton", digits.shape, digits.train_y,
+                            digits.val_y, digits.mean.view(-1).tolist(), digits.std.view(-1).tolist())
+    members = subset_members(digits.n_train, 3)
+    for a, b in zip(digits.training_steps(members, 2, 32), streamed.training_steps(members, 2, 32), strict=True):
+        assert a[:2] == b[:2] and all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
+    cfg = TrainConfig(epochs=2, batch_size=32, warmup_epochs=1, augment=True)
+    model_cfg = ModelConfig(name=model, hidden=8)
+    resident, _ = train_members(model_cfg, cfg, digits, members, 10)
+    stream, _ = train_members(model_cfg, cfg, streamed, members, 10)
+    for name, value in resident.state_dict().items():
+        assert torch.equal(value, stream.state_dict()[name]), name
+    a, b = evaluate_members(resident, digits), evaluate_members(stream, streamed)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_cnn_member_of_a_block_equals_member_alone(digits, one_thread):
     """Grouped convolutions may sum in another order than a single model's: float tolerance."""
     members = [Member(seed, np.arange(digits.n_train)) for seed in (5, 6, 7)]
@@ -123,6 +148,15 @@ def test_another_block_size_agrees_to_float_tolerance(tiny_store, tmp_path):
     want = load_full_models(tiny_store.plan, [0, 1, 2, 3]).stacked_state()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_streamed_data_path_trains_the_same_families(tiny_store, tmp_path):
+    """`execution.data_path=stream` (FFCV Loader per model) is an execution setting: same stage ids,
+    bit-identical arrays and weights."""
+    plan, _ = train_fresh(tmp_path / "stream", "execution.data_path=stream")
+    assert [ref.id for _, ref in plan.all_stage_refs()] == [ref.id for _, ref in tiny_store.plan.all_stage_refs()]
+    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=True)
+    assert_same_arrays(full_weights(plan), full_weights(tiny_store.plan), exact=True)
 
 
 # ------------------------------------------------------------------------------------------ resume, growth
