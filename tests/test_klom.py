@@ -1,4 +1,5 @@
-"""KLoM: hand-computed cases, the KL direction, edge handling, and exactness of compat mode."""
+"""KLoM: hand-computed cases, the KL direction, edge handling, and bit-exactness against the
+reference loops in both modes."""
 
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ def _random_margins(rng, models_u, models_o, points, dtype):
     o[:, 2 * k + 3] = tiny  # span so small that linspace's step underflows to 0
     u[:, 2 * k + 4] = 100.0
     o[:, 2 * k + 4] = np.nextafter(dtype(100.0), dtype(0.0))
+    u[:, 2 * k + 5] = -150.0  # clipped to -100, which several edges of this tiny range round to
+    o[:, 2 * k + 5] = np.nextafter(dtype(-100.0), dtype(0.0))
+    o[::2, 2 * k + 5] = -100.0
     return u, o
 
 
@@ -181,11 +185,48 @@ def test_bad_inputs():
         klom(np.full((2, 1), np.nan), np.zeros((2, 1)))
 
 
-def test_default_matches_histogram_loop(monkeypatch):
-    monkeypatch.setattr(klom_module, "_BLOCK_SAMPLES", 64)  # several blocks of points
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_default_bit_identical_to_histogram_loop(dtype, monkeypatch):
+    # Several chunks of points, and several kernel blocks per chunk, the last ones partial.
+    monkeypatch.setattr(klom_module, "_CHUNK_SAMPLES", 13 * 110)
+    monkeypatch.setattr(klom_module, "_BLOCK_POINTS", 7)
     rng = np.random.default_rng(3)
-    u, o = _random_margins(rng, 13, 8, 600, np.float64)
-    np.testing.assert_allclose(klom(u, o), _ref_default(u, o), rtol=1e-12, atol=0)
+    u, o = _random_margins(rng, 13, 8, 600, dtype)
+    np.testing.assert_array_equal(klom(u, o), _ref_default(u, o))
+    # A bound that is no float32 (or float16): samples are clipped after the cast to float64.
+    np.testing.assert_array_equal(klom(u, o, clip=7.3), _ref_default(u, o, clip=7.3))
+
+
+def test_default_float32_samples_next_to_edges():
+    # float32 samples nearest each float64 edge and their neighbours: some lie just below an edge.
+    near = np.linspace(0.0, 3.0, 21).astype(np.float32)
+    below, above = np.nextafter(near, np.float32(-1)), np.nextafter(near, np.float32(4))
+    col = np.concatenate([near, below, above])
+    u = col[(col >= 0) & (col <= 3)][:, None]
+    o = np.array([[0.0], [3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(klom(u, o), _ref_default(u, o))
+    np.testing.assert_array_equal(klom(o, u), _ref_default(o, u))
+
+
+def test_default_bit_identical_without_term_table():
+    # More (count_u, count_o) pairs than points x bins: the terms are computed from the counts.
+    rng = np.random.default_rng(8)
+    u = rng.integers(-150, 150, size=(300, 20))
+    o = rng.normal(0, 50, size=(200, 20)).astype(np.float32)
+    np.testing.assert_array_equal(klom(u, o), _ref_default(u, o))
+
+
+def test_round_up_to_float32():
+    rng = np.random.default_rng(9)
+    specials = [0.0, -0.0, 1e-50, -1e-50, 1e-45, -1e-45, 3.5e38, -3.5e38, np.inf, -np.inf, 0.1]
+    values = np.concatenate([specials, rng.normal(0, 30, 5000), rng.normal(0, 1e-40, 500)])
+    with np.errstate(over="ignore"):
+        nearest = values.astype(np.float32)
+    expected = np.where(nearest < values, np.nextafter(nearest, np.float32(np.inf)), nearest)
+    got = klom_module._round_up(values, np.dtype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert (got >= values).all()
 
 
 # --- compat mode -----------------------------------------------------------------------------
@@ -206,7 +247,8 @@ def test_compat_degenerate_totals():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compat_bit_identical_to_reference_loop(dtype, monkeypatch):
-    monkeypatch.setattr(klom_module, "_BLOCK_SAMPLES", 256)
+    monkeypatch.setattr(klom_module, "_CHUNK_SAMPLES", 11 * 400)
+    monkeypatch.setattr(klom_module, "_BLOCK_POINTS", 37)
     rng = np.random.default_rng(4)
     u, o = _random_margins(rng, 11, 11, 1500, dtype)
     np.testing.assert_array_equal(klom(u, o, compat=True), _ref_compat(o, u))

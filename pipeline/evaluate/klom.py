@@ -3,15 +3,18 @@
 Direction everywhere: ``KL(P_unlearned || P_oracle)`` -- wherever the unlearned models put mass,
 the oracles must put mass too (specs decision 2, algorithms.md section 4).
 
-Inputs are margins shaped ``(models, points)``; the two model counts may differ. Everything is
-vectorized over points (work proceeds in blocks of points to bound memory); there is no Python loop
-per point.
+Inputs are margins shaped ``(models, points)``; the two model counts may differ. There is no Python
+loop per point: edges and KL terms are vectorized numpy, and the passes over single samples and
+terms (counting samples against edges, summing each point's KL terms) are numba kernels. They are
+compiled on first use and cached on disk (``cache=True``): the first call in a process takes about
+half a second, the first after this file changes several seconds more.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 
 __all__ = [
@@ -21,9 +24,12 @@ __all__ = [
     "bootstrap_p95_interval",
 ]
 
-# Samples per side (models x points) handled per block: small enough for the temporaries to stay
-# in cache, large enough to amortize the per-call overhead of numpy.
-_BLOCK_SAMPLES = 1 << 16
+# Samples per side in one chunk of points: bounds the per-point temporaries (edges, counts, KL
+# terms; about 1 KB a point at 20 bins) to some 40 MB at 100 models.
+_CHUNK_SAMPLES = 1 << 22
+# Points per block in the counting kernel: the block's thresholds and counts and one row of its
+# samples stay in L1 while every model's row of the block is compared against them.
+_BLOCK_POINTS = 128
 
 
 def klom(
@@ -52,7 +58,9 @@ def klom(
     edges are ``bins`` equal-width bins spanning ``[min, max]`` of the union of both clipped
     sample sets (``np.linspace`` arithmetic); every sample is counted, bins are half-open except
     the last, which is closed (as ``np.histogram``); ``p = counts_u / models_u`` and
-    ``q = counts_o / models_o``; ``KL = sum_{p_b > 0} p_b log(p_b / max(q_b, floor))``.
+    ``q = counts_o / models_o``; ``KL = sum_{p_b > 0} p_b log(p_b / max(q_b, floor))``, evaluated
+    with numpy's arithmetic and summed in ``np.sum``'s order, so the result is bit-identical to a
+    per-point loop of ``np.histogram`` on those edges followed by that expression.
     If ``min == max`` (every sample of both sets equal) the edges span ``[min, min + 1]``, as the
     reference does; all samples then fall in the first bin of both histograms and KL is 0.
 
@@ -62,14 +70,19 @@ def klom(
     kept (all zeros if none are kept), and the per-point sum runs in the same order as ``np.sum``
     over the kept terms, so results are bit-identical. Inputs of two different float dtypes are
     promoted to the common dtype first (EasyDUB always receives one dtype).
+
+    Samples are compared with the edges in float32 when they are float32 and in float64 otherwise,
+    which is exact for every dtype up to float64 (not for ``np.longdouble``).
     """
     u, o = _as_margins(unlearned, oracle)
+    work = _work_dtype(u, o, compat)
+    u, o = _kernel_input(u), _kernel_input(o)
     n_points = u.shape[1]
     out = np.empty(n_points, dtype=np.float64)
-    block = max(1, _BLOCK_SAMPLES // max(u.shape[0], o.shape[0]))
-    for lo in range(0, n_points, block):
-        hi = min(lo + block, n_points)
-        out[lo:hi] = _klom_block(u[:, lo:hi], o[:, lo:hi], bins, float(clip), float(floor), compat)
+    chunk = max(1, _CHUNK_SAMPLES // max(u.shape[0], o.shape[0]))
+    for lo in range(0, n_points, chunk):
+        hi = min(lo + chunk, n_points)
+        out[lo:hi] = _klom_chunk(u, o, lo, hi, bins, float(clip), float(floor), compat, work)
     return out
 
 
@@ -145,161 +158,246 @@ def _work_dtype(u: np.ndarray, o: np.ndarray, compat: bool) -> np.dtype:
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
-def _klom_block(
-    u: np.ndarray, o: np.ndarray, bins: int, clip: float, floor: float, compat: bool
+def _klom_chunk(
+    u: np.ndarray,
+    o: np.ndarray,
+    lo: int,
+    hi: int,
+    bins: int,
+    clip: float,
+    floor: float,
+    compat: bool,
+    work: np.dtype,
 ) -> np.ndarray:
-    n_u, n_o = u.shape[0], o.shape[0]
-    x = np.empty((n_u + n_o, u.shape[1]), _work_dtype(u, o, compat))
+    """KLoM of points ``lo:hi``."""
+    edges = _shared_edges(u[:, lo:hi], o[:, lo:hi], bins, clip, work)
+    # compat: a sample reaching edges[bins] is np.digitize's dropped sample; it lands in a slot
+    # past the last bin.
+    compared = edges[1 : bins + 1] if compat else edges[1:bins]
+    thresholds = {dtype: _thresholds(compared, clip, dtype) for dtype in {u.dtype, o.dtype}}
+    cu = _count_reached(u, lo, thresholds[u.dtype], _BLOCK_POINTS)[:, :bins]
+    co = _count_reached(o, lo, thresholds[o.dtype], _BLOCK_POINTS)[:, :bins]
+    if compat:
+        return _kl_compat(cu, co, floor)
+    return _kl(cu, co, u.shape[0], o.shape[0], floor)
+
+
+def _shared_edges(
+    u: np.ndarray, o: np.ndarray, bins: int, clip: float, work: np.dtype
+) -> np.ndarray:
+    """Per point ``np.linspace(min, max, bins + 1)`` over both clipped sample sets, ``(bins + 1,
+    points)`` in the work dtype; ``[min, min + 1]`` where every sample is equal.
+
+    Clipping is monotone, so clipping each column's min and max equals taking them after clipping.
+    """
+    low = np.minimum(u.min(axis=0), o.min(axis=0)).astype(work)
+    high = np.maximum(u.max(axis=0), o.max(axis=0)).astype(work)
     # Python-float bounds keep float32 in float32 (NEP 50), as the reference's np.clip does.
-    np.clip(u, -clip, clip, out=x[:n_u])
-    np.clip(o, -clip, clip, out=x[n_u:])
-    start = x.min(axis=0)
-    stop = x.max(axis=0)
+    start = np.clip(low, -clip, clip)
+    stop = np.clip(high, -clip, clip)
     if np.isnan(start).any() or np.isnan(stop).any():  # min/max propagate NaN
         raise ValueError("margins contain NaN")
     stop = np.where(start >= stop, start + 1.0, stop)
-    edges = _linspace_rows(start, stop, bins)
-    # compat: index `bins` means "at or beyond the last edge", np.digitize's dropped sample.
-    top = bins if compat else bins - 1
-    counts = _bin_counts(x, n_u, edges, top)
-    if compat:
-        return _kl_compat(counts[0], counts[1], floor)
-    return _kl(counts[0], counts[1], n_u, n_o, floor)
+    return _linspace_columns(start, stop, bins)
 
 
-def _linspace_rows(start: np.ndarray, stop: np.ndarray, bins: int) -> np.ndarray:
-    """Row i equals ``np.linspace(start[i], stop[i], bins + 1)`` bit for bit, in their dtype.
+def _linspace_columns(start: np.ndarray, stop: np.ndarray, bins: int) -> np.ndarray:
+    """Column i equals ``np.linspace(start[i], stop[i], bins + 1)`` bit for bit, in their dtype.
 
-    Shapes: ``start, stop (points,)`` -> ``(points, bins + 1)``. Not a vectorized ``np.linspace``:
-    that switches formula for every row as soon as one row's step underflows to 0.
+    Shapes: ``start, stop (points,)`` -> ``(bins + 1, points)``. Not a vectorized ``np.linspace``:
+    that switches formula for every point as soon as one point's step underflows to 0.
     """
     dtype = start.dtype
-    frac = np.arange(bins + 1, dtype=dtype)
+    frac = np.arange(bins + 1, dtype=dtype)[:, None]
     delta = np.subtract(stop, start, dtype=dtype)
     step = delta / bins
-    y = frac[None, :] * step[:, None]
+    y = frac * step
     tiny = step == 0
     if tiny.any():
-        y[tiny] = (frac / bins)[None, :] * delta[tiny, None]
-    y += start[:, None]
-    y[:, -1] = stop
+        y[:, tiny] = (frac / bins) * delta[tiny]
+    y += start
+    y[-1] = stop
     return y
 
 
-def _bin_counts(x: np.ndarray, n_first: int, edges: np.ndarray, top: int) -> np.ndarray:
-    """Histogram counts, shape ``(2, points, bins)``: rows ``x[:n_first]`` and ``x[n_first:]``.
+def _kernel_input(x: np.ndarray) -> np.ndarray:
+    """``x`` as a C-ordered float32 or float64 array; other dtypes become float64 (exact up to
+    float64; integers are converted as the reference's casts and clips convert them)."""
+    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(x, dtype=dtype)
 
-    ``x`` is ``(models, points)`` with every sample in ``[edges[:, 0], edges[:, -1]]``. A sample
-    goes to the largest ``g <= top`` with ``edges[g] <= x``, i.e. ``np.searchsorted(edges, x,
-    "right") - 1`` capped at ``top``; with ``top == bins`` (compat) those at ``g == bins`` are
-    left out. Exact: an arithmetic guess that provably never exceeds the true bin is walked up
-    against the actual edges (see ``_guess_offsets``).
+
+def _thresholds(edges: np.ndarray, clip: float, dtype: np.dtype) -> np.ndarray:
+    """``t`` with ``x >= t`` exactly when ``clip(x) >= edge``, for raw samples ``x`` of ``dtype``;
+    shaped as ``edges``, in ``dtype``.
+
+    ``clip`` (in the edges' dtype) is monotone, so those ``x`` are all of them where the edge is at
+    or below the lower bound, none where it is above the upper bound, and ``x >= edge`` in between.
     """
-    n_points, n_edges = edges.shape
-    bins = n_edges - 1
-    width = bins + 2  # per point: a slot below bin 0, bins 0..bins-1, and the slot `bins`
-    # upper[slot] is the edge a sample must reach to move up from that slot.
-    upper = np.empty((n_points, width), edges.dtype)
-    upper[:, : bins + 1] = edges
-    upper[:, bins + 1] = np.inf
-    upper[:, top + 1] = np.inf
-    upper = np.concatenate([upper.ravel(), upper.ravel()])
-    scale, offset = _guess_offsets(edges, width)
-    idx = x * scale
-    idx[:n_first] += offset
-    idx[n_first:] += offset + n_points * width
-    idx = idx.astype(np.intp).ravel()  # values > 0, so truncation is floor
-    xs = x.ravel()
-    moved = np.flatnonzero(xs >= upper[idx])
-    while moved.size:  # a few samples per point at most, unless the range is tiny
-        idx[moved] += 1
-        moved = moved[xs[moved] >= upper[idx[moved]]]
-    counts = np.bincount(idx, minlength=2 * n_points * width)
-    return counts.reshape(2, n_points, width)[:, :, 1 : bins + 1]
+    t = edges.copy()
+    low, high = np.clip(np.array([-np.inf, np.inf], dtype=t.dtype), -clip, clip)
+    t[t <= low] = -np.inf
+    t[t > high] = np.inf
+    return _round_up(t, dtype)
 
 
-def _guess_offsets(edges: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per point ``scale, offset`` with ``floor(x * scale + offset) = point * width + 1 + guess``.
+def _round_up(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The least ``dtype`` value at or above each of ``values`` (a wider float dtype), so that
+    ``x >= result`` exactly when ``x >= value`` for every ``x`` of ``dtype``."""
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, then one step if too far
+        rounded = values.astype(dtype)
+    if rounded.dtype == values.dtype:
+        return rounded
+    # One step up where rounding went down. Read as signed integers, the bit patterns of floats of
+    # one sign are ordered by magnitude, so a step up is +1 for positive floats and -1 for negative
+    # ones (what np.nextafter does, one slow call per element; masks are slow too, being random).
+    bits = rounded.view(f"i{rounded.itemsize}")
+    up = 1 - 2 * (bits < 0).astype(bits.dtype)
+    bits += (rounded < values).astype(bits.dtype) * up
+    return rounded
 
-    ``guess = (x - start) * bins / span - margin`` in float64, where ``margin`` bounds the rounding
-    of the edges (``np.linspace`` arithmetic in the edges' dtype: under ``8 u M + (bins + 4) t``
-    with ``u`` the unit roundoff, ``t`` the smallest subnormal, ``M = max(|start|, |stop|)``)
-    plus that of the guess itself. So a guess of ``j`` implies ``edges[j] <= x``: the guess never
-    exceeds the true bin. Where the margin reaches 1/2 bin (ranges a few ulps wide) the guess is
-    the slot below bin 0 and the walk does the rest.
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _count_reached(x, first, thresholds, block):
+    """``out[j, g]``: how many samples ``x[:, first + j]`` reach exactly ``g`` of the thresholds
+    ``thresholds[:, j]``, which are non-decreasing; ``(points, k + 1)`` from ``x (models, ...)``
+    and ``thresholds (k, points)`` of one dtype.
+
+    A sample reaching ``g`` thresholds lies in bin ``g``, so these are the histogram counts. Per
+    block of points, ``reached[k, j]`` counts the samples at or above threshold ``k``: one
+    compare-and-add per sample and threshold, in loops over points that LLVM vectorizes. Rows of
+    samples go four at a time, so that each load and store of ``reached`` serves four.
     """
-    n_points, n_edges = edges.shape
-    bins = n_edges - 1
-    info = np.finfo(edges.dtype)
-    start = edges[:, 0].astype(np.float64)
-    stop = edges[:, -1].astype(np.float64)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        scale = bins / (stop - start)
-        big = np.maximum(np.abs(start), np.abs(stop))
-        edge_err = 8 * (info.eps / 2) * big + (bins + 4) * float(info.smallest_subnormal)
-        base = np.arange(n_points, dtype=np.float64) * width
-        guess_err = 1e-14 * (scale * 3 * big + 2 * n_points * width + 2)
-        margin = edge_err * scale + guess_err
-        ok = margin < 0.5  # False for NaN or inf
-    scale = np.where(ok, scale, 0.0)
-    offset = np.where(ok, base + 1 - start * scale - margin, base + 0.5)
-    return scale, offset
+    n_models = x.shape[0]
+    n_k, n_points = thresholds.shape
+    out = np.empty((n_points, n_k + 1), np.int32)
+    reached = np.empty((n_k, block), np.int32)
+    local = np.empty((n_k, block), x.dtype)
+    fours = n_models - n_models % 4
+    for lo in range(0, n_points, block):
+        width = min(block, n_points - lo)
+        reached[:] = 0
+        local[:, :width] = thresholds[:, lo : lo + width]
+        cols = slice(first + lo, first + lo + width)
+        for r in range(0, fours, 4):
+            a, b, c, d = x[r, cols], x[r + 1, cols], x[r + 2, cols], x[r + 3, cols]
+            for k in range(n_k):
+                n, t = reached[k], local[k]
+                for j in range(width):
+                    n[j] += (
+                        np.int32(a[j] >= t[j])
+                        + np.int32(b[j] >= t[j])
+                        + np.int32(c[j] >= t[j])
+                        + np.int32(d[j] >= t[j])
+                    )
+        for r in range(fours, n_models):
+            a = x[r, cols]
+            for k in range(n_k):
+                n, t = reached[k], local[k]
+                for j in range(width):
+                    n[j] += a[j] >= t[j]
+        for j in range(width):
+            above = n_models
+            for k in range(n_k):
+                out[lo + j, k] = above - reached[k, j]
+                above = reached[k, j]
+            out[lo + j, n_k] = above
+    return out
 
 
 def _kl(cu: np.ndarray, co: np.ndarray, n_u: int, n_o: int, floor: float) -> np.ndarray:
-    """``sum_{p>0} p log(p / max(q, floor))`` per row with ``p = cu / n_u``, ``q = co / n_o``.
+    """``sum_{p>0} p log(p / max(q, floor))`` per point with ``p = cu / n_u``, ``q = co / n_o``.
 
-    ``cu, co`` are counts ``(points, bins)``; the logs come from tables indexed by count.
+    ``cu, co`` are counts ``(points, bins)``. Counts are integers up to the model counts, so the
+    terms come from a table of every ``(count_u, count_o)`` pair when that table is the smaller.
     """
-    log_p = np.log(np.maximum(np.arange(n_u + 1), 1) / n_u)  # entry 0 is never used
-    # floor <= 0 leaves log(0) = -inf: KL is inf where p > 0 = q, and 0 * inf is masked out.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_q = np.log(np.maximum(np.arange(n_o + 1) / n_o, floor))
-        terms = np.where(cu > 0, cu * (log_p[cu] - log_q[co]), 0.0)
-    return np.sum(terms, axis=1) / n_u
+    if (n_u + 1) * (n_o + 1) <= cu.size:
+        table = _terms(np.arange(n_u + 1)[:, None] / n_u, np.arange(n_o + 1) / n_o, floor)
+        return _table_sums(table, cu, co)
+    return _sums_like_np_sum(_terms(cu / n_u, co / n_o, floor), cu > 0)
 
 
 def _kl_compat(cu: np.ndarray, co: np.ndarray, floor: float) -> np.ndarray:
-    """EasyDUB's KL from kept counts ``(points, bins)``, bit-identical to its per-point code.
+    """EasyDUB's KL from kept counts ``(points, bins)``: ``p = cu / cu.sum()`` per point (``q``
+    likewise, all zeros when nothing was kept), ``q`` floored where ``p > 0``, and ``sum p log(p /
+    q)`` over the bins with ``p > 0``."""
+    p = cu / np.maximum(cu.sum(axis=1, keepdims=True), 1)  # counts are all 0 where the total is
+    q = co / np.maximum(co.sum(axis=1, keepdims=True), 1)
+    return _sums_like_np_sum(_terms(p, q, floor), cu > 0)
 
-    ``p = cu / cu.sum()`` per point (``q`` likewise, all zeros when nothing was kept), ``q``
-    floored where ``p > 0``, and ``sum p log(p / q)`` over the bins with ``p > 0``.
+
+def _terms(p: np.ndarray, q: np.ndarray, floor: float) -> np.ndarray:
+    """``p * log(p / max(q, floor))`` with the reference's numpy operations, element for element,
+    where ``p > 0``; the entries with ``p == 0`` are never summed. ``floor <= 0`` gives inf where
+    ``p > 0 = q``.
     """
-    n_points, bins = cu.shape
-    kept = np.flatnonzero(cu > 0)  # p > 0 exactly where the count is
-    row = kept // bins
-    total_u = cu.sum(axis=1)
-    total_o = co.sum(axis=1)
-    p = cu.ravel()[kept] / total_u[row]
-    q = co.ravel()[kept] / np.maximum(total_o, 1)[row]  # counts are all 0 where the total is
-    terms = p * np.log(p / np.maximum(q, floor))
-    return _segment_sums_like_np_sum(terms, row, n_points, bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # p -> 1 where p == 0: log(0) is several times slower than a plain log.
+        return p * np.log((p + (p == 0)) / np.maximum(q, floor))
 
 
-def _segment_sums_like_np_sum(
-    values: np.ndarray, row: np.ndarray, n_rows: int, max_len: int
-) -> np.ndarray:
-    """``np.sum(values[row == r])`` for every ``r``, bit for bit; ``row`` is sorted.
-
-    ``np.sum`` of a short 1-D array is a pairwise sum over blocks of 8 with the remainder added
-    one by one, so its grouping depends on the length. Segments are packed into zero-padded rows
-    and summed with ``np.add.reduce`` in groups whose padded length gives the same grouping
-    (trailing zeros only join the one-by-one part). Beyond 128 elements np.sum splits
-    recursively, so long segments are grouped by exact length instead.
-    """
-    n_kept = np.bincount(row, minlength=n_rows)
-    first = np.cumsum(n_kept) - n_kept
-    width = max_len + 7
-    padded = np.zeros(n_rows * width, dtype=np.float64)
-    padded[row * width + (np.arange(row.size) - first[row])] = values
-    padded = padded.reshape(n_rows, width)
-    exact = max_len > 128
-    key = n_kept if exact else n_kept // 8
-    out = np.zeros(n_rows, dtype=np.float64)
-    for k in np.unique(key):
-        length = int(k) if exact else 8 * int(k) + 7
-        if length == 0:
-            continue
-        rows = key == k
-        out[rows] = np.add.reduce(padded[rows, :length], axis=1)
+@numba.njit(cache=True, nogil=True)
+def _sums_like_np_sum(terms, keep):
+    """``np.sum(terms[j][keep[j]])`` for every row ``j``, bit for bit."""
+    n_points, n_bins = terms.shape
+    out = np.empty(n_points)
+    kept = np.empty(n_bins)
+    for j in range(n_points):
+        n = 0
+        for k in range(n_bins):
+            if keep[j, k]:
+                kept[n] = terms[j, k]
+                n += 1
+        out[j] = _short_sum(kept, n) if n <= 128 else _pairwise_sum(kept[:n])
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _table_sums(table, cu, co):
+    """``np.sum(table[cu[j], co[j]][cu[j] > 0])`` for every row ``j``, bit for bit."""
+    n_points, n_bins = cu.shape
+    out = np.empty(n_points)
+    kept = np.empty(n_bins)
+    for j in range(n_points):
+        n = 0
+        for k in range(n_bins):
+            if cu[j, k] > 0:
+                kept[n] = table[cu[j, k], co[j, k]]
+                n += 1
+        out[j] = _short_sum(kept, n) if n <= 128 else _pairwise_sum(kept[:n])
+    return out
+
+
+# numpy sums a contiguous float64 array pairwise (``pairwise_sum`` in its umath loops): up to 128
+# elements as below, longer ones as the sums of two halves, the first a multiple of 8 long.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _short_sum(a, n):
+    """numpy's sum of ``a[:n]``, ``n <= 128``: one by one below 8 elements; otherwise eight
+    interleaved partial sums combined as a tree, then the remainder one by one."""
+    if n < 8:
+        s = 0.0
+        for i in range(n):
+            s += a[i]
+        return s
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    i = 8
+    while i < n - n % 8:
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
+        i += 8
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for m in range(i, n):
+        s += a[m]
+    return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_sum(a):
+    """numpy's sum of a contiguous float64 array of any length."""
+    if a.size <= 128:
+        return _short_sum(a, a.size)
+    half = a.size // 2
+    half -= half % 8
+    return _pairwise_sum(a[:half]) + _pairwise_sum(a[half:])
