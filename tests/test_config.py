@@ -228,7 +228,8 @@ def test_oracle_identity_is_the_forget_sets_content_not_its_name(tmp_path):
     "override",
     ["train.full.models=100", "train.oracle.target=7", "train.oracle.reference=1", "train.oracle.eval=64",
      "execution.block_size=3", "execution.num_cpus=1", "execution.threads=2", "execution.max_retries=0",
-     "execution.device=cuda", "execution.num_gpus=0.5", "execution.fit_block_targets=7", "name=renamed"],
+     "execution.device=cuda", "execution.num_gpus=0.5", "execution.fit_block_targets=7", "execution.data_path=stream",
+     "name=renamed"],
 )
 def test_family_sizes_and_execution_settings_change_no_identity(tmp_path, override):
     assert ids(tmp_path, override) == ids(tmp_path)

@@ -8,7 +8,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import zarr
 
 from helpers import TINY, copy_store, tiny_plan
 
@@ -99,3 +101,29 @@ def test_a_rerun_after_a_lost_block_redoes_it_and_rewrites_the_record(finished, 
     run_all(plan)
     assert marker.exists()
     assert finished_run(plan.cfg, plan.store) is not None
+
+
+def test_an_unlearn_block_lost_is_redone_identically_and_nothing_else(finished, tmp_path):
+    """Unlearn stages resume like train: a block without a marker (rows of garbage) is redone, bit for
+    bit; every other block and stage is left alone (their markers are not rewritten)."""
+    from pipeline.run import run_all
+
+    root = copy_store(finished["root"], tmp_path / "store")
+    plan = tiny_plan(root)
+    unlearn = sorted(p for p in (root / "unlearn").iterdir() if (p / "markers").exists())
+    stage = unlearn[-1]
+    markers = sorted((stage / "markers").rglob("*.json"))
+    lost = markers[0]
+    want = {p: p.read_bytes() for p in (root / "unlearn").rglob("markers/**/*.json")}
+    block = json.loads(lost.read_text())
+    lost.unlink()
+    margins = zarr.open_group(str(stage / "arrays.zarr"), mode="r+")["models/margins"]
+    expected = margins[:]
+    margins[block["start"] : block["end"]] = 0  # what a killed block may leave
+    run_all(plan)
+    got = zarr.open_group(str(stage / "arrays.zarr"), mode="r")["models/margins"][:]
+    np.testing.assert_array_equal(got, expected)
+    for path, content in want.items():
+        if path != lost:
+            assert path.read_bytes() == content, path  # finished blocks untouched
+    assert json.loads(lost.read_text())["start"] == json.loads(want[lost])["start"]
