@@ -132,8 +132,20 @@ class PublishedForget(Frozen):
     number: int = Field(ge=1, le=10)  # CIFAR-10 forget sets 1-10 of the DMM paper
 
 
+class AtypicalForget(Frozen):
+    """The `size` training points whose `neighbours` nearest training points (pixel space after the
+    dataset's per-channel normalisation, the point itself excluded) most often carry another label:
+    points a model fits only by memorising them. Chosen from the data alone, with no model."""
+
+    kind: Literal["atypical"]
+    name: str
+    size: int = Field(gt=0)
+    neighbours: int = Field(10, gt=0)  # k of the k-nearest-neighbour vote
+    class_id: int | None = Field(None, ge=0)  # only points of this class are candidates
+
+
 ForgetSpec = Annotated[
-    Union[RandomForget, ClassForget, IndicesForget, PublishedForget], Field(discriminator="kind")
+    Union[RandomForget, ClassForget, IndicesForget, PublishedForget, AtypicalForget], Field(discriminator="kind")
 ]
 
 
@@ -293,7 +305,7 @@ def format_errors(exc: ValidationError, source: str) -> str:
 
 
 _FORGET_KINDS = {"random": RandomForget, "class": ClassForget, "indices": IndicesForget,
-                 "published": PublishedForget}
+                 "published": PublishedForget, "atypical": AtypicalForget}
 
 
 def _mentions(annotation: Any, cls: type) -> bool:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import ClassForget, IndicesForget, PublishedForget, RandomForget
-from pipeline.data.forget_sets import ForgetSetError, forget_set_id, resolve_forget_set
+from pipeline import config as config_module
+from pipeline.config import AtypicalForget, ClassForget, ConfigError, IndicesForget, PublishedForget, RandomForget
+from pipeline.data import forget_sets
+from pipeline.data.forget_sets import ForgetSetError, forget_set_id, neighbour_disagreement, resolve_forget_set
 
 N = 1437  # digits' training split
 LABELS = np.arange(N) % 10
@@ -20,9 +22,9 @@ def check_valid(indices: np.ndarray, n: int = N) -> None:
     assert indices.min() >= 0 and indices.max() < n
 
 
-def refused(spec, labels=LABELS) -> str:
+def refused(spec, labels=LABELS, images=None) -> str:
     with pytest.raises(ForgetSetError) as info:
-        resolve_forget_set(spec, labels)
+        resolve_forget_set(spec, labels, images)
     return str(info.value)
 
 
@@ -79,6 +81,95 @@ def test_forget_set_id_is_the_content():
     b = resolve_forget_set(IndicesForget(kind="indices", name="b", indices=[1, 2, 3]), LABELS)
     c = resolve_forget_set(IndicesForget(kind="indices", name="a", indices=[1, 2, 4]), LABELS)
     assert forget_set_id(a) == forget_set_id(b) != forget_set_id(c)
+
+
+# ------------------------------------------------------------------------------------------ atypical
+# Eight one-pixel images on a line, two clusters; the last of each cluster carries the other label:
+#   value  0  1  2  3 | 20 21 22 23
+#   label  0  0  0  1 |  1  1  1  0
+# With k = 3, point 3's neighbours are 2, 1, 0 (all label 0: 3 disagree) and point 7's are 22, 21, 20
+# (all label 1: 3 disagree); every other point has exactly one odd one among its three neighbours.
+LINE = np.array([0, 1, 2, 3, 20, 21, 22, 23], dtype=np.uint8).reshape(8, 1, 1, 1)
+LINE_LABELS = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+
+
+def atypical(size, neighbours=3, class_id=None, name="a") -> AtypicalForget:
+    return AtypicalForget(kind="atypical", name=name, size=size, neighbours=neighbours, class_id=class_id)
+
+
+def test_atypical_by_hand():
+    assert neighbour_disagreement(LINE, LINE_LABELS, 3).tolist() == [1, 1, 1, 3, 1, 1, 1, 3]
+    assert resolve_forget_set(atypical(2), LINE_LABELS, LINE).tolist() == [3, 7]
+    # ties in the score go to the lower index; the result is sorted
+    assert resolve_forget_set(atypical(3), LINE_LABELS, LINE).tolist() == [0, 3, 7]
+    # restricted to a class: among the label-1 points (3, 4, 5, 6), point 3 disagrees most, then 4
+    assert resolve_forget_set(atypical(2, class_id=1), LINE_LABELS, LINE).tolist() == [3, 4]
+
+
+def test_a_tie_at_the_kth_distance_goes_to_the_lower_index():
+    # point 1 (value 5) is 5 away from both 0 and 2; with k = 1 it takes point 0 (label 0, not its own)
+    images = np.array([0, 5, 10], dtype=np.uint8).reshape(3, 1, 1, 1)
+    assert neighbour_disagreement(images, np.array([0, 1, 1]), 1).tolist() == [1, 1, 0]
+    assert neighbour_disagreement(images, np.array([1, 1, 0]), 1).tolist() == [0, 0, 1]
+
+
+def brute_force(images, labels, k):
+    x = images.astype(np.float64)
+    x = (x / (x.std(axis=(0, 2, 3), keepdims=True) + 1e-8)).reshape(len(x), -1)
+    dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    neighbours = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return (labels[neighbours] != labels[:, None]).sum(1)
+
+
+def test_matches_a_brute_force_on_normalised_channels_in_any_block_size(monkeypatch):
+    rng = np.random.default_rng(0)
+    # channels of very different spread: the per-channel normalisation changes who is nearest
+    images = np.stack([rng.integers(0, 256, (60, 2, 2)), rng.integers(0, 8, (60, 2, 2))], axis=1).astype(np.uint8)
+    labels = rng.integers(0, 3, 60)
+    want = brute_force(images, labels, 5)
+    assert np.array_equal(neighbour_disagreement(images, labels, 5), want)
+    monkeypatch.setattr(forget_sets, "_BLOCK_ELEMENTS", 7 * 60)  # blocks of 7 rows, the last one short
+    assert np.array_equal(neighbour_disagreement(images, labels, 5), want)
+
+
+def test_atypical_is_deterministic_and_its_id_is_its_content():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 17, (200, 1, 8, 8)).astype(np.uint8)
+    labels = rng.integers(0, 10, 200)
+    a = resolve_forget_set(atypical(20, neighbours=10), labels, images)
+    check_valid(a, 200)
+    assert len(a) == 20
+    b = resolve_forget_set(atypical(20, neighbours=10, name="other"), labels, lambda: images.copy())
+    assert np.array_equal(a, b) and forget_set_id(a) == forget_set_id(b)
+    scores = neighbour_disagreement(images, labels, 10)
+    assert scores[a].min() >= np.delete(scores, a).max()  # no point left out disagrees more
+    only7 = resolve_forget_set(atypical(5, neighbours=10, class_id=7), labels, images)
+    assert len(only7) == 5 and np.all(labels[only7] == 7)
+
+
+def test_atypical_sizes_and_inputs_are_checked():
+    msg = refused(atypical(8), LINE_LABELS, LINE)
+    assert "forget set 'a'" in msg and "size 8 must be below the 8 training points" in msg
+    assert "neighbours 8 must be below the 8 training points" in refused(atypical(2, neighbours=8), LINE_LABELS, LINE)
+    assert "size 5 exceeds the 4 points of class 0" in refused(atypical(5, class_id=0), LINE_LABELS, LINE)
+    assert "class_id 4 has no training points" in refused(atypical(1, class_id=4), LINE_LABELS, LINE)
+    assert "kind 'atypical' needs the training images" in refused(atypical(2), LINE_LABELS)
+    msg = refused(atypical(2), LINE_LABELS, LINE[:5])
+    assert "training images of shape (5, 1, 1, 1) do not match 8 labels" in msg
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"size": 0}, "forget_sets[0].size: Input should be greater than 0, got 0"),
+    ({"size": 5, "neighbours": 0}, "forget_sets[0].neighbours: Input should be greater than 0, got 0"),
+    ({"size": 5, "class_id": -1}, "forget_sets[0].class_id: Input should be greater than or equal to 0, got -1"),
+    ({"size": 5, "neighbors": 3}, "forget_sets[0].neighbors: unknown key (did you mean 'neighbours'?)"),
+    ({}, "forget_sets[0].size: Field required"),
+])
+def test_atypical_config_errors_name_the_field(entry, expected):
+    with pytest.raises(ConfigError) as info:
+        config_module.parse_config({"forget_sets": [{"name": "a", "kind": "atypical", **entry}]})
+    assert expected in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -1,7 +1,7 @@
 """Science checks on digits: the pipeline's numbers must say what the science says, for its reasons.
 
-The default suite keeps one check of at most a few minutes (decision 20); the Figure-1 comparison of
-the seed methods on the full digits default is marked slow (`make test-all`).
+The default suite keeps the checks on one fixture of at most a few minutes (decision 20); the
+Figure-1 comparison of the seed methods on the full digits default is marked slow (`make test-all`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import os
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import AtypicalForget, load_config
+from pipeline.data.datasets import load_dataset
+from pipeline.data.forget_sets import resolve_forget_set
 from pipeline.report import collect_rows
 from pipeline.run import run_all
 from pipeline.stages import Plan
@@ -28,24 +30,44 @@ def _p95(row, group="forget"):
     return row["klom"][group]["p95"]
 
 
+# Fine-tuning in both checks: continue training on the retain set at twice the training's peak
+# learning rate, annealed to zero over 10 epochs (half a retraining). Weaker settings move the
+# atypical set's margins the same way, only less (lr 0.003-0.05, 3-10 epochs, constant or cosine).
+FINETUNE = "{lr: 0.1, epochs: 10, schedule: cosine}"
+
+
+def _atypical_indices(cfg, size: int) -> str:
+    """The `atypical` kind's choice on digits, named by index (the kind itself needs the plan to hand
+    the training images to the resolver)."""
+    data = load_dataset(cfg.data)
+    spec = AtypicalForget(kind="atypical", name="atypical", size=size)
+    return ", ".join(str(i) for i in resolve_forget_set(spec, data.train_y, data.train_x))
+
+
 @pytest.fixture(scope="module")
 def baseline_rows(tmp_path_factory):
-    """Digits with 16 full models, 16 reference and 32 eval oracles for one random forget set of 50
-    points; no subset models. do-nothing, retrain (reference oracles) and fine-tuning."""
+    """Digits with 16 full models, 16 reference and 32 eval oracles for a random forget set of 50
+    points and for the 50 most atypical training points (10-NN label disagreement); no subset models.
+    do-nothing, retrain (reference oracles) and fine-tuning; rows by forget set, then method."""
+    store = tmp_path_factory.mktemp("science")
+    atypical = _atypical_indices(load_config(DIGITS), 50)
     overrides = [
-        f"store={tmp_path_factory.mktemp('science')}",
+        f"store={store}",
         "train.subset.models=0", "train.subset.heldout=0", "train.oracle.target=0",
-        "forget_sets=[{name: random50, kind: random, size: 50, seed: 1}]", "tuning_forget_set=null",
-        "unlearn.methods={do_nothing: {}, finetune: {lr: 0.003, epochs: 3}}",
+        "forget_sets=[{name: random50, kind: random, size: 50, seed: 1}, "
+        f"{{name: atypical50, kind: indices, indices: [{atypical}]}}]", "tuning_forget_set=null",
+        f"unlearn.methods={{do_nothing: {{}}, finetune: {FINETUNE}}}",
         "evaluate.bootstrap=50",
     ]
-    plan = Plan(load_config(DIGITS, overrides), Store(overrides[0].split("=", 1)[1]))
+    plan = Plan(load_config(DIGITS, overrides), Store(str(store)))
     run_all(plan)
-    return _rows_by_method(collect_rows(plan), "random50")
+    rows = collect_rows(plan)
+    return {fs: _rows_by_method(rows, fs) for fs in ("random50", "atypical50")}
 
 
 def test_do_nothing_far_above_floor_retrain_at_floor_finetune_stays_above(baseline_rows):
-    do_nothing, retrain, finetune = baseline_rows["do_nothing"], baseline_rows["retrain"], baseline_rows["finetune"]
+    by = baseline_rows["random50"]
+    do_nothing, retrain, finetune = by["do_nothing"], by["retrain"], by["finetune"]
     # The full models trained on F: their margins on F sit above every oracle's, so their histograms
     # barely overlap the oracles' and forget KLoM is far above the oracle-vs-oracle floor ...
     assert _p95(do_nothing) > 1.5 * _p95(retrain)
@@ -56,12 +78,40 @@ def test_do_nothing_far_above_floor_retrain_at_floor_finetune_stays_above(baseli
     # no group of points tells them apart, so forget is no worse than the others.
     assert _p95(retrain) < 1.5 * max(_p95(retrain, "retain"), _p95(retrain, "val"))
     assert retrain["mia"] < 0.6
-    # Fine-tuning on the retain set does not unlearn on digits: every forget point has near-duplicates
-    # in the retain set, so more training raises margins everywhere, F included (mean forget margin
-    # full 7.42 -> fine-tuned 7.51 vs oracles 7.09 on this set), and forget KLoM stays far above the
-    # floor at any learning rate tried (issue 6's "FT lowers forget KLoM" does not hold here; see notes).
+    # Fine-tuning on the retain set does not unlearn a random set on digits: every forget point has
+    # near-duplicates in the retain set, so nothing about it needs forgetting, and more training raises
+    # margins everywhere, F included (mean forget margin full 7.42 -> fine-tuned 8.39 vs oracles 7.09).
+    # Its forget KLoM moves with the retain set's: here both rise far above the floor (P95 9.4 and 9.4,
+    # do-nothing 6.9); a light fine-tune (lr 0.003-0.01, 3 epochs) lowers forget P95 a little on this
+    # split (6.9 -> 5.6-6.1) and raises it with data.split_seed=1 (7.9 -> 8.1), within the noise.
     assert _p95(finetune) > 1.5 * _p95(retrain)
     assert finetune["accuracy"]["forget"] >= retrain["accuracy"]["forget"]
+
+
+def test_finetune_lowers_forget_klom_on_memorized_points(baseline_rows):
+    by = baseline_rows["atypical50"]
+    do_nothing, retrain, finetune = by["do_nothing"], by["retrain"], by["finetune"]
+    # The atypical points are memorized: only their own presence in training explains the full
+    # models' fit (forget accuracy 0.98 vs the oracles' 0.52; mean margin 2.9 vs -0.4), so
+    # do-nothing is far above the floor, and the oracles, never trained on them, are at it.
+    assert retrain["accuracy"]["forget"] < do_nothing["accuracy"]["forget"] - 0.3
+    assert _p95(do_nothing) > 1.5 * _p95(retrain)
+    assert _p95(retrain) < 1.5 * max(_p95(retrain, "retain"), _p95(retrain, "val"))
+    # Unlike a random set, leaving out points whose neighbours carry other labels changes the models
+    # everywhere (the oracles' mean validation margin is 7.63 against the full models' 7.26), so
+    # do-nothing is far above the floor on validation points too.
+    assert _p95(do_nothing, "val") > 1.5 * _p95(retrain, "val")
+    # Fine-tuning on the retain set lets that memorized fit decay toward the oracles' (forget accuracy
+    # 0.98 -> 0.80, mean margin 2.9 -> 1.9; 80 % of the points move toward the oracles' mean) ...
+    assert finetune["accuracy"]["forget"] < do_nothing["accuracy"]["forget"] - 0.1
+    # ... so forget P95 KLoM drops: 10.84 -> 9.93 here (bootstrap intervals [10.72, 11.09] and
+    # [9.79, 10.10]; the drop's 2.5 % bootstrap quantile is 0.59), 11.28 -> 10.32 with
+    # data.split_seed=1. The drop is small beside the distance to the floor: KLoM saturates near
+    # ln(1 / evaluate.floor) = 11.5 once the histograms stop overlapping, and fine-tuning closes only
+    # part of the margin gap, so the worst 5 % of the points still barely overlap the oracles'.
+    assert _p95(finetune) < _p95(do_nothing) - 0.3
+    assert _p95(finetune) > 1.5 * _p95(retrain)
+    assert finetune["accuracy"]["forget"] > retrain["accuracy"]["forget"]
 
 
 @pytest.mark.slow

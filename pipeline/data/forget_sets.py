@@ -5,18 +5,25 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 
-from pipeline.config import ClassForget, IndicesForget, PublishedForget, RandomForget
+from pipeline.config import AtypicalForget, ClassForget, IndicesForget, PublishedForget, RandomForget
+
+Images = Union[np.ndarray, Callable[[], np.ndarray]]
+_BLOCK_ELEMENTS = 1 << 24  # distances held at once by `neighbour_disagreement` (128 MiB of float64)
 
 
 class ForgetSetError(ValueError):
     """A forget set is malformed; the message names the entry or file and the offending index."""
 
 
-def resolve_forget_set(spec, train_labels: np.ndarray) -> np.ndarray:
-    """Return the forget set's training indices (int64, sorted, unique) or raise ForgetSetError."""
+def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | None = None) -> np.ndarray:
+    """Return the forget set's training indices (int64, sorted, unique) or raise ForgetSetError.
+
+    `train_images` (the training images, N x C x H x W, or a function returning them, called only when
+    needed) is read by the `atypical` kind alone."""
     n_train = len(train_labels)
     where = f"forget set {spec.name!r}"
     if isinstance(spec, RandomForget):
@@ -43,7 +50,72 @@ def resolve_forget_set(spec, train_labels: np.ndarray) -> np.ndarray:
         with resources.as_file(path) as local:
             indices = load_index_file(local, where)
         return validate_indices(indices, n_train, f"{where} (published CIFAR-10 set {spec.number})")
+    if isinstance(spec, AtypicalForget):
+        return _resolve_atypical(spec, train_labels, train_images, where)
     raise ForgetSetError(f"{where}: unknown kind")
+
+
+# ------------------------------------------------------------------------------------ atypical points
+def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images | None, where: str) -> np.ndarray:
+    n_train = len(labels)
+    if spec.neighbours >= n_train:
+        raise ForgetSetError(f"{where}: neighbours {spec.neighbours} must be below the {n_train} training points")
+    if spec.class_id is None:
+        candidates = np.arange(n_train)
+        if spec.size >= n_train:
+            raise ForgetSetError(f"{where}: size {spec.size} must be below the {n_train} training points")
+    else:
+        candidates = np.flatnonzero(labels == spec.class_id)
+        if candidates.size == 0:
+            raise ForgetSetError(f"{where}: class_id {spec.class_id} has no training points")
+        if spec.size > candidates.size:
+            raise ForgetSetError(
+                f"{where}: size {spec.size} exceeds the {candidates.size} points of class {spec.class_id}")
+    if images is None:
+        raise ForgetSetError(f"{where}: kind 'atypical' needs the training images, and none were given")
+    images = np.asarray(images() if callable(images) else images)
+    if images.ndim != 4 or len(images) != n_train:
+        raise ForgetSetError(f"{where}: training images of shape {images.shape} do not match "
+                             f"{n_train} labels (expected N x C x H x W)")
+    disagree = neighbour_disagreement(images, labels, spec.neighbours)[candidates]
+    order = np.lexsort((candidates, -disagree))  # most disagreeing first, then the lower index
+    return np.sort(candidates[order[: spec.size]]).astype(np.int64)
+
+
+def neighbour_disagreement(images: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """For each training point, how many of its k nearest other training points carry another label.
+
+    Distances are Euclidean in pixel space after per-channel normalisation by the training split's
+    std (as models see the images; the mean shift changes no distance). Deterministic: on integer
+    pixels every per-channel squared distance is an exact integer in float64, whatever the BLAS, and
+    a tie at the k-th distance goes to the lower index. Rows are done in blocks, so memory is the
+    images in float64 (1.2 GB for CIFAR-10's 50,000 training images) plus a few blocks of distances.
+    """
+    n, channels = images.shape[0], images.shape[1]
+    per_channel = [np.ascontiguousarray(images[:, c].reshape(n, -1), dtype=np.float64) for c in range(channels)]
+    weights = [1.0 / (x.std() + 1e-8) ** 2 for x in per_channel]  # the std of Dataset.channel_stats
+    squares = [np.einsum("ij,ij->i", x, x) for x in per_channel]
+    labels = np.asarray(labels)
+    out = np.empty(n, dtype=np.int64)
+    block = max(1, min(n, _BLOCK_ELEMENTS // n))
+    for start in range(0, n, block):
+        rows = np.arange(start, min(n, start + block))
+        dist = np.zeros((rows.size, n))
+        for x, sq, w in zip(per_channel, squares, weights):
+            part = x[rows] @ x.T  # exact integers on integer pixels: the order of the sums cannot matter
+            part *= -2.0
+            part += sq[rows][:, None]
+            part += sq[None, :]
+            part *= w
+            dist += part
+        dist[np.arange(rows.size), rows] = np.inf  # never one's own neighbour
+        kth = np.partition(dist, k - 1, axis=1)[:, k - 1 : k]
+        closer = dist < kth
+        at_kth = dist == kth
+        room = k - closer.sum(axis=1, keepdims=True)  # >= 1: the k-th distance itself is taken
+        chosen = closer | (at_kth & (np.cumsum(at_kth, axis=1) <= room))
+        out[rows] = (chosen & (labels[None, :] != labels[rows][:, None])).sum(axis=1)
+    return out
 
 
 def load_index_file(path: Path, where: str | None = None) -> np.ndarray:
