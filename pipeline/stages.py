@@ -6,6 +6,7 @@ Family sizes, block size, CPUs/GPUs, threads and the store root are execution se
 
 from __future__ import annotations
 
+import io
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -62,7 +63,31 @@ class Plan:
     @cached_property
     def forget_sets(self) -> dict[str, np.ndarray]:
         """name -> sorted training indices, validated (reported sets and the tuning set)."""
-        return {spec.name: resolve_forget_set(spec, self.train_labels) for spec in self.cfg.all_forget_sets()}
+        return {spec.name: resolve_forget_set(spec, self.train_labels, disagreement=self.neighbour_disagreement)
+                for spec in self.cfg.all_forget_sets()}
+
+    def neighbour_disagreement(self, k: int) -> np.ndarray:
+        """Scores of the `atypical` forget-set kind, computed once per prepared dataset and kept beside
+        it (`derived/`): the k-NN search takes minutes on CIFAR-10 and every task's plan needs them."""
+        from pipeline.data.forget_sets import neighbour_disagreement
+
+        rel = f"{self.prepare.rel}/derived/neighbour-disagreement-k{k}.npy"
+        prepared = is_complete(self.store, self.prepare)
+        if prepared and self.store.exists(rel):
+            return np.load(io.BytesIO(self.store.read_bytes(rel)), allow_pickle=False)
+        scores = neighbour_disagreement(self.train_images(), self.train_labels, k)
+        if prepared:
+            buf = io.BytesIO()
+            np.save(buf, scores, allow_pickle=False)
+            self.store.write_bytes(rel, buf.getvalue())
+        return scores
+
+    def train_images(self) -> np.ndarray:
+        """The training images: the prepared .beton once there is one, else the dataset itself."""
+        if not is_complete(self.store, self.prepare):
+            return load_dataset(self.cfg.data, self.data_root).train_x
+        sha = self.prepared_meta().get("files", {}).get("train.beton", {}).get("sha256")
+        return read_beton(self.store.local_file(f"{self.prepare.rel}/train.beton", sha256=sha))[0]
 
     def _recipe(self) -> dict:
         return {"model": self.cfg.model.model_dump(mode="json"), "train": self.cfg.train.recipe()}

@@ -263,3 +263,27 @@ def test_a_published_cifar_set_does_not_fit_digits():
     msg = refused(PublishedForget(kind="published", name="pub", number=1))
     assert "forget set 'pub' (published CIFAR-10 set 1)" in msg
     assert "index 11841 at position 0 is out of range (training set has 1437 points)" in msg
+
+
+def test_a_plan_resolves_atypical_sets_and_caches_their_scores_beside_the_prepared_data(tmp_path):
+    """Before prepare the plan reads the dataset; after, the .beton, and keeps the k-NN scores under
+    the prepare stage so that no later plan (each Ray task builds one) searches again."""
+    from helpers import tiny_plan
+
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.forget_sets import neighbour_disagreement
+    from pipeline.stages import run_prepare
+
+    sets = "forget_sets=[{name: odd, kind: atypical, size: 12, neighbours: 5}]"
+    before = tiny_plan(tmp_path, sets).forget_sets["odd"]
+    data = load_dataset(tiny_plan(tmp_path, sets).cfg.data)
+    want = neighbour_disagreement(data.train_x, data.train_y, 5)
+    assert want[before].min() >= np.delete(want, before).max()
+    plan = tiny_plan(tmp_path, sets)
+    run_prepare(plan)
+    cache = tmp_path / plan.prepare.rel / "derived" / "neighbour-disagreement-k5.npy"
+    again = tiny_plan(tmp_path, sets)
+    np.testing.assert_array_equal(again.forget_sets["odd"], before)
+    np.testing.assert_array_equal(np.load(cache), want)
+    np.save(cache, np.where(np.arange(len(want)) < 12, 99, 0))  # a later plan reads the cache, not the images
+    np.testing.assert_array_equal(tiny_plan(tmp_path, sets).forget_sets["odd"], np.arange(12))

@@ -10,9 +10,7 @@ import os
 
 import pytest
 
-from pipeline.config import AtypicalForget, load_config
-from pipeline.data.datasets import load_dataset
-from pipeline.data.forget_sets import resolve_forget_set
+from pipeline.config import load_config
 from pipeline.report import collect_rows
 from pipeline.run import run_all
 from pipeline.stages import Plan
@@ -36,26 +34,17 @@ def _p95(row, group="forget"):
 FINETUNE = "{lr: 0.1, epochs: 10, schedule: cosine}"
 
 
-def _atypical_indices(cfg, size: int) -> str:
-    """The `atypical` kind's choice on digits, named by index (the kind itself needs the plan to hand
-    the training images to the resolver)."""
-    data = load_dataset(cfg.data)
-    spec = AtypicalForget(kind="atypical", name="atypical", size=size)
-    return ", ".join(str(i) for i in resolve_forget_set(spec, data.train_y, data.train_x))
-
-
 @pytest.fixture(scope="module")
 def baseline_rows(tmp_path_factory):
     """Digits with 16 full models, 16 reference and 32 eval oracles for a random forget set of 50
     points and for the 50 most atypical training points (10-NN label disagreement); no subset models.
     do-nothing, retrain (reference oracles) and fine-tuning; rows by forget set, then method."""
     store = tmp_path_factory.mktemp("science")
-    atypical = _atypical_indices(load_config(DIGITS), 50)
     overrides = [
         f"store={store}",
         "train.subset.models=0", "train.subset.heldout=0", "train.oracle.target=0",
         "forget_sets=[{name: random50, kind: random, size: 50, seed: 1}, "
-        f"{{name: atypical50, kind: indices, indices: [{atypical}]}}]", "tuning_forget_set=null",
+        "{name: atypical50, kind: atypical, size: 50}]", "tuning_forget_set=null",
         f"unlearn.methods={{do_nothing: {{}}, finetune: {FINETUNE}}}",
         "evaluate.bootstrap=50",
     ]

@@ -19,11 +19,13 @@ class ForgetSetError(ValueError):
     """A forget set is malformed; the message names the entry or file and the offending index."""
 
 
-def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | None = None) -> np.ndarray:
+def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | None = None,
+                       disagreement: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     """Return the forget set's training indices (int64, sorted, unique) or raise ForgetSetError.
 
     `train_images` (the training images, N x C x H x W, or a function returning them, called only when
-    needed) is read by the `atypical` kind alone."""
+    needed) is read by the `atypical` kind alone; `disagreement(k)`, when given, serves that kind's
+    `neighbour_disagreement` scores instead (a cache of them)."""
     n_train = len(train_labels)
     where = f"forget set {spec.name!r}"
     if isinstance(spec, RandomForget):
@@ -51,12 +53,13 @@ def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | No
             indices = load_index_file(local, where)
         return validate_indices(indices, n_train, f"{where} (published CIFAR-10 set {spec.number})")
     if isinstance(spec, AtypicalForget):
-        return _resolve_atypical(spec, train_labels, train_images, where)
+        return _resolve_atypical(spec, train_labels, train_images, where, disagreement)
     raise ForgetSetError(f"{where}: unknown kind")
 
 
 # ------------------------------------------------------------------------------------ atypical points
-def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images | None, where: str) -> np.ndarray:
+def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images | None, where: str,
+                      disagreement: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
     n_train = len(labels)
     if spec.neighbours >= n_train:
         raise ForgetSetError(f"{where}: neighbours {spec.neighbours} must be below the {n_train} training points")
@@ -71,13 +74,16 @@ def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images |
         if spec.size > candidates.size:
             raise ForgetSetError(
                 f"{where}: size {spec.size} exceeds the {candidates.size} points of class {spec.class_id}")
-    if images is None:
-        raise ForgetSetError(f"{where}: kind 'atypical' needs the training images, and none were given")
-    images = np.asarray(images() if callable(images) else images)
-    if images.ndim != 4 or len(images) != n_train:
-        raise ForgetSetError(f"{where}: training images of shape {images.shape} do not match "
-                             f"{n_train} labels (expected N x C x H x W)")
-    disagree = neighbour_disagreement(images, labels, spec.neighbours)[candidates]
+    if disagreement is not None:
+        disagree = disagreement(spec.neighbours)[candidates]
+    else:
+        if images is None:
+            raise ForgetSetError(f"{where}: kind 'atypical' needs the training images, and none were given")
+        images = np.asarray(images() if callable(images) else images)
+        if images.ndim != 4 or len(images) != n_train:
+            raise ForgetSetError(f"{where}: training images of shape {images.shape} do not match "
+                                 f"{n_train} labels (expected N x C x H x W)")
+        disagree = neighbour_disagreement(images, labels, spec.neighbours)[candidates]
     order = np.lexsort((candidates, -disagree))  # most disagreeing first, then the lower index
     return np.sort(candidates[order[: spec.size]]).astype(np.int64)
 
