@@ -101,6 +101,128 @@ def test_lasso_per_target_lambdas_and_degenerate_columns():
     assert (dm.weight[:, 2] == 0).all() and torch.isfinite(dm.weight).all()
 
 
+def _sk_gap(x: np.ndarray, y: np.ndarray, theta: np.ndarray, lam: float) -> float:
+    """sklearn's duality gap (cd_fast) of (1/2m)||yc - x theta||^2 + lam ||theta||_1, divided by m."""
+    m = x.shape[0]
+    yc = y - y.mean()
+    r = yc - x @ theta
+    dual_norm = np.abs(x.T @ r).max() / m
+    const = min(1.0, lam / dual_norm) if dual_norm > 0 else 1.0
+    return (0.5 * (r @ r) * (1 + const**2) / m + lam * np.abs(theta).sum() - const * (r @ yc) / m)
+
+
+def test_lasso_stops_on_the_gap_over_all_features():
+    # the solver iterates on working sets; its stopping rule must still be sklearn's gap over all n
+    masks, outputs, _ = planted(120, 200, 5, active=15, noise=0.5, seed=4)
+    x = masks.double().numpy()
+    xs = StandardScaler().fit_transform(x)
+    lams = torch.tensor([0.2, 0.08, 0.03, 0.01])
+    for tol in (1e-3, 1e-6):
+        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, dtype=torch.float64)
+        for k in range(4):
+            for j in range(5):
+                y = outputs[:, j].double().numpy()
+                theta = path.weight[k, :, j].numpy() * x.std(0)
+                yc = y - y.mean()
+                assert _sk_gap(xs, y, theta, lams[k].item()) <= tol * (yc @ yc) / len(y) * (1 + 1e-9)
+
+
+def test_lasso_working_set_never_drops_an_active_feature():
+    # From an empty start at a small lambda every feature must enter through the working-set
+    # checks; from a start spread over every feature most must leave. Both reach sklearn's exact
+    # support and weights, so no feature active in the exact solution is ever left out.
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(150, 80, 3, active=12, noise=0.3, seed=5)
+    x = masks.double().numpy()
+    xs = StandardScaler().fit_transform(x)
+    lam = 0.01
+    feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    g = torch.Generator().manual_seed(0)
+    for theta0 in (torch.zeros(3, 80, dtype=torch.float64), torch.randn(3, 80, generator=g, dtype=torch.float64)):
+        got = {}
+
+        def keep(target, theta, prod, lip):
+            for j, th in zip(target.tolist(), theta):
+                got[j] = th
+
+        first = est._Problems(torch.arange(3), torch.full((3,), lam, dtype=torch.float64), theta0,
+                              torch.ones(3, dtype=torch.float64))
+        est._solve(feat, tg, first, keep, max_iter=20000, tol=1e-12)
+        for j in range(3):
+            sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(xs, outputs[:, j].double().numpy())
+            active = np.abs(sk.coef_) > 1e-8
+            assert active.sum() > 20  # a real working-set problem: many features enter
+            ours = got[j].numpy()
+            assert (ours[active] != 0).all()
+            np.testing.assert_allclose(ours, sk.coef_, atol=1e-6)
+
+
+def test_lasso_design_route_matches_gram_route(monkeypatch):
+    # beyond GRAM_MAX_FEATURES products go through X~ instead of an n x n Gram matrix
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(200, 60, 4)
+    gram_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
+    gram_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
+    monkeypatch.setattr(est, "GRAM_MAX_FEATURES", 10)
+    assert est._features(masks.double()).xs_pad is not None
+    design_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
+    design_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
+    torch.testing.assert_close(design_path.weight, gram_path.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(design_fit.weight, gram_fit.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(design_fit.lam, gram_fit.lam)
+
+
+def test_features_from_moments():
+    # the Gram matrix from raw moments equals the standardised design's, a constant column gives a
+    # zero row and column, and moments of stacked designs add up (the refit's design)
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(90, 30, 2)
+    masks[:, 3] = True
+    X = masks.double()
+    feat = est._features(X)
+    mu, sd = X.mean(0), X.std(0, correction=0)
+    sd[3] = 1
+    xs = (X - mu) / sd
+    torch.testing.assert_close(feat.rows[:, :30], xs.T @ xs / 90)
+    assert (feat.rows[:, 30] == 0).all() and (feat.rows[3] == 0).all() and (feat.rows[:, 3] == 0).all()
+    torch.testing.assert_close(feat.sigma, sd)
+    top, bottom = est._moments(X[:50]), est._moments(X[50:])
+    stacked = est._features(X, (top[0] + bottom[0], top[1] + bottom[1]))
+    torch.testing.assert_close(stacked.rows, feat.rows)
+    tg = est._targets(feat, outputs.double())
+    torch.testing.assert_close(tg.q, (outputs.double() - outputs.double().mean(0)).T @ xs / 90)
+
+
+def test_lasso_warm_start_product_is_exact():
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(100, 40, 3)
+    feat = est._features(masks.double())
+    g = torch.Generator().manual_seed(1)
+    theta_old = torch.randn(3, 40, generator=g, dtype=torch.float64) * (torch.rand(3, 40, generator=g) < 0.3)
+    theta = theta_old + 0.5 * torch.randn(3, 40, generator=g, dtype=torch.float64) * (theta_old != 0)
+    theta[:, :4] = 0.1  # a few coefficients entering
+    prod, prod_old = est._times_dense(feat, theta), est._times_dense(feat, theta_old)
+    start, start_prod = est._warm_start(feat, theta, theta_old, prod, prod_old, torch.tensor([0.3, 1.0, 2.0]).double())
+    assert ((start == 0) | (start * theta > 0)).all() and (start != 0).any()
+    torch.testing.assert_close(start_prod, est._times_dense(feat, start))
+    torch.testing.assert_close(start_prod[:, :40], start @ feat.rows[:, :40])
+
+
+def test_lasso_targets_are_independent():
+    # targets stream through one batch at their own pace: fitting them together or alone agrees
+    masks, outputs, _ = planted(300, 50, 4)
+    together = lasso(masks, outputs, n_lambdas=12, tol=1e-9, dtype=torch.float64)
+    for j in range(4):
+        alone = lasso(masks, outputs[:, j : j + 1], n_lambdas=12, tol=1e-9, dtype=torch.float64)
+        torch.testing.assert_close(together.lam[j : j + 1], alone.lam)
+        torch.testing.assert_close(together.weight[:, j : j + 1], alone.weight, atol=1e-6, rtol=0)
+
+
 def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda():
     masks, outputs, _ = planted(300, 50, 4)
     dm = lasso(masks, outputs, n_lambdas=12, tol=1e-8, dtype=torch.float64)

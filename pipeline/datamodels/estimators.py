@@ -15,7 +15,7 @@ with sklearn ``Lasso``'s objective on standardised features).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,25 +125,36 @@ def ridge(masks: Tensor, outputs: Tensor, *, lam: float = 1.0, dtype: torch.dtyp
 
 
 # ----------------------------------------------------------------------------------------------
-# LASSO: batched accelerated proximal gradient on standardised features
+# LASSO: batched accelerated proximal gradient on per-target working sets
 #
-# The solver works target-major: theta, q and gradients are (t, n), so dropping converged targets
-# selects rows (contiguous copies) and per-target reductions run along contiguous memory.
+# Targets are rows (theta, q and gradients are (t, n)). Each problem being solved is a row of a
+# batch and carries only its working set, in (b, K) slots padded with a dummy feature n: the
+# features of its warm start plus those that the optimality conditions call in (|gradient| > lam).
+# The gradient theta H - q of such sparse rows needs rows of the Gram matrix H for their nonzeros
+# only: a weighted sum of rows, i.e. an embedding bag, whose cost follows the nonzeros instead of
+# n. It comes out on all n features, so every check has sklearn's duality gap over all features
+# (the stopping rule) and the features to add. Problems stream through the batch: a target that
+# is done at one lambda leaves its row and comes back at the next one, warm-started, while the
+# others iterate, so no row waits for stragglers (see ``_solve``).
 
 
 @dataclass(frozen=True)
 class _Features:
-    """Standardised design X~ = (X - mu) / sigma over m models, with its least-squares gradient.
+    """Standardised design X~ = (X - mu) / sigma over m models, as ``_times`` and ``_targets`` use it.
 
-    grad(theta (t, n), q (t, n)) = theta X~' X~ / m - q; lipschitz = largest eigenvalue of X~' X~ / m.
+    X (m, n) the raw design; scale (n,) = 1 / sigma, 0 for a constant column (its X~ column is 0);
+    rows: (n, n + 1) the Gram matrix H = X~' X~ / m; or, when n x n would be too large, (n, m) the
+    rows of X~' / m with xs_pad = [X~, 0] (m, n + 1). The last column is the dummy feature that
+    padding slots point at: nothing reads its row, and its gradient stays 0.
     """
 
     m: int
+    X: Tensor
     mu: Tensor
     sigma: Tensor
-    xs: Tensor
-    grad: Callable[[Tensor, Tensor], Tensor]
-    lipschitz: float
+    scale: Tensor
+    rows: Tensor
+    xs_pad: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -154,53 +165,49 @@ class _Targets:
     q: Tensor
     c0: Tensor
 
-    def take(self, rows: Tensor) -> _Targets:
-        return _Targets(ybar=self.ybar[rows], q=self.q[rows], c0=self.c0[rows])
+
+# an n x n Gram matrix up to this n (256 MiB in float32); beyond it products go through X~
+GRAM_MAX_FEATURES = 8192
 
 
-def _features(X: Tensor) -> _Features:
-    """X (m, n) float -> standardised features (population std; a constant column gets sigma 1)."""
-    m, n = X.shape
-    mu = X.mean(0)
-    sigma = X.std(0, correction=0)
-    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # constant column: X~ = 0, weight 0
-    xs = (X - mu) / sigma
-    # one iteration costs 2mnt flops through X~ or n^2 t through the Gram matrix: take the cheaper
-    if 2 * m < n:
-        small = xs @ xs.T / m
-        xs_t = xs.T
-
-        def grad(theta: Tensor, q: Tensor) -> Tensor:
-            return torch.addmm(q, theta @ xs_t, xs, beta=-1, alpha=1 / m)
-
-    else:
-        small = gram = xs.T @ xs / m
-
-        def grad(theta: Tensor, q: Tensor) -> Tensor:
-            return torch.addmm(q, theta, gram, beta=-1)
-
-    lipschitz = max(_top_eigenvalue(small), 1e-12)
-    return _Features(m=m, mu=mu, sigma=sigma, xs=xs, grad=grad, lipschitz=lipschitz)
+def _moments(X: Tensor) -> tuple[Tensor, Tensor]:
+    """X (m, n) -> (column sums (n,), X' X (n, n)), or the column sums of squares (n,) beyond
+    GRAM_MAX_FEATURES. Moments of stacked designs add up."""
+    return X.sum(0), (X.T @ X if X.shape[1] <= GRAM_MAX_FEATURES else (X * X).sum(0))
 
 
-def _top_eigenvalue(a: Tensor, iters: int = 200) -> float:
-    """Upper estimate of the largest eigenvalue of a PSD matrix a (k, k).
+def _features(X: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> _Features:
+    """X (m, n) float, its ``_moments`` if known -> standardised features (population std).
 
-    Power iteration (eigvalsh costs seconds at k ~ 1500); it approaches from below, within 0.5%
-    after 200 steps on standardised Bernoulli designs, hence the 5% margin.
+    The Gram matrix comes from the raw moments, H = (X' X / m - mu mu') / (sigma sigma'), so the
+    refit's design (fitting plus validation models) costs one small product more, not a new one.
+    A column whose variance is rounding noise is constant: sigma 1, zero row and column in H.
     """
-    v = torch.randn(a.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=a.dtype).to(a.device)
-    for _ in range(iters):
-        v = a @ v
-        v = v / v.norm().clamp_min(1e-30)
-    return 1.05 * float((v * (a @ v)).sum())
+    m, n = X.shape
+    sums, second = _moments(X) if moments is None else moments
+    mu = sums / m
+    mean_sq = (second.diagonal() if second.ndim == 2 else second) / m
+    var = mean_sq - mu * mu
+    varies = var > 16 * torch.finfo(X.dtype).eps * mean_sq
+    sigma = torch.where(varies, var.clamp_min(0).sqrt(), torch.ones_like(var))
+    scale = torch.where(varies, 1 / sigma, torch.zeros_like(sigma))
+    if second.ndim == 2:
+        rows = X.new_zeros(n, n + 1)
+        cov = torch.addr(second, mu, mu, beta=1 / m, alpha=-1)  # X' X / m - mu mu'
+        rows[:, :n] = cov.mul_(scale[:, None]).mul_(scale)
+        xs_pad = None
+    else:
+        xs_pad = torch.nn.functional.pad((X - mu) * scale, (0, 1))
+        rows = (xs_pad[:, :n].T / m).contiguous()
+    return _Features(m=m, X=X, mu=mu, sigma=sigma, scale=scale, rows=rows, xs_pad=xs_pad)
 
 
 def _targets(feat: _Features, Y: Tensor) -> _Targets:
     """Y (m, t) -> centred target statistics against the standardised features."""
     ybar = Y.mean(0)
     yc = Y - ybar
-    return _Targets(ybar=ybar, q=yc.T @ feat.xs / feat.m, c0=(yc * yc).sum(0) / (2 * feat.m))
+    q = (yc.T @ feat.X) * (feat.scale / feat.m)  # yc sums to 0, so yc' X~ = yc' X / sigma
+    return _Targets(ybar=ybar, q=q, c0=(yc * yc).sum(0) / (2 * feat.m))
 
 
 def _to_raw(feat: _Features, tg: _Targets, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,18 +216,57 @@ def _to_raw(feat: _Features, tg: _Targets, theta: Tensor) -> tuple[Tensor, Tenso
     return weight, tg.ybar - feat.mu @ weight
 
 
+def _slots(mask: Tensor, n: int) -> Tensor:
+    """mask (b, n + 1) bool -> (b, K >= 1) the features where it is True, in order, padded with n."""
+    counts = mask.sum(1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    idx = torch.full((mask.shape[0], width), n, dtype=torch.long, device=mask.device)
+    r, c = mask.nonzero(as_tuple=True)
+    start = counts.cumsum(0) - counts
+    idx[r, torch.arange(r.numel(), device=mask.device) - start[r]] = c
+    return idx
+
+
+def _times(feat: _Features, idx: Tensor, vals: Tensor) -> Tensor:
+    """theta H (b, n + 1) for rows theta that are vals (b, K) at features idx (b, K), 0 elsewhere.
+
+    An embedding bag over the nonzero slots: a weighted sum of rows of H (or of X~' / m, then
+    times X~) per row, so the cost follows the nonzeros.
+    """
+    nz = vals != 0
+    flat = nz.reshape(-1).nonzero().squeeze(1)
+    counts = nz.sum(1)
+    out = torch.nn.functional.embedding_bag(
+        idx.reshape(-1).index_select(0, flat), feat.rows, counts.cumsum(0) - counts, mode="sum",
+        per_sample_weights=vals.reshape(-1).index_select(0, flat),
+    )
+    return out if feat.xs_pad is None else out @ feat.xs_pad
+
+
+def _times_dense(feat: _Features, theta: Tensor) -> Tensor:
+    """theta H (b, n + 1) for dense rows theta (b, n)."""
+    n = theta.shape[1]
+    idx = _slots(torch.nn.functional.pad(theta != 0, (0, 1)), n)
+    return _times(feat, idx, torch.gather(torch.nn.functional.pad(theta, (0, 1)), 1, idx))
+
+
+def _dense(vals: Tensor, idx: Tensor, n: int) -> Tensor:
+    """Slot values vals (b, K) at features idx (b, K) (padding n) -> dense rows (b, n)."""
+    return vals.new_zeros(vals.shape[0], n + 1).scatter_(1, idx, vals)[:, :n]
+
+
 def _soft(x: Tensor, thr: Tensor) -> Tensor:
-    """Soft-thresholding of x (t, n) by thr (t, 1), in two passes: x - clamp(x, -thr, thr)."""
+    """Soft-thresholding of x (b, K) by thr (b, 1), in two passes: x - clamp(x, -thr, thr)."""
     return x - torch.clamp(x, -thr, thr)
 
 
-def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor) -> Tensor:
-    """Duality gap per target (t,) of (1/2m)||yc - X~ theta||^2 + lam ||theta||_1.
+def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor, dual_norm: Tensor) -> Tensor:
+    """Duality gap per row (b,) of (1/2m)||yc - X~ theta||^2 + lam ||theta||_1.
 
-    theta, its gradient g = theta H - q, q: (t, n); c0, lam: (t,). sklearn's gap
-    (cd_fast.enet_coordinate_descent) divided by m, written in Gram quantities.
+    theta, its gradient g = theta H - q and q: (b, K) on any set of features that holds theta's
+    support; dual_norm (b,) = ||g||_inf over all n features (= ||X~' r / m||_inf); c0, lam: (b,).
+    sklearn's gap (cd_fast.enet_coordinate_descent) divided by m, written in Gram quantities.
     """
-    dual_norm = g.abs().amax(1)  # ||X~' r / m||_inf
     const = torch.where(dual_norm > lam, lam / dual_norm.clamp_min(1e-30), torch.ones_like(lam))
     tq = torch.linalg.vecdot(theta, q)
     r2 = (2 * c0 - tq + torch.linalg.vecdot(theta, g)).clamp_min(0)  # ||r||^2 / m
@@ -228,72 +274,225 @@ def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor) -
     return 0.5 * r2 * (1 + const * const) + lam * theta.abs().sum(1) - const * rty
 
 
-def _fista(
+def _momentum_weights(count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """FISTA's extrapolation weights w_k = 1 + (s_k - 1) / s_{k+1}, k steps after a (re)start,
+    s_0 = 1, s_{k+1} = (1 + sqrt(1 + 4 s_k^2)) / 2: z = theta + (w_k - 1)(theta - theta_prev)."""
+    s = [1.0]
+    for _ in range(count):
+        s.append((1 + math.sqrt(1 + 4 * s[-1] ** 2)) / 2)
+    return torch.tensor([1 + (s[k] - 1) / s[k + 1] for k in range(count)], dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class _Problems:
+    """LASSO problems to start: target (r,) whose statistics they use, lam (r,), warm starts
+    theta0 (r, n), initial curvature estimates lip (r,), and theta0 H (r, n + 1) if known."""
+
+    target: Tensor
+    lam: Tensor
+    theta0: Tensor
+    lip: Tensor
+    prod0: Tensor | None = None
+
+
+@dataclass
+class _Rows:
+    """The problems being iterated, one per row, each on its working set of K slots.
+
+    Per row (b,): target, lam, c0 (its problem), lip (curvature estimate), k (steps since the
+    momentum restarted), iters (steps done); q_pad (b, n + 1) its linear term q, with the dummy
+    feature's 0; prod (b, n + 1) = theta H on all features. Per slot (b, K): idx the feature (n:
+    padding), theta and theta_prev the last two iterates, g and g_prev their gradients theta H - q,
+    and q.
+    """
+
+    target: Tensor
+    lam: Tensor
+    c0: Tensor
+    lip: Tensor
+    k: Tensor
+    iters: Tensor
+    q_pad: Tensor
+    prod: Tensor
+    idx: Tensor
+    theta: Tensor
+    theta_prev: Tensor
+    g: Tensor
+    g_prev: Tensor
+    q: Tensor
+
+
+_ROW_FIELDS = ("target", "lam", "c0", "lip", "k", "iters", "q_pad", "prod")
+_SLOT_FIELDS = ("idx", "theta", "theta_prev", "g", "g_prev", "q")
+
+
+def _rows_start(feat: _Features, tg: _Targets, pb: _Problems) -> _Rows:
+    """Rows for new problems: working sets = the warm starts' supports, gradients there."""
+    n = pb.theta0.shape[1]
+    pad = torch.nn.functional.pad
+    q_pad = pad(tg.q.index_select(0, pb.target), (0, 1))
+    idx = _slots(pad(pb.theta0 != 0, (0, 1)), n)
+    theta = torch.gather(pad(pb.theta0, (0, 1)), 1, idx)
+    q = torch.gather(q_pad, 1, idx)
+    prod = _times(feat, idx, theta) if pb.prod0 is None else pb.prod0
+    g = torch.gather(prod, 1, idx) - q
+    zero = torch.zeros_like(pb.target)
+    return _Rows(
+        target=pb.target, lam=pb.lam, c0=tg.c0.index_select(0, pb.target), lip=pb.lip, k=zero, iters=zero,
+        q_pad=q_pad, prod=prod, idx=idx, theta=theta, theta_prev=theta, g=g, g_prev=g, q=q,
+    )
+
+
+def _rows_take(rows: _Rows, keep: Tensor) -> _Rows:
+    """The rows keep (long) of rows."""
+    return _Rows(**{f: getattr(rows, f).index_select(0, keep) for f in _ROW_FIELDS + _SLOT_FIELDS})
+
+
+def _rows_cat(a: _Rows | None, b: _Rows) -> _Rows:
+    """Rows of a then b, slots padded to the wider."""
+    if a is None:
+        return b
+    n = a.q_pad.shape[1] - 1
+    width = max(a.idx.shape[1], b.idx.shape[1])
+
+    def pad(x: Tensor, f: str) -> Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=n if f == "idx" else 0)
+
+    fields = {f: torch.cat([getattr(a, f), getattr(b, f)]) for f in _ROW_FIELDS}
+    return _Rows(**fields, **{f: torch.cat([pad(getattr(a, f), f), pad(getattr(b, f), f)]) for f in _SLOT_FIELDS})
+
+
+def _rows_check(rows: _Rows, tol: float, max_iter: int) -> Tensor:
+    """Done rows (b,) bool: duality gap over all n features <= tol * ||yc||^2 / m, or max_iter
+    reached. The others get the features outside their working set whose gradient exceeds lam
+    (those a proximal step on all n features would move off zero), with their momentum reset."""
+    n = rows.q_pad.shape[1] - 1
+    g_out = (rows.prod - rows.q_pad).scatter_(1, rows.idx, 0)  # the gradient outside the working set
+    out_norm = torch.maximum(g_out.amax(1), g_out.amin(1).neg_())  # (aminmax is 10x slower on CPU)
+    dual_norm = torch.maximum(out_norm, rows.g.abs().amax(1))
+    gap = _duality_gap(rows.theta, rows.g, rows.q, rows.c0, rows.lam, dual_norm)
+    done = (gap <= tol * 2 * rows.c0) | (rows.iters >= max_iter)
+    grown = ((out_norm > rows.lam) & ~done).nonzero().squeeze(1)
+    if grown.numel():
+        part = _slots(g_out.index_select(0, grown).abs_() > rows.lam.index_select(0, grown)[:, None], n)
+        new = torch.full((rows.idx.shape[0], part.shape[1]), n, dtype=torch.long, device=part.device)
+        new.index_copy_(0, grown, part)
+        zeros = rows.theta.new_zeros(new.shape)
+        q_new = torch.gather(rows.q_pad, 1, new)
+        g_new = torch.gather(rows.prod, 1, new) - q_new
+        rows.idx = torch.cat([rows.idx, new], 1)
+        rows.theta, rows.theta_prev = torch.cat([rows.theta, zeros], 1), torch.cat([rows.theta_prev, zeros], 1)
+        rows.g, rows.g_prev = torch.cat([rows.g, g_new], 1), torch.cat([rows.g_prev, g_new], 1)
+        rows.q = torch.cat([rows.q, q_new], 1)
+        rows.k = rows.k.index_fill(0, grown, 0)
+    _rows_prune(rows)
+    return done
+
+
+def _rows_prune(rows: _Rows) -> None:
+    """Drop slots that stay at zero (zero in both iterates, |gradient| <= lam: a proximal step
+    leaves them there, and a check brings them back if that changes), when that narrows the
+    slots by a third."""
+    n = rows.q_pad.shape[1] - 1
+    keep = (rows.theta != 0) | (rows.theta_prev != 0) | (rows.g.abs() > rows.lam[:, None])
+    counts = keep.sum(1)
+    width = max(int(counts.max()), 1)
+    if 3 * width > 2 * rows.idx.shape[1]:
+        return
+    r, c = keep.nonzero(as_tuple=True)
+    order = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    order[r, torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]] = c
+    real = torch.arange(width, device=counts.device) < counts[:, None]
+    for f in _SLOT_FIELDS:
+        x = torch.gather(getattr(rows, f), 1, order)
+        setattr(rows, f, torch.where(real, x, n if f == "idx" else 0))
+
+
+def _rows_step(feat: _Features, rows: _Rows, weights: Tensor) -> None:
+    """One FISTA step for every row, in place, with adaptive (gradient) restart.
+
+    weights: ``_momentum_weights``. Each row starts with an optimistic curvature (>= 1, the
+    curvature along any single standardised feature) and raises it when a step shows more. The
+    check is exact and free for a quadratic: a step d from z descends iff d'Hd <= L d'd, and
+    Hd = g(new) - g(z) is known. Raised to 1.2 d'Hd / d'd, L stays below 1.2 times the largest
+    eigenvalue of H.
+    """
+    lip, theta, g = rows.lip, rows.theta, rows.g
+    w = weights.index_select(0, rows.k)[:, None]
+    z = torch.lerp(rows.theta_prev, theta, w)
+    g_z = torch.lerp(rows.g_prev, g, w)  # the gradient is affine: no product for z
+    new = _soft(torch.addcmul(z, g_z, (-1 / lip)[:, None]), (rows.lam / lip)[:, None])
+    prod = _times(feat, rows.idx, new)
+    g_new = torch.gather(prod, 1, rows.idx).sub_(rows.q)
+    d = new - z
+    # d'(g_new - g_z) = d'Hd, d'd, and d'(new - theta) < 0: the step turned back (restart)
+    curv, dd, turn = torch.bmm(torch.stack([g_new - g_z, d, new - theta], 1), d[:, :, None]).unbind(1)
+    curv, dd, turn = curv.squeeze(1), dd.squeeze(1), turn.squeeze(1)
+    bad = curv > lip * dd
+    rows.k = torch.where(bad | (turn < 0), 0, rows.k + 1)
+    if bool(bad.any()):  # reject those steps: retry from theta without momentum, with a larger L
+        rows.lip = torch.where(bad, 1.2 * curv / dd.clamp_min(1e-30), lip)
+        b = bad.nonzero().squeeze(1)
+        new.index_copy_(0, b, theta.index_select(0, b))
+        g_new.index_copy_(0, b, g.index_select(0, b))
+        prod.index_copy_(0, b, rows.prod.index_select(0, b))
+    rows.theta_prev, rows.theta, rows.g_prev, rows.g, rows.prod = theta, new, g, g_new, prod
+    rows.iters = rows.iters + 1
+
+
+Advance = Callable[[Tensor, Tensor, Tensor, Tensor], "_Problems | None"]
+
+
+def _solve(
     feat: _Features,
     tg: _Targets,
-    lam: Tensor,
-    theta0: Tensor,
-    lip0: Tensor | None = None,
+    first: _Problems,
+    advance: Advance,
     *,
     max_iter: int,
     tol: float,
     check_every: int = 2,
-) -> tuple[Tensor, Tensor]:
-    """Solve min (1/2m)||yc - X~ theta||^2 + lam ||theta||_1 for every target at once.
+) -> None:
+    """Solve min (1/2m)||yc - X~ theta||^2 + lam ||theta||_1 for a stream of problems at once.
 
-    theta0 (t, n) warm start, lam (t,), lip0 (t,) initial curvature estimates (default 1) ->
-    (theta (t, n), curvature estimates (t,) to pass to the next solve). FISTA with adaptive
-    (gradient) restart and a step size per target. A target stops when its duality gap
-    <= tol * ||yc||^2 / m (sklearn's criterion) and leaves the batch, so later iterations multiply
-    only the unconverged targets.
+    Problems start as ``first``; whenever some are solved, advance(target (r,), theta (r, n),
+    theta H (r, n + 1), lip (r,)) receives their solutions and curvature estimates and returns the
+    problems that follow (the same targets at their next lambda, say), or None. Every row iterates
+    FISTA (``_rows_step``) on its working set, which starts as its warm start's support and grows
+    at each check by the features the optimality conditions call in; a row is solved when its
+    duality gap over all n features <= tol * ||yc||^2 / m (sklearn's criterion; tol is floored at
+    10 machine epsilons, below which the gap is rounding noise) and leaves at once, so targets
+    advance along their paths independently and no finished row is iterated.
     """
-    # below ~10 eps the gap is rounding noise (it sums terms of size ||yc||^2 / m), never met
-    tol = max(tol, 10 * torch.finfo(theta0.dtype).eps)
-    out = theta0.clone()
-    # The global Lipschitz constant is several times the curvature on a sparse support, so each
-    # target starts with an optimistic one (>= 1, the curvature along any single standardised
-    # feature) and raises it when a step shows more curvature. The check is exact and free for a
-    # quadratic: a step d from z descends iff d'Hd <= L d'd, and Hd = g(new) - g(z) is known.
-    lip = torch.ones_like(lam) if lip0 is None else lip0.clone()
-    out_lip = lip.clone()
-    rows = torch.arange(out.shape[0], device=out.device)
-    q, c0 = tg.q, tg.c0
-    theta = theta_prev = theta0
-    g = g_prev = feat.grad(theta, q)
-    mom = torch.ones_like(lam)
-    for it in range(max_iter + 1):
-        if it % check_every == 0 or it == max_iter:
-            done = _duality_gap(theta, g, q, c0, lam) <= tol * 2 * c0
-            if it == max_iter:
-                done = torch.ones_like(done)
-            n_done = int(done.sum())
-            # dropping targets copies the whole state: wait until an eighth of them are done
-            if 8 * n_done >= done.numel():
-                out[rows[done]] = theta[done]
-                out_lip[rows[done]] = lip[done]
-                if n_done == done.numel():
-                    break
-                keep = ~done
-                rows, q, c0, lam, mom, lip = rows[keep], q[keep], c0[keep], lam[keep], mom[keep], lip[keep]
-                theta, theta_prev, g, g_prev = theta[keep], theta_prev[keep], g[keep], g_prev[keep]
-        mom_next = (1 + torch.sqrt(1 + 4 * mom * mom)) / 2
-        w = (1 + (mom - 1) / mom_next)[:, None]  # z = theta + (w - 1)(theta - theta_prev)
-        z = torch.lerp(theta_prev, theta, w)
-        g_z = torch.lerp(g_prev, g, w)  # the gradient is affine: no matmul for z
-        new = _soft(torch.addcmul(z, g_z, -1 / lip[:, None]), (lam / lip)[:, None])
-        g_new = feat.grad(new, q)
-        d = new - z
-        curv = torch.linalg.vecdot(d, g_new - g_z)
-        dd = torch.linalg.vecdot(d, d)
-        bad = curv > lip * dd
-        restart = bad | (torch.linalg.vecdot(d, new - theta) < 0)
-        mom = torch.where(restart, torch.ones_like(mom), mom_next)
-        if bad.any():  # reject those steps: retry from theta without momentum, with a larger L
-            lip = torch.where(bad, (1.2 * curv / dd.clamp_min(1e-30)).clamp_max(feat.lipschitz), lip)
-            new[bad] = theta[bad]
-            g_new[bad] = g[bad]
-        theta_prev, theta, g_prev, g = theta, new, g, g_new
-    return out, out_lip
+    tol = max(tol, 10 * torch.finfo(first.theta0.dtype).eps)
+    n = first.theta0.shape[1]
+    weights = _momentum_weights(max_iter + check_every + 1, first.theta0.dtype, first.theta0.device)
+    rows: _Rows | None = None
+    pending: _Problems | None = first
+    while True:
+        while pending is not None:  # admit; a warm start that is already a solution goes back
+            new = _rows_start(feat, tg, pending)
+            done = _rows_check(new, tol, max_iter)
+            pending = _finish(new, done, n, advance)
+            if not bool(done.all()):
+                rows = _rows_cat(rows, _rows_take(new, (~done).nonzero().squeeze(1)) if done.any() else new)
+        if rows is None or rows.target.numel() == 0:
+            return
+        for _ in range(check_every):
+            _rows_step(feat, rows, weights)
+        done = _rows_check(rows, tol, max_iter)
+        if bool(done.any()):
+            pending = _finish(rows, done, n, advance)
+            rows = _rows_take(rows, (~done).nonzero().squeeze(1))
+
+
+def _finish(rows: _Rows, done: Tensor, n: int, advance: Advance) -> _Problems | None:
+    """Hand the done rows' solutions to advance; returns what it starts next."""
+    if not bool(done.any()):
+        return None
+    d = done.nonzero().squeeze(1)
+    theta = _dense(rows.theta.index_select(0, d), rows.idx.index_select(0, d), n)
+    return advance(rows.target.index_select(0, d), theta, rows.prod.index_select(0, d), rows.lip.index_select(0, d))
 
 
 def _default_lambdas(tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
@@ -307,27 +506,73 @@ def _default_lambdas(tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
     return lam_max[None, :] * eps ** expo[:, None]
 
 
-def _warm_start(theta: Tensor, theta_old: Tensor, lam_old: Tensor, lam: Tensor, lam_new: Tensor) -> Tensor:
-    """Start for lam_new (t,) from the solutions theta_old, theta (t, n) at lam_old, lam (t,).
+def _warm_start(
+    feat: _Features, theta: Tensor, theta_old: Tensor, prod: Tensor, prod_old: Tensor, slope: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Start (r, n) and its product with H (r, n + 1) from the last two solutions of each path.
 
-    On a fixed support and signs the LASSO solution is linear in lambda, so extrapolating the last
-    two solutions is exact there; coefficients that are zero or that the line carries across zero
-    start at zero, where the path leaves them.
+    theta, theta_old (r, n) the solutions at the last two lambdas, prod, prod_old their products
+    theta H; slope (r,) = (lam_new - lam) / (lam - lam_old). On a fixed support and signs the
+    LASSO solution is linear in lambda, so extrapolating the last two solutions is exact there;
+    coefficients that are zero or that the line carries across zero start at zero, where the path
+    leaves them. The product is affine too: extrapolated, less the cut coefficients' share.
     """
-    slope = ((lam_new - lam) / (lam - lam_old).clamp_max(-1e-30))[:, None]
-    pred = torch.addcmul(theta, theta - theta_old, slope)
-    return torch.where(pred * theta > 0, pred, torch.zeros_like(pred))
+    s = slope[:, None]
+    pred = torch.addcmul(theta, theta - theta_old, s)
+    start = torch.where(pred * theta > 0, pred, torch.zeros_like(pred))
+    return start, torch.addcmul(prod, prod - prod_old, s) - _times_dense(feat, pred - start)
 
 
-def _path(feat: _Features, tg: _Targets, lambdas: Tensor, *, max_iter: int, tol: float) -> Iterator[Tensor]:
-    """Yield theta (t, n) in standardised units for each row of lambdas (k, t), warm-started."""
-    theta = theta_old = torch.zeros_like(tg.q)
-    lip = None
-    for j, lam in enumerate(lambdas):
-        start = _warm_start(theta, theta_old, lambdas[j - 2], lambdas[j - 1], lam) if j >= 2 else theta
-        theta_old = theta
-        theta, lip = _fista(feat, tg, lam, start, lip, max_iter=max_iter, tol=tol)
-        yield theta
+@dataclass
+class _PathState:
+    """Per target (t rows): index j (t,) of the lambda being solved; the solutions at j - 1 and
+    j - 2 (t, n) and their products with H (t, n + 1), for the next warm start."""
+
+    j: Tensor
+    last: Tensor
+    before: Tensor
+    p_last: Tensor
+    p_before: Tensor
+
+    @staticmethod
+    def new(tg: _Targets) -> _PathState:
+        t, n = tg.q.shape
+        zeros = tg.q.new_zeros
+        return _PathState(torch.zeros(t, dtype=torch.long, device=tg.q.device), zeros(t, n), zeros(t, n),
+                          zeros(t, n + 1), zeros(t, n + 1))
+
+    def solved(self, target: Tensor, theta: Tensor, prod: Tensor) -> None:
+        self.before[target], self.last[target] = self.last[target], theta
+        self.p_before[target], self.p_last[target] = self.p_last[target], prod
+
+    def next(self, feat: _Features, grid: Tensor, target: Tensor, lip: Tensor) -> _Problems:
+        """Move targets to their next lambda: the problems there, warm-started."""
+        j = self.j[target] + 1
+        self.j[target] = j
+        lam, lam1, lam2 = grid[j, target], grid[j - 1, target], grid[(j - 2).clamp_min(0), target]
+        down = (j >= 2) & (lam2 > lam1) & (lam1 > lam)  # extrapolate only down a decreasing path
+        slope = torch.where(down, (lam - lam1) / torch.where(down, lam1 - lam2, -1), torch.zeros_like(lam))
+        start, prod = _warm_start(feat, self.last[target], self.before[target], self.p_last[target],
+                                  self.p_before[target], slope)
+        return _Problems(target=target, lam=lam, theta0=start, lip=lip, prod0=prod)
+
+
+def _path(feat: _Features, tg: _Targets, grid: Tensor, *, max_iter: int, tol: float) -> Tensor:
+    """theta (k, t, n) in standardised units at every lambda of grid (k, t), warm-started."""
+    k, t = grid.shape
+    thetas = tg.q.new_zeros(k, t, tg.q.shape[1])
+    state = _PathState.new(tg)
+
+    def advance(target: Tensor, theta: Tensor, prod: Tensor, lip: Tensor) -> _Problems | None:
+        thetas[state.j[target], target] = theta
+        state.solved(target, theta, prod)
+        go = state.j[target] + 1 < k
+        return state.next(feat, grid, target[go], lip[go]) if go.any() else None
+
+    first = _Problems(target=torch.arange(t, device=grid.device), lam=grid[0], theta0=torch.zeros_like(tg.q),
+                      lip=torch.ones_like(tg.c0), prod0=state.p_last)
+    _solve(feat, tg, first, advance, max_iter=max_iter, tol=tol)
+    return thetas
 
 
 def _lambda_grid(lambdas: Tensor | None, tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
@@ -384,41 +629,54 @@ def _select_and_refit(
     max_iter: int,
     tol: float,
 ) -> Datamodel:
-    """Path on the fitting models, lambda per target by validation MSE, refit on all models."""
+    """Path on the fitting models, lambda per target by validation MSE, refit on all models.
+
+    Each target walks its own path: when its solve at one lambda is done, its validation MSE is
+    scored and it starts the next lambda (or stops) while the other targets are still iterating.
+    """
     tg = _targets(fit_feat, Y_fit)
     grid = _default_lambdas(tg, n_lambdas, eps)
-    theta = theta_old = torch.zeros_like(tg.q)
+    k, t = grid.shape
+    state = _PathState.new(tg)
     best_theta = torch.zeros_like(tg.q)  # in the fitting models' standardisation
     best_lam = grid[0].clone()
     best_mse = torch.full_like(tg.c0, math.inf)
     last_mse = torch.full_like(tg.c0, math.inf)
-    lip = torch.ones_like(tg.c0)
-    alive = torch.arange(tg.c0.shape[0], device=tg.q.device)
-    y_val = Y_val.T
-    for j, lam in enumerate(grid):
-        sub = tg.take(alive)
-        start = theta[alive]
-        if j >= 2:
-            start = _warm_start(start, theta_old[alive], grid[j - 2, alive], grid[j - 1, alive], lam[alive])
-        th, lip[alive] = _fista(fit_feat, sub, lam[alive], start, lip[alive], max_iter=max_iter, tol=tol)
-        theta_old = theta.clone()
-        theta[alive] = th
-        w, b = _to_raw(fit_feat, sub, th)
-        mse = ((y_val[alive] - b[:, None] - w.T @ X_val.T) ** 2).mean(1)
-        better = mse < best_mse[alive]  # strict: ties keep the larger lambda (sparser model)
-        best_mse[alive] = torch.where(better, mse, best_mse[alive])
-        best_lam[alive] = torch.where(better, lam[alive], best_lam[alive])
-        best_theta[alive] = torch.where(better[:, None], th, best_theta[alive])
-        rose = mse > last_mse[alive]
-        last_mse[alive] = mse
-        if min_lambdas is not None and j + 1 >= min_lambdas:
-            alive = alive[~rose]
-            if alive.numel() == 0:
-                break
+    end_lip = torch.ones_like(tg.c0)
+    y_val, x_val = Y_val.T, X_val * (1 / fit_feat.sigma)  # raw weight = theta / sigma
+    mu_s = fit_feat.mu / fit_feat.sigma
+
+    def advance(target: Tensor, theta: Tensor, prod: Tensor, lip: Tensor) -> _Problems | None:
+        j = state.j[target]
+        bias = tg.ybar[target] - theta @ mu_s
+        mse = ((y_val[target] - bias[:, None] - theta @ x_val.T) ** 2).mean(1)
+        better = mse < best_mse[target]  # strict: ties keep the larger lambda (sparser model)
+        best_mse[target] = torch.where(better, mse, best_mse[target])
+        best_lam[target] = torch.where(better, grid[j, target], best_lam[target])
+        best_theta[target] = torch.where(better[:, None], theta, best_theta[target])
+        stop = j + 1 >= k
+        if min_lambdas is not None:  # fast_l1's rule: after min_lambdas, stop at the first rise
+            stop |= (j + 1 >= min_lambdas) & (mse > last_mse[target])
+        last_mse[target] = mse
+        state.solved(target, theta, prod)
+        end_lip[target[stop]] = lip[stop]
+        go = ~stop
+        return state.next(fit_feat, grid, target[go], lip[go]) if go.any() else None
+
+    everyone = torch.arange(t, device=grid.device)
+    first = _Problems(target=everyone, lam=grid[0], theta0=torch.zeros_like(tg.q), lip=torch.ones_like(tg.c0),
+                      prod0=state.p_last)
+    _solve(fit_feat, tg, first, advance, max_iter=max_iter, tol=tol)
+
     all_tg = _targets(all_feat, Y_all)
+    theta = torch.zeros_like(all_tg.q)
+
+    def keep(target: Tensor, th: Tensor, prod: Tensor, lip: Tensor) -> None:
+        theta[target] = th
+
     # warm start: the selected path solution, re-expressed in the all-model standardisation
     start = best_theta * (all_feat.sigma / fit_feat.sigma)
-    theta, _ = _fista(all_feat, all_tg, best_lam, start, lip, max_iter=max_iter, tol=tol)
+    _solve(all_feat, all_tg, _Problems(everyone, best_lam, start, end_lip), keep, max_iter=max_iter, tol=tol)
     weight, bias = _to_raw(all_feat, all_tg, theta)
     return Datamodel(weight=weight, bias=bias, lam=best_lam)
 
@@ -458,10 +716,13 @@ def lasso(
         raise ValueError(f"val_fraction={val_fraction} leaves {n_val} of {m} models for validation")
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(X.device)
     val, fit = perm[:n_val], perm[n_val:]
-    fit_feat, all_feat = _features(X[fit]), _features(X)
+    X_fit, X_val = X[fit], X[val]
+    fit_moments, val_moments = _moments(X_fit), _moments(X_val)
+    fit_feat = _features(X_fit, fit_moments)
+    all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
     parts = [
         _select_and_refit(
-            fit_feat, all_feat, X[val], Y[fit][:, s], Y[val][:, s], Y[:, s],
+            fit_feat, all_feat, X_val, Y[fit][:, s], Y[val][:, s], Y[:, s],
             n_lambdas=n_lambdas, eps=eps, min_lambdas=min_lambdas, max_iter=max_iter, tol=tol,
         )
         for s in _chunks(Y.shape[1], target_chunk)
