@@ -143,13 +143,16 @@ def test_lasso_working_set_never_drops_an_active_feature():
     for theta0 in (torch.zeros(3, 80, dtype=torch.float64), torch.randn(3, 80, generator=g, dtype=torch.float64)):
         got = {}
 
-        def keep(target, theta, prod, lip):
+        def keep(target, theta, grad, lip):
+            # the gradient handed over is theta H - q on all features (checks zero part of it)
+            exact = theta @ feat.rows[:, :80] - tg.q[target]
+            torch.testing.assert_close(grad, torch.nn.functional.pad(exact, (0, 1)))
             for j, th in zip(target.tolist(), theta):
                 got[j] = th
 
         first = est._Problems(torch.arange(3), torch.full((3,), lam, dtype=torch.float64), theta0,
                               torch.ones(3, dtype=torch.float64))
-        est._solve(feat, tg, first, keep, max_iter=20000, tol=1e-12)
+        est._solve(est._system(feat, tg), first, keep, max_iter=20000, tol=1e-12)
         for j in range(3):
             sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(xs, outputs[:, j].double().numpy())
             active = np.abs(sk.coef_) > 1e-8
@@ -157,6 +160,35 @@ def test_lasso_working_set_never_drops_an_active_feature():
             ours = got[j].numpy()
             assert (ours[active] != 0).all()
             np.testing.assert_allclose(ours, sk.coef_, atol=1e-6)
+
+
+def test_lasso_rows_keep_their_gradients_exact():
+    # through steps, checks (which add and drop working-set features) and rejected steps, every
+    # row's state stays consistent: grad = theta H - q on all features, g and q its slots' values
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(60, 90, 6, active=12, noise=0.5, seed=6)  # fewer models than points
+    feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    system = est._system(feat, tg)
+    g = torch.Generator().manual_seed(2)
+    theta0 = torch.randn(6, 90, generator=g, dtype=torch.float64) * (torch.rand(6, 90, generator=g) < 0.2)
+    lam = 0.3 * tg.q.abs().amax(1)
+    rows = est._rows_start(system, est._Problems(torch.arange(6), lam, theta0, torch.ones(6, dtype=torch.float64)))
+    weights = est._momentum_weights(100, torch.float64, "cpu")
+    widths = set()
+    for it in range(60):
+        if it % 2 == 0:
+            est._rows_check(system, rows, 1e-12, 10**6)
+        else:
+            est._rows_step(system, rows, weights)
+        widths.add(rows.idx.shape[1])
+        theta = est._dense(rows.theta, rows.idx, 90)
+        exact = torch.nn.functional.pad(theta @ feat.rows[:, :90] - tg.q[rows.target], (0, 1))
+        torch.testing.assert_close(rows.grad, exact)
+        torch.testing.assert_close(rows.g, torch.gather(exact, 1, rows.idx))
+        torch.testing.assert_close(rows.q, torch.gather(torch.nn.functional.pad(tg.q, (0, 1)), 1, rows.idx))
+    assert len(widths) > 2  # the working sets grew and were pruned
 
 
 def test_lasso_design_route_matches_gram_route(monkeypatch):
@@ -200,17 +232,26 @@ def test_features_from_moments():
 def test_lasso_warm_start_product_is_exact():
     from pipeline.datamodels import estimators as est
 
+    # the next lambda's start and its gradient theta H - q, extrapolated from the last two solutions
     masks, outputs, _ = planted(100, 40, 3)
     feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    system = est._system(feat, tg)
     g = torch.Generator().manual_seed(1)
     theta_old = torch.randn(3, 40, generator=g, dtype=torch.float64) * (torch.rand(3, 40, generator=g) < 0.3)
     theta = theta_old + 0.5 * torch.randn(3, 40, generator=g, dtype=torch.float64) * (theta_old != 0)
     theta[:, :4] = 0.1  # a few coefficients entering
-    prod, prod_old = est._times_dense(feat, theta), est._times_dense(feat, theta_old)
-    start, start_prod = est._warm_start(feat, theta, theta_old, prod, prod_old, torch.tensor([0.3, 1.0, 2.0]).double())
-    assert ((start == 0) | (start * theta > 0)).all() and (start != 0).any()
-    torch.testing.assert_close(start_prod, est._times_dense(feat, start))
-    torch.testing.assert_close(start_prod[:, :40], start @ feat.rows[:, :40])
+
+    def gradient(th):
+        return torch.nn.functional.pad(th @ feat.rows[:, :40] - tg.q, (0, 1))
+
+    slope = torch.tensor([0.3, 1.0, 2.0]).double()
+    start, start_grad = est._warm_start(system, theta, theta_old, gradient(theta), gradient(theta_old), slope)
+    assert ((start == 0) | (start * theta > 0)).all() and (start != 0).any() and (start != theta).any()
+    torch.testing.assert_close(start_grad, gradient(start))
+    idx = est._slots(torch.nn.functional.pad(start != 0, (0, 1)), 40)
+    vals = torch.gather(torch.nn.functional.pad(start, (0, 1)), 1, idx)
+    torch.testing.assert_close(est._times(system, idx, vals, torch.arange(3)), gradient(start))
 
 
 def test_lasso_targets_are_independent():

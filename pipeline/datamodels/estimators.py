@@ -159,11 +159,13 @@ class _Features:
 
 @dataclass(frozen=True)
 class _Targets:
-    """Centred targets: ybar (t,), q = (y - ybar)' X~ / m (t, n), c0 = ||y - ybar||^2 / 2m (t,)."""
+    """Centred targets: ybar (t,), q = (y - ybar)' X~ / m (t, n), c0 = ||y - ybar||^2 / 2m (t,);
+    minus (t, w): rows that, added to feat.rows' combinations, subtract q (see ``_system``)."""
 
     ybar: Tensor
     q: Tensor
     c0: Tensor
+    minus: Tensor
 
 
 # an n x n Gram matrix up to this n (256 MiB in float32); beyond it products go through X~
@@ -207,7 +209,8 @@ def _targets(feat: _Features, Y: Tensor) -> _Targets:
     ybar = Y.mean(0)
     yc = Y - ybar
     q = (yc.T @ feat.X) * (feat.scale / feat.m)  # yc sums to 0, so yc' X~ = yc' X / sigma
-    return _Targets(ybar=ybar, q=q, c0=(yc * yc).sum(0) / (2 * feat.m))
+    minus = -torch.nn.functional.pad(q, (0, 1)) if feat.xs_pad is None else -yc.T / feat.m
+    return _Targets(ybar=ybar, q=q, c0=(yc * yc).sum(0) / (2 * feat.m), minus=minus)
 
 
 def _to_raw(feat: _Features, tg: _Targets, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,34 +223,61 @@ def _slots(mask: Tensor, n: int) -> Tensor:
     """mask (b, n + 1) bool -> (b, K >= 1) the features where it is True, in order, padded with n."""
     counts = mask.sum(1)
     width = max(int(counts.max()) if counts.numel() else 0, 1)
-    idx = torch.full((mask.shape[0], width), n, dtype=torch.long, device=mask.device)
+    return _compact(mask, counts, width, n)
+
+
+def _compact(mask: Tensor, counts: Tensor, width: int, fill: int) -> Tensor:
+    """mask (b, k) bool with counts (b,) = mask.sum(1) <= width -> (b, width) the column indices
+    where mask is True, in order, then fill."""
     r, c = mask.nonzero(as_tuple=True)
-    start = counts.cumsum(0) - counts
-    idx[r, torch.arange(r.numel(), device=mask.device) - start[r]] = c
-    return idx
+    pos = r * width + torch.arange(r.numel(), device=mask.device) - (counts.cumsum(0) - counts).index_select(0, r)
+    out = torch.full((mask.shape[0] * width,), fill, dtype=torch.long, device=mask.device)
+    return out.index_copy_(0, pos, c).view(mask.shape[0], width)
 
 
-def _times(feat: _Features, idx: Tensor, vals: Tensor) -> Tensor:
-    """theta H (b, n + 1) for rows theta that are vals (b, K) at features idx (b, K), 0 elsewhere.
+@dataclass(frozen=True)
+class _System:
+    """The gradients theta H - q of one solve's problems as embedding bags: table (n + t, w) holds
+    the rows of H (or of X~' / m, then times post = [X~, 0] (m, n + 1)) and then, at n + target,
+    the row that subtracts the target's q. q_pad (t, n + 1) and c0 (t,) per target."""
 
-    An embedding bag over the nonzero slots: a weighted sum of rows of H (or of X~' / m, then
-    times X~) per row, so the cost follows the nonzeros.
+    n: int
+    table: Tensor
+    post: Tensor | None
+    q_pad: Tensor
+    c0: Tensor
+
+
+def _system(feat: _Features, tg: _Targets) -> _System:
+    return _System(n=tg.q.shape[1], table=torch.cat([feat.rows, tg.minus]), post=feat.xs_pad,
+                   q_pad=torch.nn.functional.pad(tg.q, (0, 1)), c0=tg.c0)
+
+
+def _times(system: _System, idx: Tensor, vals: Tensor, target: Tensor | None = None) -> Tensor:
+    """Rows theta that are vals (b, K) at features idx (b, K) and 0 elsewhere -> theta H (b, n + 1),
+    or the gradient theta H - q of the given targets (b,).
+
+    An embedding bag over the nonzero slots (and one bias entry per row): a weighted sum of rows
+    of H, or of X~' / m then times X~, so the cost follows the nonzeros.
     """
+    if target is not None:  # the bias entry first in each bag, weight 1
+        idx = torch.cat([(target + system.n)[:, None], idx], 1)
+        vals = torch.cat([vals.new_ones(vals.shape[0], 1), vals], 1)
     nz = vals != 0
     flat = nz.reshape(-1).nonzero().squeeze(1)
     counts = nz.sum(1)
     out = torch.nn.functional.embedding_bag(
-        idx.reshape(-1).index_select(0, flat), feat.rows, counts.cumsum(0) - counts, mode="sum",
+        idx.reshape(-1).index_select(0, flat), system.table, counts.cumsum(0) - counts, mode="sum",
         per_sample_weights=vals.reshape(-1).index_select(0, flat),
     )
-    return out if feat.xs_pad is None else out @ feat.xs_pad
+    return out if system.post is None else out @ system.post
 
 
-def _times_dense(feat: _Features, theta: Tensor) -> Tensor:
+def _times_dense(system: _System, theta: Tensor) -> Tensor:
     """theta H (b, n + 1) for dense rows theta (b, n)."""
     n = theta.shape[1]
     idx = _slots(torch.nn.functional.pad(theta != 0, (0, 1)), n)
-    return _times(feat, idx, torch.gather(torch.nn.functional.pad(theta, (0, 1)), 1, idx))
+    return _times(system, idx, torch.gather(torch.nn.functional.pad(theta, (0, 1)), 1, idx))
 
 
 def _dense(vals: Tensor, idx: Tensor, n: int) -> Tensor:
@@ -275,8 +305,9 @@ def _duality_gap(theta: Tensor, g: Tensor, q: Tensor, c0: Tensor, lam: Tensor, d
 
 
 def _momentum_weights(count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """FISTA's extrapolation weights w_k = 1 + (s_k - 1) / s_{k+1}, k steps after a (re)start,
-    s_0 = 1, s_{k+1} = (1 + sqrt(1 + 4 s_k^2)) / 2: z = theta + (w_k - 1)(theta - theta_prev)."""
+    """FISTA's extrapolation weights w_k = 1 + (s_k - 1) / s_{k+1}, k < count steps after a
+    (re)start, s_0 = 1, s_{k+1} = (1 + sqrt(1 + 4 s_k^2)) / 2: z = theta + (w_k - 1)(theta - theta_prev).
+    (w_k -> 2; past count steps the last one is used.)"""
     s = [1.0]
     for _ in range(count):
         s.append((1 + math.sqrt(1 + 4 * s[-1] ** 2)) / 2)
@@ -286,13 +317,14 @@ def _momentum_weights(count: int, dtype: torch.dtype, device: torch.device) -> T
 @dataclass(frozen=True)
 class _Problems:
     """LASSO problems to start: target (r,) whose statistics they use, lam (r,), warm starts
-    theta0 (r, n), initial curvature estimates lip (r,), and theta0 H (r, n + 1) if known."""
+    theta0 (r, n), initial curvature estimates lip (r,), and the gradients there theta0 H - q
+    (r, n + 1) if known."""
 
     target: Tensor
     lam: Tensor
     theta0: Tensor
     lip: Tensor
-    prod0: Tensor | None = None
+    grad0: Tensor | None = None
 
 
 @dataclass
@@ -300,10 +332,9 @@ class _Rows:
     """The problems being iterated, one per row, each on its working set of K slots.
 
     Per row (b,): target, lam, c0 (its problem), lip (curvature estimate), k (steps since the
-    momentum restarted), iters (steps done); q_pad (b, n + 1) its linear term q, with the dummy
-    feature's 0; prod (b, n + 1) = theta H on all features. Per slot (b, K): idx the feature (n:
-    padding), theta and theta_prev the last two iterates, g and g_prev their gradients theta H - q,
-    and q.
+    momentum restarted), iters (steps done); grad (b, n + 1) the gradient theta H - q on all
+    features. Per slot (b, K): idx the feature (n: padding), theta and theta_prev the last two
+    iterates, g and g_prev their gradients, and q.
     """
 
     target: Tensor
@@ -312,8 +343,7 @@ class _Rows:
     lip: Tensor
     k: Tensor
     iters: Tensor
-    q_pad: Tensor
-    prod: Tensor
+    grad: Tensor
     idx: Tensor
     theta: Tensor
     theta_prev: Tensor
@@ -322,25 +352,28 @@ class _Rows:
     q: Tensor
 
 
-_ROW_FIELDS = ("target", "lam", "c0", "lip", "k", "iters", "q_pad", "prod")
+_ROW_FIELDS = ("target", "lam", "c0", "lip", "k", "iters", "grad")
 _SLOT_FIELDS = ("idx", "theta", "theta_prev", "g", "g_prev", "q")
 
 
-def _rows_start(feat: _Features, tg: _Targets, pb: _Problems) -> _Rows:
+def _rows_start(system: _System, pb: _Problems) -> _Rows:
     """Rows for new problems: working sets = the warm starts' supports, gradients there."""
-    n = pb.theta0.shape[1]
     pad = torch.nn.functional.pad
-    q_pad = pad(tg.q.index_select(0, pb.target), (0, 1))
-    idx = _slots(pad(pb.theta0 != 0, (0, 1)), n)
+    idx = _slots(pad(pb.theta0 != 0, (0, 1)), system.n)
     theta = torch.gather(pad(pb.theta0, (0, 1)), 1, idx)
-    q = torch.gather(q_pad, 1, idx)
-    prod = _times(feat, idx, theta) if pb.prod0 is None else pb.prod0
-    g = torch.gather(prod, 1, idx) - q
+    grad = _times(system, idx, theta, pb.target) if pb.grad0 is None else pb.grad0.clone()
+    g = torch.gather(grad, 1, idx)
     zero = torch.zeros_like(pb.target)
     return _Rows(
-        target=pb.target, lam=pb.lam, c0=tg.c0.index_select(0, pb.target), lip=pb.lip, k=zero, iters=zero,
-        q_pad=q_pad, prod=prod, idx=idx, theta=theta, theta_prev=theta, g=g, g_prev=g, q=q,
+        target=pb.target, lam=pb.lam, c0=system.c0.index_select(0, pb.target), lip=pb.lip, k=zero, iters=zero,
+        grad=grad, idx=idx, theta=theta, theta_prev=theta, g=g, g_prev=g, q=_slot_q(system, pb.target, idx),
     )
+
+
+def _slot_q(system: _System, target: Tensor, idx: Tensor) -> Tensor:
+    """q of targets (b,) at features idx (b, K) (0 at padding)."""
+    flat = target[:, None] * (system.n + 1) + idx
+    return system.q_pad.reshape(-1).index_select(0, flat.reshape(-1)).view(idx.shape)
 
 
 def _rows_take(rows: _Rows, keep: Tensor) -> _Rows:
@@ -352,7 +385,7 @@ def _rows_cat(a: _Rows | None, b: _Rows) -> _Rows:
     """Rows of a then b, slots padded to the wider."""
     if a is None:
         return b
-    n = a.q_pad.shape[1] - 1
+    n = a.grad.shape[1] - 1
     width = max(a.idx.shape[1], b.idx.shape[1])
 
     def pad(x: Tensor, f: str) -> Tensor:
@@ -362,12 +395,12 @@ def _rows_cat(a: _Rows | None, b: _Rows) -> _Rows:
     return _Rows(**fields, **{f: torch.cat([pad(getattr(a, f), f), pad(getattr(b, f), f)]) for f in _SLOT_FIELDS})
 
 
-def _rows_check(rows: _Rows, tol: float, max_iter: int) -> Tensor:
+def _rows_check(system: _System, rows: _Rows, tol: float, max_iter: int) -> Tensor:
     """Done rows (b,) bool: duality gap over all n features <= tol * ||yc||^2 / m, or max_iter
     reached. The others get the features outside their working set whose gradient exceeds lam
     (those a proximal step on all n features would move off zero), with their momentum reset."""
-    n = rows.q_pad.shape[1] - 1
-    g_out = (rows.prod - rows.q_pad).scatter_(1, rows.idx, 0)  # the gradient outside the working set
+    n = rows.grad.shape[1] - 1
+    g_out = rows.grad.scatter_(1, rows.idx, 0)  # the gradient outside the working set (g has the rest)
     out_norm = torch.maximum(g_out.amax(1), g_out.amin(1).neg_())  # (aminmax is 10x slower on CPU)
     dual_norm = torch.maximum(out_norm, rows.g.abs().amax(1))
     gap = _duality_gap(rows.theta, rows.g, rows.q, rows.c0, rows.lam, dual_norm)
@@ -378,13 +411,14 @@ def _rows_check(rows: _Rows, tol: float, max_iter: int) -> Tensor:
         new = torch.full((rows.idx.shape[0], part.shape[1]), n, dtype=torch.long, device=part.device)
         new.index_copy_(0, grown, part)
         zeros = rows.theta.new_zeros(new.shape)
-        q_new = torch.gather(rows.q_pad, 1, new)
-        g_new = torch.gather(rows.prod, 1, new) - q_new
+        q_new = _slot_q(system, rows.target, new)
+        g_new = torch.gather(g_out, 1, new)
         rows.idx = torch.cat([rows.idx, new], 1)
         rows.theta, rows.theta_prev = torch.cat([rows.theta, zeros], 1), torch.cat([rows.theta_prev, zeros], 1)
         rows.g, rows.g_prev = torch.cat([rows.g, g_new], 1), torch.cat([rows.g_prev, g_new], 1)
         rows.q = torch.cat([rows.q, q_new], 1)
         rows.k = rows.k.index_fill(0, grown, 0)
+    rows.grad.scatter_(1, rows.idx, rows.g)  # whole again
     _rows_prune(rows)
     return done
 
@@ -393,22 +427,20 @@ def _rows_prune(rows: _Rows) -> None:
     """Drop slots that stay at zero (zero in both iterates, |gradient| <= lam: a proximal step
     leaves them there, and a check brings them back if that changes), when that narrows the
     slots by a third."""
-    n = rows.q_pad.shape[1] - 1
+    n = rows.grad.shape[1] - 1
     keep = (rows.theta != 0) | (rows.theta_prev != 0) | (rows.g.abs() > rows.lam[:, None])
     counts = keep.sum(1)
     width = max(int(counts.max()), 1)
     if 3 * width > 2 * rows.idx.shape[1]:
         return
-    r, c = keep.nonzero(as_tuple=True)
-    order = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
-    order[r, torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]] = c
+    order = _compact(keep, counts, width, 0)
     real = torch.arange(width, device=counts.device) < counts[:, None]
     for f in _SLOT_FIELDS:
         x = torch.gather(getattr(rows, f), 1, order)
         setattr(rows, f, torch.where(real, x, n if f == "idx" else 0))
 
 
-def _rows_step(feat: _Features, rows: _Rows, weights: Tensor) -> None:
+def _rows_step(system: _System, rows: _Rows, weights: Tensor) -> None:
     """One FISTA step for every row, in place, with adaptive (gradient) restart.
 
     weights: ``_momentum_weights``. Each row starts with an optimistic curvature (>= 1, the
@@ -422,21 +454,20 @@ def _rows_step(feat: _Features, rows: _Rows, weights: Tensor) -> None:
     z = torch.lerp(rows.theta_prev, theta, w)
     g_z = torch.lerp(rows.g_prev, g, w)  # the gradient is affine: no product for z
     new = _soft(torch.addcmul(z, g_z, (-1 / lip)[:, None]), (rows.lam / lip)[:, None])
-    prod = _times(feat, rows.idx, new)
-    g_new = torch.gather(prod, 1, rows.idx).sub_(rows.q)
+    grad = _times(system, rows.idx, new, rows.target)
+    g_new = torch.gather(grad, 1, rows.idx)
     d = new - z
     # d'(g_new - g_z) = d'Hd, d'd, and d'(new - theta) < 0: the step turned back (restart)
-    curv, dd, turn = torch.bmm(torch.stack([g_new - g_z, d, new - theta], 1), d[:, :, None]).unbind(1)
-    curv, dd, turn = curv.squeeze(1), dd.squeeze(1), turn.squeeze(1)
+    curv, dd, turn = (torch.stack([g_new - g_z, d, new - theta], 1) * d[:, None, :]).sum(2).unbind(1)
     bad = curv > lip * dd
-    rows.k = torch.where(bad | (turn < 0), 0, rows.k + 1)
+    rows.k = torch.where(bad | (turn < 0), 0, (rows.k + 1).clamp_max(weights.shape[0] - 1))
     if bool(bad.any()):  # reject those steps: retry from theta without momentum, with a larger L
         rows.lip = torch.where(bad, 1.2 * curv / dd.clamp_min(1e-30), lip)
         b = bad.nonzero().squeeze(1)
         new.index_copy_(0, b, theta.index_select(0, b))
         g_new.index_copy_(0, b, g.index_select(0, b))
-        prod.index_copy_(0, b, rows.prod.index_select(0, b))
-    rows.theta_prev, rows.theta, rows.g_prev, rows.g, rows.prod = theta, new, g, g_new, prod
+        grad.index_copy_(0, b, rows.grad.index_select(0, b))
+    rows.theta_prev, rows.theta, rows.g_prev, rows.g, rows.grad = theta, new, g, g_new, grad
     rows.iters = rows.iters + 1
 
 
@@ -444,8 +475,7 @@ Advance = Callable[[Tensor, Tensor, Tensor, Tensor], "_Problems | None"]
 
 
 def _solve(
-    feat: _Features,
-    tg: _Targets,
+    system: _System,
     first: _Problems,
     advance: Advance,
     *,
@@ -456,8 +486,9 @@ def _solve(
     """Solve min (1/2m)||yc - X~ theta||^2 + lam ||theta||_1 for a stream of problems at once.
 
     Problems start as ``first``; whenever some are solved, advance(target (r,), theta (r, n),
-    theta H (r, n + 1), lip (r,)) receives their solutions and curvature estimates and returns the
-    problems that follow (the same targets at their next lambda, say), or None. Every row iterates
+    gradient theta H - q (r, n + 1), lip (r,)) receives their solutions, gradients and curvature
+    estimates and returns the problems that follow (the same targets at their next lambda, say),
+    or None. Every row iterates
     FISTA (``_rows_step``) on its working set, which starts as its warm start's support and grows
     at each check by the features the optimality conditions call in; a row is solved when its
     duality gap over all n features <= tol * ||yc||^2 / m (sklearn's criterion; tol is floored at
@@ -465,34 +496,34 @@ def _solve(
     advance along their paths independently and no finished row is iterated.
     """
     tol = max(tol, 10 * torch.finfo(first.theta0.dtype).eps)
-    n = first.theta0.shape[1]
-    weights = _momentum_weights(max_iter + check_every + 1, first.theta0.dtype, first.theta0.device)
+    weights = _momentum_weights(min(max_iter + check_every + 1, 4096), first.theta0.dtype, first.theta0.device)
     rows: _Rows | None = None
     pending: _Problems | None = first
     while True:
         while pending is not None:  # admit; a warm start that is already a solution goes back
-            new = _rows_start(feat, tg, pending)
-            done = _rows_check(new, tol, max_iter)
-            pending = _finish(new, done, n, advance)
+            new = _rows_start(system, pending)
+            done = _rows_check(system, new, tol, max_iter)
+            pending = _finish(new, done, advance)
             if not bool(done.all()):
                 rows = _rows_cat(rows, _rows_take(new, (~done).nonzero().squeeze(1)) if done.any() else new)
         if rows is None or rows.target.numel() == 0:
             return
         for _ in range(check_every):
-            _rows_step(feat, rows, weights)
-        done = _rows_check(rows, tol, max_iter)
+            _rows_step(system, rows, weights)
+        done = _rows_check(system, rows, tol, max_iter)
         if bool(done.any()):
-            pending = _finish(rows, done, n, advance)
+            pending = _finish(rows, done, advance)
             rows = _rows_take(rows, (~done).nonzero().squeeze(1))
 
 
-def _finish(rows: _Rows, done: Tensor, n: int, advance: Advance) -> _Problems | None:
-    """Hand the done rows' solutions to advance; returns what it starts next."""
+def _finish(rows: _Rows, done: Tensor, advance: Advance) -> _Problems | None:
+    """Hand the done rows' solutions and gradients to advance; returns what it starts next."""
     if not bool(done.any()):
         return None
     d = done.nonzero().squeeze(1)
-    theta = _dense(rows.theta.index_select(0, d), rows.idx.index_select(0, d), n)
-    return advance(rows.target.index_select(0, d), theta, rows.prod.index_select(0, d), rows.lip.index_select(0, d))
+    idx, grad = rows.idx.index_select(0, d), rows.grad.index_select(0, d)
+    theta = _dense(rows.theta.index_select(0, d), idx, grad.shape[1] - 1)
+    return advance(rows.target.index_select(0, d), theta, grad, rows.lip.index_select(0, d))
 
 
 def _default_lambdas(tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
@@ -507,71 +538,85 @@ def _default_lambdas(tg: _Targets, n_lambdas: int, eps: float) -> Tensor:
 
 
 def _warm_start(
-    feat: _Features, theta: Tensor, theta_old: Tensor, prod: Tensor, prod_old: Tensor, slope: Tensor
+    system: _System, theta: Tensor, theta_old: Tensor, grad: Tensor, grad_old: Tensor, slope: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Start (r, n) and its product with H (r, n + 1) from the last two solutions of each path.
+    """Start (r, n) and its gradient theta H - q (r, n + 1) from the last two solutions of each path.
 
-    theta, theta_old (r, n) the solutions at the last two lambdas, prod, prod_old their products
-    theta H; slope (r,) = (lam_new - lam) / (lam - lam_old). On a fixed support and signs the
-    LASSO solution is linear in lambda, so extrapolating the last two solutions is exact there;
+    theta, theta_old (r, n) the solutions at the last two lambdas, grad, grad_old their gradients;
+    slope (r,) = (lam_new - lam) / (lam - lam_old). On a fixed support and signs the LASSO
+    solution is linear in lambda, so extrapolating the last two solutions is exact there;
     coefficients that are zero or that the line carries across zero start at zero, where the path
-    leaves them. The product is affine too: extrapolated, less the cut coefficients' share.
+    leaves them. The gradient is affine too: extrapolated, less the cut coefficients' share.
     """
     s = slope[:, None]
     pred = torch.addcmul(theta, theta - theta_old, s)
     start = torch.where(pred * theta > 0, pred, torch.zeros_like(pred))
-    return start, torch.addcmul(prod, prod - prod_old, s) - _times_dense(feat, pred - start)
+    return start, torch.addcmul(grad, grad - grad_old, s) - _times_dense(system, pred - start)
 
 
 @dataclass
 class _PathState:
     """Per target (t rows): index j (t,) of the lambda being solved; the solutions at j - 1 and
-    j - 2 (t, n) and their products with H (t, n + 1), for the next warm start."""
+    j - 2 (t, n) and their gradients (t, n + 1), for the next warm start. Starts at theta = 0."""
 
     j: Tensor
     last: Tensor
     before: Tensor
-    p_last: Tensor
-    p_before: Tensor
+    g_last: Tensor
+    g_before: Tensor
 
     @staticmethod
-    def new(tg: _Targets) -> _PathState:
-        t, n = tg.q.shape
-        zeros = tg.q.new_zeros
-        return _PathState(torch.zeros(t, dtype=torch.long, device=tg.q.device), zeros(t, n), zeros(t, n),
-                          zeros(t, n + 1), zeros(t, n + 1))
+    def new(system: _System) -> _PathState:
+        t, n = system.q_pad.shape[0], system.n
+        zeros = system.q_pad.new_zeros(t, n)
+        j = torch.zeros(t, dtype=torch.long, device=zeros.device)
+        return _PathState(j, zeros, zeros.clone(), -system.q_pad, -system.q_pad)
 
-    def solved(self, target: Tensor, theta: Tensor, prod: Tensor) -> None:
-        self.before[target], self.last[target] = self.last[target], theta
-        self.p_before[target], self.p_last[target] = self.p_last[target], prod
+    def first(self, grid: Tensor) -> _Problems:
+        """Every target at the first lambda, from theta = 0."""
+        target = torch.arange(self.j.shape[0], device=grid.device)
+        return _Problems(target=target, lam=grid[0], theta0=self.last.clone(), lip=torch.ones_like(grid[0]),
+                         grad0=self.g_last)
 
-    def next(self, feat: _Features, grid: Tensor, target: Tensor, lip: Tensor) -> _Problems:
-        """Move targets to their next lambda: the problems there, warm-started."""
-        j = self.j[target] + 1
-        self.j[target] = j
-        lam, lam1, lam2 = grid[j, target], grid[j - 1, target], grid[(j - 2).clamp_min(0), target]
+    def solved(self, target: Tensor, theta: Tensor, grad: Tensor) -> None:
+        self.before.index_copy_(0, target, self.last.index_select(0, target))
+        self.last.index_copy_(0, target, theta)
+        self.g_before.index_copy_(0, target, self.g_last.index_select(0, target))
+        self.g_last.index_copy_(0, target, grad)
+
+    def next(self, system: _System, grid: Tensor, target: Tensor, lip: Tensor) -> _Problems:
+        """Move targets (r,) to their next lambda of grid (k, t): the problems there, warm-started."""
+        j = self.j.index_select(0, target) + 1
+        self.j.index_copy_(0, target, j)
+        lam, lam1, lam2 = _at(grid, j, target), _at(grid, j - 1, target), _at(grid, (j - 2).clamp_min(0), target)
         down = (j >= 2) & (lam2 > lam1) & (lam1 > lam)  # extrapolate only down a decreasing path
         slope = torch.where(down, (lam - lam1) / torch.where(down, lam1 - lam2, -1), torch.zeros_like(lam))
-        start, prod = _warm_start(feat, self.last[target], self.before[target], self.p_last[target],
-                                  self.p_before[target], slope)
-        return _Problems(target=target, lam=lam, theta0=start, lip=lip, prod0=prod)
+        rows = (self.last, self.before, self.g_last, self.g_before)
+        start, grad = _warm_start(system, *(x.index_select(0, target) for x in rows), slope)
+        return _Problems(target=target, lam=lam, theta0=start, lip=lip, grad0=grad)
+
+
+def _at(grid: Tensor, j: Tensor, target: Tensor) -> Tensor:
+    """grid[j, target] for a contiguous grid (k, t) and indices j, target (r,)."""
+    return grid.reshape(-1).index_select(0, j * grid.shape[1] + target)
 
 
 def _path(feat: _Features, tg: _Targets, grid: Tensor, *, max_iter: int, tol: float) -> Tensor:
     """theta (k, t, n) in standardised units at every lambda of grid (k, t), warm-started."""
+    grid = grid.contiguous()
     k, t = grid.shape
     thetas = tg.q.new_zeros(k, t, tg.q.shape[1])
-    state = _PathState.new(tg)
+    system = _system(feat, tg)
+    state = _PathState.new(system)
 
-    def advance(target: Tensor, theta: Tensor, prod: Tensor, lip: Tensor) -> _Problems | None:
-        thetas[state.j[target], target] = theta
-        state.solved(target, theta, prod)
-        go = state.j[target] + 1 < k
-        return state.next(feat, grid, target[go], lip[go]) if go.any() else None
+    def advance(target: Tensor, theta: Tensor, grad: Tensor, lip: Tensor) -> _Problems | None:
+        j = state.j.index_select(0, target)
+        thetas.view(k * t, -1).index_copy_(0, j * t + target, theta)
+        state.solved(target, theta, grad)
+        go = (j + 1 < k).nonzero().squeeze(1)
+        return state.next(system, grid, target.index_select(0, go), lip.index_select(0, go)) if go.numel() else None
 
-    first = _Problems(target=torch.arange(t, device=grid.device), lam=grid[0], theta0=torch.zeros_like(tg.q),
-                      lip=torch.ones_like(tg.c0), prod0=state.p_last)
-    _solve(feat, tg, first, advance, max_iter=max_iter, tol=tol)
+    _solve(system, state.first(grid), advance, max_iter=max_iter, tol=tol)
     return thetas
 
 
@@ -637,7 +682,8 @@ def _select_and_refit(
     tg = _targets(fit_feat, Y_fit)
     grid = _default_lambdas(tg, n_lambdas, eps)
     k, t = grid.shape
-    state = _PathState.new(tg)
+    system = _system(fit_feat, tg)
+    state = _PathState.new(system)
     best_theta = torch.zeros_like(tg.q)  # in the fitting models' standardisation
     best_lam = grid[0].clone()
     best_mse = torch.full_like(tg.c0, math.inf)
@@ -646,37 +692,36 @@ def _select_and_refit(
     y_val, x_val = Y_val.T, X_val * (1 / fit_feat.sigma)  # raw weight = theta / sigma
     mu_s = fit_feat.mu / fit_feat.sigma
 
-    def advance(target: Tensor, theta: Tensor, prod: Tensor, lip: Tensor) -> _Problems | None:
-        j = state.j[target]
-        bias = tg.ybar[target] - theta @ mu_s
-        mse = ((y_val[target] - bias[:, None] - theta @ x_val.T) ** 2).mean(1)
-        better = mse < best_mse[target]  # strict: ties keep the larger lambda (sparser model)
-        best_mse[target] = torch.where(better, mse, best_mse[target])
-        best_lam[target] = torch.where(better, grid[j, target], best_lam[target])
-        best_theta[target] = torch.where(better[:, None], theta, best_theta[target])
+    def advance(target: Tensor, theta: Tensor, grad: Tensor, lip: Tensor) -> _Problems | None:
+        j = state.j.index_select(0, target)
+        bias = tg.ybar.index_select(0, target) - theta @ mu_s
+        mse = ((y_val.index_select(0, target) - bias[:, None] - theta @ x_val.T) ** 2).mean(1)
+        better = (mse < best_mse.index_select(0, target)).nonzero().squeeze(1)  # strict: ties keep
+        won = target.index_select(0, better)  # the larger lambda (sparser model)
+        best_mse.index_copy_(0, won, mse.index_select(0, better))
+        best_lam.index_copy_(0, won, _at(grid, j.index_select(0, better), won))
+        best_theta.index_copy_(0, won, theta.index_select(0, better))
         stop = j + 1 >= k
         if min_lambdas is not None:  # fast_l1's rule: after min_lambdas, stop at the first rise
-            stop |= (j + 1 >= min_lambdas) & (mse > last_mse[target])
-        last_mse[target] = mse
-        state.solved(target, theta, prod)
-        end_lip[target[stop]] = lip[stop]
-        go = ~stop
-        return state.next(fit_feat, grid, target[go], lip[go]) if go.any() else None
+            stop |= (j + 1 >= min_lambdas) & (mse > last_mse.index_select(0, target))
+        last_mse.index_copy_(0, target, mse)
+        state.solved(target, theta, grad)
+        end_lip.index_copy_(0, target, lip)
+        go = (~stop).nonzero().squeeze(1)
+        return state.next(system, grid, target.index_select(0, go), lip.index_select(0, go)) if go.numel() else None
 
-    everyone = torch.arange(t, device=grid.device)
-    first = _Problems(target=everyone, lam=grid[0], theta0=torch.zeros_like(tg.q), lip=torch.ones_like(tg.c0),
-                      prod0=state.p_last)
-    _solve(fit_feat, tg, first, advance, max_iter=max_iter, tol=tol)
+    _solve(system, state.first(grid), advance, max_iter=max_iter, tol=tol)
 
     all_tg = _targets(all_feat, Y_all)
     theta = torch.zeros_like(all_tg.q)
 
-    def keep(target: Tensor, th: Tensor, prod: Tensor, lip: Tensor) -> None:
-        theta[target] = th
+    def keep(target: Tensor, th: Tensor, grad: Tensor, lip: Tensor) -> None:
+        theta.index_copy_(0, target, th)
 
     # warm start: the selected path solution, re-expressed in the all-model standardisation
     start = best_theta * (all_feat.sigma / fit_feat.sigma)
-    _solve(all_feat, all_tg, _Problems(everyone, best_lam, start, end_lip), keep, max_iter=max_iter, tol=tol)
+    refit = _Problems(torch.arange(t, device=grid.device), best_lam, start, end_lip)
+    _solve(_system(all_feat, all_tg), refit, keep, max_iter=max_iter, tol=tol)
     weight, bias = _to_raw(all_feat, all_tg, theta)
     return Datamodel(weight=weight, bias=bias, lam=best_lam)
 
