@@ -7,8 +7,10 @@ small dense same-class effect. Both fits use the same split of the models, the s
 validation MSE, the same refit on all models and the same stopping rule (sklearn's duality gap,
 ``tol``). sklearn gets its fastest route: one warm-started ``lasso_path`` call per lambda without
 input checks, with BLAS held to one thread (``--sklearn-blas-threads``; with BLAS's default threads
-its serial solver runs ~3x slower on 2 cores). Quality is the mean LDS on held-out models; the
-script fails if ours and sklearn's differ by more than 0.01.
+its serial solver runs ~3x slower on 2 cores). Ours runs on one torch thread unless ``--threads``
+says otherwise: core for core against that serial solver (a second thread helps only on an idle
+machine; on a shared one it stalls). Quality is the mean LDS on held-out models; the script fails
+if ours and sklearn's differ by more than 0.01.
 
     .venv/bin/python bench/fit_speed.py [--models 600 --features 1437 --targets 300 ...]
 """
@@ -102,7 +104,9 @@ def main() -> None:
     p.add_argument("--min-lambdas", type=int, default=10, help="early stop of the path; 0 = full path")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--max-iter", type=int, default=5000)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (sklearn runs on one)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 = core for core with sklearn's serial solver (on the shared 2-vCPU VM a "
+                        "second thread stalls in every small op whenever other work holds the other core)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="our fit is timed best of this many")
     p.add_argument("--sklearn-dtype", choices=["float64", "float32"], default="float64")
