@@ -752,7 +752,8 @@ def lasso(
     4. refit on all m models (standardised over all of them) at each target's lambda;
     5. return weights in raw inclusion units (theta / sigma, bias - mu @ weight).
     ``lam`` is in standardised units (sklearn ``Lasso`` alpha on standardised features).
-    target_chunk bounds memory: targets are solved in chunks sharing one standardised design.
+    Memory: two n x n Gram matrices (fitting and all models) up to GRAM_MAX_FEATURES points, the
+    designs beyond; and a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
     """
     X, Y = _as_float(masks, outputs, dtype)
     m = X.shape[0]
