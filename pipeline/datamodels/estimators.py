@@ -66,7 +66,7 @@ def _as_float(masks: Tensor, outputs: Tensor, dtype: torch.dtype) -> tuple[Tenso
 
 
 def _chunks(size: int, chunk: int | None) -> list[slice]:
-    chunk = size if not chunk else chunk
+    chunk = chunk or max(size, 1)
     return [slice(i, min(i + chunk, size)) for i in range(0, max(size, 1), chunk)]
 
 
