@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -42,6 +42,7 @@ class Plan:
     cfg: Config
     store: Store
     data_root: str | None = None
+    _scores: dict = field(default_factory=dict, repr=False, compare=False)  # k -> neighbour disagreement
 
     @cached_property
     def prepare(self) -> StageRef:
@@ -75,12 +76,13 @@ class Plan:
         prepared = is_complete(self.store, self.prepare)
         if prepared and self.store.exists(rel):
             return np.load(io.BytesIO(self.store.read_bytes(rel)), allow_pickle=False)
-        scores = neighbour_disagreement(self.train_images(), self.train_labels, k)
-        if prepared:
+        if k not in self._scores:
+            self._scores[k] = neighbour_disagreement(self.train_images(), self.train_labels, k)
+        if prepared:  # the driver writes it right after prepare, before any task needs it
             buf = io.BytesIO()
-            np.save(buf, scores, allow_pickle=False)
+            np.save(buf, self._scores[k], allow_pickle=False)
             self.store.write_bytes(rel, buf.getvalue())
-        return scores
+        return self._scores[k]
 
     def train_images(self) -> np.ndarray:
         """The training images: the prepared .beton once there is one, else the dataset itself."""
@@ -129,7 +131,10 @@ def run_prepare(plan: Plan) -> dict:
     if is_complete(plan.store, plan.prepare):
         return plan.prepared_meta()
     with hold(plan.store, [plan.prepare.rel], plan.cfg.execution):
-        return _run_prepare(plan)
+        meta = _run_prepare(plan)
+    for k in {spec.neighbours for spec in plan.cfg.all_forget_sets() if spec.kind == "atypical"}:
+        plan.neighbour_disagreement(k)  # cached beside the data from the validation's scores: no second search
+    return meta
 
 
 def _run_prepare(plan: Plan) -> dict:

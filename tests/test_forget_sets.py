@@ -282,6 +282,7 @@ def test_a_plan_resolves_atypical_sets_and_caches_their_scores_beside_the_prepar
     plan = tiny_plan(tmp_path, sets)
     run_prepare(plan)
     cache = tmp_path / plan.prepare.rel / "derived" / "neighbour-disagreement-k5.npy"
+    assert cache.exists()  # written by the driver right after prepare, from the scores it validated with
     again = tiny_plan(tmp_path, sets)
     np.testing.assert_array_equal(again.forget_sets["odd"], before)
     np.testing.assert_array_equal(np.load(cache), want)
