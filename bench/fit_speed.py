@@ -1,4 +1,4 @@
-"""Speed and quality of our batched LASSO against sklearn fitted target by target.
+"""Speed and quality of our LASSO datamodels against sklearn fitted target by target.
 
 Synthetic planted datamodel data of digits-like size: i.i.d. Bernoulli(1/2) masks over n training
 points, outputs y = b + mask @ w_true + noise with w_true a few strong effects per target on top of a
@@ -7,9 +7,9 @@ small dense same-class effect. Both fits use the same split of the models, the s
 validation MSE, the same refit on all models and the same stopping rule (sklearn's duality gap,
 ``tol``). sklearn gets its fastest route: one warm-started ``lasso_path`` call per lambda without
 input checks, with BLAS held to one thread (``--sklearn-blas-threads``; with BLAS's default threads
-its serial solver runs ~3x slower on 2 cores). Ours runs on one torch thread unless ``--threads``
-says otherwise: core for core against that serial solver (a second thread helps only on an idle
-machine; on a shared one it stalls). Quality is the mean LDS on held-out models; the script fails
+its serial solver runs ~3x slower on 2 cores). Ours (``--solver``: compiled coordinate descent on
+working sets, the CPU default, or the batched torch FISTA that GPUs run) gets one thread unless
+``--threads`` says otherwise: core for core against that serial solver. Quality is the mean LDS on held-out models; the script fails
 if ours and sklearn's differ by more than 0.01.
 
     .venv/bin/python bench/fit_speed.py [--models 600 --features 1437 --targets 300 ...]
@@ -108,6 +108,8 @@ def main() -> None:
                    help="torch threads; 1 = core for core with sklearn's serial solver (on the shared 2-vCPU VM a "
                         "second thread stalls in every small op whenever other work holds the other core)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--solver", choices=["auto", "cd", "fista"], default="auto",
+                   help="ours: compiled coordinate descent (the CPU default) or batched FISTA (torch, any device)")
     p.add_argument("--repeats", type=int, default=3, help="our fit is timed best of this many")
     p.add_argument("--sklearn-dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--sklearn-blas-threads", type=int, default=1, help="BLAS threads while sklearn runs")
@@ -123,9 +125,10 @@ def main() -> None:
         n_lambdas=a.n_lambdas, eps=a.eps, val_fraction=a.val_fraction, seed=a.seed,
         min_lambdas=a.min_lambdas or None, tol=a.tol, max_iter=a.max_iter,
     )
+    ours_opts = dict(opts, solver=a.solver)
     print(f"{a.models} models x {a.features} features x {a.targets} targets, {a.heldout} held-out models; "
           f"{a.n_lambdas} lambdas, eps {a.eps}, min_lambdas {a.min_lambdas or 'all'}, tol {a.tol}; "
-          f"{a.threads} threads, device {a.device}; load average {os.getloadavg()[0]:.1f}")
+          f"{a.threads} threads, device {a.device}, solver {a.solver}; load average {os.getloadavg()[0]:.1f}")
 
     t0 = time.perf_counter()
     dim = diff_in_means(fit_m, fit_y)
@@ -133,11 +136,11 @@ def main() -> None:
     print(f"diff_in_means: {dim_s:.2f} s, LDS {lds(dim.weight, dim.bias, ho_m, ho_y).nanmean().item():.3f}")
 
     dev_m, dev_y = fit_m.to(a.device), fit_y.to(a.device)
-    lasso(dev_m[:, :50], dev_y[:, :2], n_lambdas=3)  # warm-up: first-call overheads, CUDA init
+    lasso(dev_m[:, :50], dev_y[:, :2], n_lambdas=3, solver=a.solver)  # warm-up: compiled kernels, CUDA init
     times, cpu = [], []
     for _ in range(a.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        dm = lasso(dev_m, dev_y, **opts)
+        dm = lasso(dev_m, dev_y, **ours_opts)
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

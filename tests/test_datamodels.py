@@ -31,6 +31,10 @@ def planted(models: int, points: int = 100, targets: int = 4, *, active: int = 1
     return masks, b + masks.float() @ w + noise * torch.randn(models, targets, generator=g), w
 
 
+# the LASSO solvers: compiled coordinate descent (the CPU default) and batched FISTA (any device)
+SOLVERS = ["cd", "fista"]
+
+
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
 
@@ -67,14 +71,15 @@ def test_ridge_matches_sklearn(models, points):
         assert dm.weight.dtype == dtype and dm.lam.shape == (3,)
 
 
-def test_lasso_fixed_lambda_matches_sklearn():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_fixed_lambda_matches_sklearn(solver):
     masks, outputs, _ = planted(200, 60, 3)
     lams = torch.tensor([0.1, 0.02])
     x = masks.double().numpy()
     scaler = StandardScaler().fit(x)  # population std, as ours
     xs = scaler.transform(x)
     for dtype, tol, atol in [(torch.float64, 1e-12, 1e-6), (torch.float32, 1e-7, 1e-3)]:
-        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, max_iter=20000, dtype=dtype)
+        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, max_iter=20000, dtype=dtype, solver=solver)
         assert path.weight.shape == (2, 60, 3) and path.lambdas.shape == (2, 3)
         for k, lam in enumerate(lams.tolist()):
             for j in range(3):
@@ -86,18 +91,19 @@ def test_lasso_fixed_lambda_matches_sklearn():
                 np.testing.assert_allclose(b + x @ w, sk.predict(xs), atol=10 * atol)
 
 
-def test_lasso_per_target_lambdas_and_degenerate_columns():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_per_target_lambdas_and_degenerate_columns(solver):
     masks, outputs, _ = planted(150, 30, 3)
     masks[:, 0] = True  # a point in every model: no information, weight 0
     outputs[:, 2] = 4.0  # a constant target: all-zero model, bias = the constant
     lams = torch.tensor([[0.2, 0.05, 0.1]])
-    path = lasso_path(masks, outputs, lambdas=lams, tol=1e-8)
+    path = lasso_path(masks, outputs, lambdas=lams, tol=1e-8, solver=solver)
     for j in range(2):
-        alone = lasso_path(masks, outputs[:, j : j + 1], lambdas=lams[:, j], tol=1e-8)
+        alone = lasso_path(masks, outputs[:, j : j + 1], lambdas=lams[:, j], tol=1e-8, solver=solver)
         torch.testing.assert_close(path.weight[0, :, j], alone.weight[0, :, 0], atol=1e-4, rtol=0)
     assert (path.weight[0, 0] == 0).all() and (path.weight[0, :, 2] == 0).all()
     torch.testing.assert_close(path.bias[0, 2], torch.tensor(4.0))
-    dm = lasso(masks, outputs, n_lambdas=8)
+    dm = lasso(masks, outputs, n_lambdas=8, solver=solver)
     assert (dm.weight[:, 2] == 0).all() and torch.isfinite(dm.weight).all()
 
 
@@ -111,14 +117,15 @@ def _sk_gap(x: np.ndarray, y: np.ndarray, theta: np.ndarray, lam: float) -> floa
     return (0.5 * (r @ r) * (1 + const**2) / m + lam * np.abs(theta).sum() - const * (r @ yc) / m)
 
 
-def test_lasso_stops_on_the_gap_over_all_features():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_stops_on_the_gap_over_all_features(solver):
     # the solver iterates on working sets; its stopping rule must still be sklearn's gap over all n
     masks, outputs, _ = planted(120, 200, 5, active=15, noise=0.5, seed=4)
     x = masks.double().numpy()
     xs = StandardScaler().fit_transform(x)
     lams = torch.tensor([0.2, 0.08, 0.03, 0.01])
     for tol in (1e-3, 1e-6):
-        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, dtype=torch.float64)
+        path = lasso_path(masks, outputs, lambdas=lams, tol=tol, dtype=torch.float64, solver=solver)
         for k in range(4):
             for j in range(5):
                 y = outputs[:, j].double().numpy()
@@ -254,25 +261,107 @@ def test_lasso_warm_start_product_is_exact():
     torch.testing.assert_close(est._times(system, idx, vals, torch.arange(3)), gradient(start))
 
 
-def test_lasso_targets_are_independent():
+def test_lasso_cd_solve_from_any_start_keeps_its_gradient_exact():
+    # the compiled solver from an empty start and from one spread over every feature (most must
+    # leave): sklearn's weights, its working set holds the support, and the full gradient it keeps
+    # up to date by rows of H is H theta - q on exit
+    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_cd
+
+    masks, outputs, _ = planted(150, 80, 2, active=12, noise=0.3, seed=5)
+    xs = StandardScaler().fit_transform(masks.double().numpy())
+    feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    H, lam = est._gram(feat), 0.01
+    g = np.random.default_rng(0)
+    for j in range(2):
+        q, c0 = tg.q[j].numpy(), float(tg.c0[j])
+        sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(xs, outputs[:, j].double().numpy())
+        assert (np.abs(sk.coef_) > 1e-8).sum() > 20  # many features must enter
+        for theta in (np.zeros(80), g.standard_normal(80)):
+            grad = H @ theta - q
+            idx, pos = np.empty(80, np.int64), np.full(80, -1, np.int64)
+            G, w = lasso_cd._reset(H, np.empty((4, 4)), theta, idx, pos, 0)
+            sweeps, G, w = lasso_cd._solve(H, q, c0, lam, theta, grad, 1e-14, 100000, idx, pos, G, w)
+            assert 0 < sweeps < 100000
+            np.testing.assert_allclose(grad, H @ theta - q, atol=1e-12)
+            np.testing.assert_allclose(theta, sk.coef_, atol=1e-6)
+            assert set(np.flatnonzero(theta)) <= set(idx[:w]) and (pos[idx[:w]] == np.arange(w)).all()
+            np.testing.assert_allclose(G[:w, :w], H[np.ix_(idx[:w], idx[:w])], atol=1e-15)  # H is symmetric up to rounding
+
+
+def test_lasso_cd_warm_start_gradient_is_exact():
+    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_cd
+
+    masks, outputs, _ = planted(100, 40, 1)
+    feat = est._features(masks.double())
+    q = est._targets(feat, outputs.double()).q[0].numpy()
+    H = est._gram(feat)
+    g = np.random.default_rng(1)
+    theta_old = g.standard_normal(40) * (g.random(40) < 0.3)
+    theta = theta_old + 0.5 * g.standard_normal(40) * (theta_old != 0)
+    theta[:4] = 0.1  # a few coefficients entering
+    for slope in (0.3, 1.0, 2.0):
+        start, start_grad = np.empty(40), np.empty(40)
+        lasso_cd._warm_start(H, theta, theta_old, H @ theta - q, H @ theta_old - q, slope, start, start_grad)
+        pred = theta + slope * (theta - theta_old)
+        np.testing.assert_array_equal(start, np.where(pred * theta > 0, pred, 0))
+        np.testing.assert_allclose(start_grad, H @ start - q, atol=1e-12)
+
+
+def test_lasso_solvers_agree():
+    # more points than models, as in real datamodels: both solvers, the same lambdas and weights
+    masks, outputs, _ = planted(120, 200, 5, active=15, noise=0.5, seed=4)
+    opts = dict(n_lambdas=12, tol=1e-10, dtype=torch.float64)
+    cd, fista = lasso(masks, outputs, solver="cd", **opts), lasso(masks, outputs, solver="fista", **opts)
+    torch.testing.assert_close(cd.lam, fista.lam)
+    torch.testing.assert_close(cd.weight, fista.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cd.bias, fista.bias, atol=1e-6, rtol=0)
+
+
+def test_lasso_cd_threads_give_the_same_bits():
+    masks, outputs, _ = planted(200, 60, 7)
+    one = lasso(masks, outputs, n_lambdas=10, solver="cd")
+    torch.set_num_threads(3)  # targets split in three parts, solved in parallel threads
+    three = lasso(masks, outputs, n_lambdas=10, solver="cd")
+    assert torch.equal(one.weight, three.weight) and torch.equal(one.lam, three.lam)
+
+
+def test_lasso_solver_choice(monkeypatch):
+    from pipeline.datamodels import estimators as est
+
+    masks, outputs, _ = planted(60, 20, 2)
+    with pytest.raises(ValueError, match="unknown LASSO solver 'newton'; valid: auto, cd, fista"):
+        lasso(masks, outputs, solver="newton")
+    monkeypatch.setattr(est, "GRAM_MAX_FEATURES", 10)  # no Gram matrix: cd does not apply
+    with pytest.raises(ValueError, match="at most 10 training points; got device cpu and 20 points"):
+        lasso(masks, outputs, solver="cd")
+    assert est._solver("auto", est._features(masks.float())) == "fista"
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_targets_are_independent(solver):
     # targets stream through one batch at their own pace: fitting them together or alone agrees
     masks, outputs, _ = planted(300, 50, 4)
-    together = lasso(masks, outputs, n_lambdas=12, tol=1e-9, dtype=torch.float64)
+    together = lasso(masks, outputs, n_lambdas=12, tol=1e-9, dtype=torch.float64, solver=solver)
     for j in range(4):
-        alone = lasso(masks, outputs[:, j : j + 1], n_lambdas=12, tol=1e-9, dtype=torch.float64)
+        alone = lasso(masks, outputs[:, j : j + 1], n_lambdas=12, tol=1e-9, dtype=torch.float64, solver=solver)
         torch.testing.assert_close(together.lam[j : j + 1], alone.lam)
         torch.testing.assert_close(together.weight[:, j : j + 1], alone.weight, atol=1e-6, rtol=0)
 
 
-def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda(solver):
     masks, outputs, _ = planted(300, 50, 4)
-    dm = lasso(masks, outputs, n_lambdas=12, tol=1e-8, dtype=torch.float64)
+    dm = lasso(masks, outputs, n_lambdas=12, tol=1e-8, dtype=torch.float64, solver=solver)
     assert dm.lam.shape == (4,) and (dm.lam > 0).all()
-    again = lasso_path(masks, outputs, lambdas=dm.lam[None], tol=1e-8, dtype=torch.float64)
+    again = lasso_path(masks, outputs, lambdas=dm.lam[None], tol=1e-8, dtype=torch.float64, solver=solver)
     torch.testing.assert_close(dm.weight, again.weight[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(dm.bias, again.bias[0], atol=1e-5, rtol=0)
     # the same split seed gives the same fit; early stopping of the path only skips smaller lambdas
-    torch.testing.assert_close(lasso(masks, outputs, n_lambdas=12).weight, lasso(masks, outputs, n_lambdas=12).weight)
+    again = lasso(masks, outputs, n_lambdas=12, solver=solver)
+    torch.testing.assert_close(lasso(masks, outputs, n_lambdas=12, solver=solver).weight, again.weight)
 
 
 @pytest.mark.parametrize("name", ["diff_in_means", "ridge", "lasso"])

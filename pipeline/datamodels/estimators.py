@@ -8,8 +8,10 @@ Pure torch, on the device of ``masks`` (CPU or GPU). Throughout:
 
 Estimators (specs/README.md decision 4, specs/algorithms.md section 2): difference in means (closed
 form), ridge (closed form, sklearn ``Ridge`` semantics) and LASSO with a regularisation path and a
-per-target lambda chosen on held-out models (our own solver, batched over targets; fast_l1 semantics
-with sklearn ``Lasso``'s objective on standardised features).
+per-target lambda chosen on held-out models (fast_l1 semantics with sklearn ``Lasso``'s objective on
+standardised features). LASSO has two solvers of the same problems with the same stopping rule: on
+the CPU, compiled coordinate descent on working sets, target by target (``lasso_cd``); on GPUs and
+for designs too large for a Gram matrix, batched accelerated proximal gradient in torch (below).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from pipeline.datamodels import lasso_cd
 
 
 @dataclass(frozen=True, eq=False)
@@ -642,6 +647,7 @@ def lasso_path(
     max_iter: int = 5000,
     tol: float = 1e-4,
     dtype: torch.dtype = torch.float32,
+    solver: str = "auto",
 ) -> LassoPath:
     """LASSO along a regularisation path, all targets at once, warm-started from lambda to lambda.
 
@@ -649,14 +655,15 @@ def lasso_path(
     sklearn ``Lasso(alpha=lam)``'s problem (1/2m)||y - b - X~ theta||^2 + lam ||theta||_1 with an
     unpenalised b. lambdas: (k,) shared, (k, t) per target, or None for the default path
     lam_max * eps^(j / (n_lambdas - 1)). tol: duality gap relative to ||y - ybar||^2 / m, as sklearn
-    (floored at 10 machine epsilons of dtype, below which the gap is rounding noise).
-    Returns LassoPath(lambdas (k, t), weight (k, n, t), bias (k, t)) in raw inclusion units.
+    (floored at 10 machine epsilons of dtype, below which the gap is rounding noise). solver: see
+    ``lasso``. Returns LassoPath(lambdas (k, t), weight (k, n, t), bias (k, t)) in raw inclusion units.
     """
     X, Y = _as_float(masks, outputs, dtype)
     feat = _features(X)
     tg = _targets(feat, Y)
     grid = _lambda_grid(lambdas, tg, n_lambdas, eps)
-    raw = [_to_raw(feat, tg, th) for th in _path(feat, tg, grid, max_iter=max_iter, tol=tol)]
+    path = _path_cd if _solver(solver, feat) == "cd" else _path
+    raw = [_to_raw(feat, tg, th) for th in path(feat, tg, grid, max_iter=max_iter, tol=tol)]
     return LassoPath(lambdas=grid, weight=torch.stack([w for w, _ in raw]), bias=torch.stack([b for _, b in raw]))
 
 
@@ -726,6 +733,82 @@ def _select_and_refit(
     return Datamodel(weight=weight, bias=bias, lam=best_lam)
 
 
+# ----------------------------------------------------------------------------------------------
+# the same problems by compiled coordinate descent, on the CPU (see lasso_cd)
+
+
+def _solver(solver: str, feat: _Features) -> str:
+    """The solver that runs: "auto" is "cd" on the CPU with a Gram matrix, else "fista"."""
+    fits_cd = feat.X.device.type == "cpu" and feat.xs_pad is None
+    if solver == "auto":
+        return "cd" if fits_cd else "fista"
+    if solver == "cd" and not fits_cd:
+        raise ValueError(f"solver 'cd' runs on the CPU with at most {GRAM_MAX_FEATURES} training points; "
+                         f"got device {feat.X.device.type} and {feat.X.shape[1]} points (use 'fista' or 'auto')")
+    if solver not in ("cd", "fista"):
+        raise ValueError(f"unknown LASSO solver {solver!r}; valid: auto, cd, fista")
+    return solver
+
+
+def _gram(feat: _Features) -> np.ndarray:
+    """H (n, n) as a contiguous NumPy array."""
+    return np.ascontiguousarray(feat.rows[:, :-1].numpy())
+
+
+def _cd_tol(tol: float, dtype: torch.dtype) -> float:
+    return max(tol, 10 * torch.finfo(dtype).eps)
+
+
+def _path_cd(feat: _Features, tg: _Targets, grid: Tensor, *, max_iter: int, tol: float) -> Tensor:
+    """``_path`` by coordinate descent: theta (k, t, n) at every lambda of grid (k, t)."""
+    k, t = grid.shape
+    H, Q, C0 = _gram(feat), tg.q.contiguous().numpy(), tg.c0.numpy()
+    out = np.zeros((k, t, H.shape[0]), H.dtype)
+    grid_np, tol = grid.contiguous().numpy(), _cd_tol(tol, grid.dtype)
+    lasso_cd.over_targets(
+        lambda lo, hi: lasso_cd.path_targets(H, Q, C0, grid_np, tol, max_iter, lo, hi, out), t, torch.get_num_threads()
+    )
+    return torch.from_numpy(out)
+
+
+def _select_and_refit_cd(
+    fit_feat: _Features,
+    all_feat: _Features,
+    X_val: Tensor,
+    Y_fit: Tensor,
+    Y_val: Tensor,
+    Y_all: Tensor,
+    *,
+    n_lambdas: int,
+    eps: float,
+    min_lambdas: int | None,
+    max_iter: int,
+    tol: float,
+) -> Datamodel:
+    """``_select_and_refit`` by coordinate descent, target by target."""
+    tg, all_tg = _targets(fit_feat, Y_fit), _targets(all_feat, Y_all)
+    grid = _default_lambdas(tg, n_lambdas, eps).contiguous()
+    t, n = tg.q.shape
+    xv_t = ((X_val - fit_feat.mu) / fit_feat.sigma).T.contiguous().numpy()
+    yv = (Y_val - tg.ybar).contiguous().numpy()
+    ratio = (all_feat.sigma / fit_feat.sigma).numpy()
+    H_fit, H_all = _gram(fit_feat), _gram(all_feat)
+    q_fit, q_all = tg.q.contiguous().numpy(), all_tg.q.contiguous().numpy()
+    c0_fit, c0_all, grid_np = tg.c0.numpy(), all_tg.c0.numpy(), grid.numpy()
+    theta, lam = np.zeros((t, n), H_fit.dtype), np.zeros(t, H_fit.dtype)
+    tol = _cd_tol(tol, grid.dtype)
+
+    def run(lo: int, hi: int) -> np.ndarray:
+        return lasso_cd.select_refit_targets(
+            H_fit, q_fit, c0_fit, grid_np, xv_t, yv, min_lambdas or 0, H_all, q_all, c0_all, ratio,
+            tol, max_iter, lo, hi, theta, lam,
+        )
+
+    lasso_cd.over_targets(run, t, torch.get_num_threads())
+    weight, bias = _to_raw(all_feat, all_tg, torch.from_numpy(theta))
+    return Datamodel(weight=weight, bias=bias, lam=torch.from_numpy(lam))
+
+
 def lasso(
     masks: Tensor,
     outputs: Tensor,
@@ -739,6 +822,7 @@ def lasso(
     tol: float = 1e-4,
     dtype: torch.dtype = torch.float32,
     target_chunk: int | None = None,
+    solver: str = "auto",
 ) -> Datamodel:
     """LASSO datamodels with a per-target lambda chosen on held-out models (fast_l1 semantics).
 
@@ -752,6 +836,10 @@ def lasso(
     4. refit on all m models (standardised over all of them) at each target's lambda;
     5. return weights in raw inclusion units (theta / sigma, bias - mu @ weight).
     ``lam`` is in standardised units (sklearn ``Lasso`` alpha on standardised features).
+    solver: "cd", compiled coordinate descent on working sets, one target at a time over
+    ``torch.get_num_threads()`` threads (``lasso_cd``; CPU, up to GRAM_MAX_FEATURES points);
+    "fista", the batched torch solver above (any device, any size); "auto": cd where it applies.
+    Both stop on the same duality gap; max_iter counts sweeps (cd, as sklearn) or steps (fista).
     Memory: two n x n Gram matrices (fitting and all models) up to GRAM_MAX_FEATURES points, the
     designs beyond; and a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
     """
@@ -766,8 +854,9 @@ def lasso(
     fit_moments, val_moments = _moments(X_fit), _moments(X_val)
     fit_feat = _features(X_fit, fit_moments)
     all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
+    select_and_refit = _select_and_refit_cd if _solver(solver, fit_feat) == "cd" else _select_and_refit
     parts = [
-        _select_and_refit(
+        select_and_refit(
             fit_feat, all_feat, X_val, Y[fit][:, s], Y[val][:, s], Y[:, s],
             n_lambdas=n_lambdas, eps=eps, min_lambdas=min_lambdas, max_iter=max_iter, tol=tol,
         )
