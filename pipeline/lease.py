@@ -27,16 +27,18 @@ race window, and what it costs is two drivers writing the same deterministic row
 not lost data. Expiry compares the holder's heartbeat with the reader's clock: clocks of the machines
 sharing a store must agree to well within the ttl.
 
-A holder that is provably gone is stale at once rather than after its ttl: same host name, same boot
-id and same PID namespace as ours (so its pid is one we can see), and that pid no longer runs the
-process that wrote the lease (its start time differs or it is gone). This is what lets a driver killed
-with SIGKILL be re-run immediately; on any other host, or where /proc is missing, only the heartbeat
-counts.
+A lease is taken over only once its heartbeat has expired (decision 26), even when its holder is
+provably gone: same host name, same boot id and same PID namespace as ours (so its pid is one we can
+see), and that pid no longer runs the process that wrote the lease (its start time differs or it is
+gone). Such a holder is not waited for as a live one: a driver re-run after a SIGKILL waits for the
+dead lease's expiry (at most its ttl, `execution.lease_ttl`), whatever `lease_wait` says, then
+takes over, and says so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -128,16 +130,23 @@ def _holder_alive(record: dict) -> bool:
 
 
 def is_stale(record: dict | None, now: float | None = None) -> bool:
-    """Whether a lease may be taken over: none, unreadable, heartbeat older than its ttl, or its
-    holder provably gone (see the module docstring)."""
+    """Whether a lease may be taken over: none, unreadable, or heartbeat older than its ttl."""
+    return expires_in(record, now) < 0
+
+
+def expires_in(record: dict | None, now: float | None = None) -> float:
+    """Seconds until the lease's heartbeat expires (negative once it has; -inf for none or unreadable)."""
     if not record:
-        return True
+        return -math.inf
     now = time.time() if now is None else now
     try:
-        if now - float(record["heartbeat"]) > float(record["ttl"]):
-            return True
+        return float(record["heartbeat"]) + float(record["ttl"]) - now
     except (KeyError, TypeError, ValueError):
-        return True
+        return -math.inf
+
+
+def holder_gone(record: dict) -> bool:
+    """Whether the lease's holder provably no longer runs (see the module docstring)."""
     return _same_machine(record) and not _holder_alive(record)
 
 
@@ -195,11 +204,16 @@ class Lease:
                                      "(it keeps changing under this driver)")
                 continue
             rel, record = holder
+            gone = holder_gone(record)
+            if gone:  # a dead driver's lease: wait for its expiry, whatever self.wait says
+                deadline = max(deadline, time.monotonic() + expires_in(record) + self.poll)
             if time.monotonic() >= deadline:
                 raise LeaseHeld(self.store, rel, record, waited=time.monotonic() - t0 if self.wait else 0.0)
             if not announced and not self.quiet:
-                print(f"waiting up to {self.wait:.0f} s for {self.store.url(_stage_of(rel))}: held by "
-                      f"{describe_holder(record)}", file=sys.stderr, flush=True)
+                what = (f"the lease of a driver that is gone ({describe_holder(record)}) expires in "
+                        f"{max(expires_in(record), 0):.0f} s; taking it over then" if gone else
+                        f"waiting up to {self.wait:.0f} s: held by {describe_holder(record)}")
+                print(f"{self.store.url(_stage_of(rel))}: {what}", file=sys.stderr, flush=True)
                 announced = True
             time.sleep(min(self.poll, max(0.0, deadline - time.monotonic())))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.lease import Lease, LeaseHeld, is_stale, lease_rel
+from pipeline.lease import Lease, LeaseHeld, holder_gone, is_stale, lease_rel
 from pipeline.store import Store
 
 KINDS = ("prepare", "full", "subset", "oracle", "fit", "unlearn", "external")
@@ -189,6 +189,7 @@ def list_stages(store: Store, plan=None) -> list[dict]:
         if lease is not None:
             row["lease"] = {k: lease.get(k) for k in ("host", "pid", "started", "heartbeat", "ttl", "command")}
             row["lease"]["live"] = not is_stale(lease)
+            row["lease"]["holder_gone"] = holder_gone(lease)  # dead, but its lease has not expired yet
         if kind == "unlearn" and record:
             row["detail"] = f"{record['config'].get('method')} on {record['config'].get('forget_set')}"
         elif kind == "external" and record:
@@ -212,7 +213,11 @@ def state_text(row: dict) -> str:
     if lease:
         who = f"{lease.get('host')} pid {lease.get('pid')}"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("started") or 0))
-        text += f"; leased by {who} since {since}" if lease["live"] else f"; stale lease of {who}"
+        if not lease["live"]:
+            text += f"; stale lease of {who}"
+        else:
+            text += f"; leased by {who} since {since}" + (" (that process is gone; the lease expires within its "
+                                                          "ttl)" if lease.get("holder_gone") else "")
     return text
 
 

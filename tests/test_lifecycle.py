@@ -162,7 +162,7 @@ def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_
 
 
 # ------------------------------------------------------------------------------------------ leases in process
-def test_lease_protocol(tmp_path):
+def test_lease_protocol(tmp_path, capfd):
     from pipeline.lease import Lease, LeaseHeld, owner_identity, read_lease
     from pipeline.store import Store
 
@@ -190,11 +190,18 @@ def test_lease_protocol(tmp_path):
     store.write_json("fit/fit-4/LEASE.json", {**other, "heartbeat": time.time() - 31})
     with Lease(store, ["fit/fit-4"]) as taker:
         assert read_lease(store, "fit/fit-4")["token"] == taker.token
-    # a fresh heartbeat but a holder provably gone (this machine, its pid no longer running): taken over
-    store.write_json("fit/fit-4/LEASE.json", {**owner_identity(), "pid": dead_pid(), "pid_start": "1", "token": "t",
-                                              "started": time.time(), "heartbeat": time.time(), "ttl": 30})
-    with Lease(store, ["fit/fit-4"]) as taker:
+    # a holder provably gone (this machine, its pid no longer running): not a live holder to give up
+    # on, but its lease is taken over only once its heartbeat expires (decision 26), whatever wait says
+    pid = dead_pid()
+    beat = time.time()
+    store.write_json("fit/fit-4/LEASE.json", {**owner_identity(), "pid": pid, "pid_start": "1", "token": "t",
+                                              "started": beat, "heartbeat": beat, "ttl": 1.5})
+    with Lease(store, ["fit/fit-4"], wait=0) as taker:
+        assert time.time() >= beat + 1.5
         assert read_lease(store, "fit/fit-4")["token"] == taker.token
+    said = capfd.readouterr().err
+    assert f"fit/fit-4: the lease of a driver that is gone (host {socket.gethostname()}, pid {pid}" in said
+    assert "taking it over then" in said
     # ... but not while that pid runs the process that wrote the lease
     sleeper = subprocess.Popen(["sleep", "30"])
     try:

@@ -318,7 +318,8 @@ def test_s3_prepare_train_killed_resumed_fit_query(moto, tiny_store, run_env, tm
     plan = tiny_plan(root)
     blocks = n_blocks(plan)
     log = tmp_path / "train-killed.log"
-    proc = start_session([CLI, "train", str(TINY), *store_opt], log, env=run_env)
+    # a short lease ttl: the resumed run waits for the killed driver's lease to expire
+    proc = start_session([CLI, "train", str(TINY), *store_opt, "--set", "execution.lease_ttl=5"], log, env=run_env)
     seen = []
     try:
         wait_for(lambda: (seen.extend(descendants(proc.pid)) or _markers(moto, bucket) >= 2

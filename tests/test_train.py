@@ -259,7 +259,9 @@ def test_a_conflicting_later_stage_leaves_a_fresh_store_untouched(tiny_store, tm
 
 
 # ------------------------------------------------------------------------------------------ kills (slow)
-LONG = ("train.epochs=60", "execution.block_size=4")  # ~20 s of training on 2 cores, 17 blocks
+# ~20 s of training on 2 cores, 17 blocks; a short lease ttl, so that the re-run after a SIGKILL waits
+# little for the dead driver's lease to expire
+LONG = ("train.epochs=60", "execution.block_size=4", "execution.lease_ttl=3")
 
 
 @pytest.fixture(scope="module")
