@@ -70,10 +70,11 @@ def _add_rows(H, coef, idx, count, out):
 
 @numba.njit(cache=True, nogil=True)
 def _working_sweeps(G, w, g, theta, q, c0, lam, dual_out, target_gap, budget):
-    """Cyclic coordinate descent on a working set of w features: G[:w, :w] its Gram matrix, g,
-    theta, q ([:w]) its gradient, coefficients and q, updated in place. dual_out: max |gradient| outside the set, so
-    that the gap below is the full problem's if the set holds every feature that matters.
-    Sweeps until that gap <= target_gap or budget sweeps are done; returns the sweeps done."""
+    """Cyclic coordinate descent on a working set of w features: G[:w, :w] its Gram matrix; g, theta,
+    q ([:w]) its gradient, coefficients and q, updated in place. dual_out: max |gradient| outside
+    the set, so that the gap below is the full problem's if the set holds every feature that
+    matters. Sweeps until that gap, checked after each sweep, is <= target_gap, or budget sweeps
+    are done; returns the sweeps done."""
     sweeps = 0
     while sweeps < budget:
         for a in range(w):
