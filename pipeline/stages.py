@@ -193,11 +193,18 @@ def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: 
 
 
 # ---------------------------------------------------------------------------------------- families
+# The subset family's margins and logits are chunked by this many points, so that a fit task reads
+# only the chunks of its target block (every model's, a band of columns) instead of whole rows.
+SUBSET_POINT_CHUNK = 4096
+
+
 def output_specs(meta: dict, logits: bool, mask: bool = False) -> list[ArraySpec]:
+    """The arrays of a family; ``mask``: the subset family's (masks, and outputs chunked by points)."""
     points = meta["n_train"] + meta["n_val"]
-    specs = [ArraySpec("margins", (points,), "float32"), ArraySpec("accuracy", (2,), "float32")]
+    band = SUBSET_POINT_CHUNK if mask else None
+    specs = [ArraySpec("margins", (points,), "float32", band), ArraySpec("accuracy", (2,), "float32")]
     if logits:
-        specs.append(ArraySpec("logits", (points, meta["classes"]), "float16"))
+        specs.append(ArraySpec("logits", (points, meta["classes"]), "float16", band))
     if mask:
         specs.append(ArraySpec("masks", (meta["n_train"],), "bool"))
     return specs

@@ -301,11 +301,21 @@ def mark_complete(store: Store, ref: StageRef, info: dict) -> None:
 # ---------------------------------------------------------------------------------------- families
 @dataclass(frozen=True)
 class ArraySpec:
-    """An array with a leading model axis of chunk 1: any block of models owns whole chunks."""
+    """An array with a leading model axis of chunk 1: any block of models owns whole chunks.
+
+    point_chunk: the chunk along the next axis (points), for arrays read by column bands (the
+    subset family's outputs, read by fit tasks one target block at a time); None: whole rows."""
 
     name: str
     tail: tuple[int, ...]
     dtype: str
+    point_chunk: int | None = None
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        if self.point_chunk is None:
+            return (1, *self.tail)
+        return (1, min(self.point_chunk, self.tail[0]), *self.tail[1:])
 
 
 class Family:
@@ -329,7 +339,7 @@ class Family:
                 if arr.shape[0] < n_models:
                     arr.resize((n_models, *spec.tail))
             else:
-                group.create_array(spec.name, shape=(n_models, *spec.tail), chunks=(1, *spec.tail),
+                group.create_array(spec.name, shape=(n_models, *spec.tail), chunks=spec.chunks,
                                    dtype=spec.dtype, fill_value=0)
 
     def array(self, name: str, mode: str = "r") -> zarr.Array:

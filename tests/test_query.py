@@ -63,6 +63,42 @@ def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
     assert plan.store.read_bytes(f"{plan.fit.rel}/markers/targets/{markers[0]}") == first  # not redone
 
 
+def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path, monkeypatch):
+    # the subset family's outputs are chunked by points, so a fit task reads every model's chunk of
+    # its own target band and nothing else: with every other chunk unreadable it gives the same fit
+    from pipeline import stages
+    from pipeline.fit_stage import _create_arrays, _subset_family, fit_block_task
+
+    _, plan, _ = fitted
+    monkeypatch.setattr(stages, "SUBSET_POINT_CHUNK", 256)  # the arrays are created in this process
+    mine = tiny_plan(tmp_path / "store")
+    stages.run_prepare(mine)
+    stages.run_train(mine, ("subset",))
+    meta = mine.prepared_meta()
+    for role in ("fit", "heldout"):
+        ours = stages.family_store(mine, _subset_family(mine, role), meta)
+        theirs = stages.family_store(plan, _subset_family(plan, role), meta)
+        assert ours.array("margins").chunks == (1, 256) and ours.array("logits").chunks == (1, 256, 10)
+        for name in ("margins", "logits", "masks"):  # the same training, another layout
+            np.testing.assert_array_equal(ours.array(name)[:], theirs.array(name)[:])
+    spoiled = 0
+    for name in ("margins", "logits"):
+        for role in ("fit", "heldout"):
+            chunks = tmp_path / "store" / mine.subset.rel / "arrays.zarr" / role / name / "c"
+            for path in (p for p in chunks.rglob("*") if p.is_file()):
+                if path.relative_to(chunks).parts[1] != "1":  # chunk column 1 holds points 256..511
+                    path.write_bytes(b"not a chunk")
+                    spoiled += 1
+    assert spoiled > 100
+    _create_arrays(mine, meta)
+    assert fit_block_task(str(tmp_path / "store"), mine.cfg, 256, 512) == 256
+    for name, atol in (("theta", 1e-6), ("theta_logit", 1e-3)):  # theta_logit is float16
+        np.testing.assert_allclose(_matrix(mine, name)[:, 256:512].astype(np.float32),
+                                   _matrix(plan, name)[:, 256:512].astype(np.float32), rtol=1e-5, atol=atol)
+    with pytest.raises(Exception):  # the spoiled chunks were real: reading them fails
+        stages.family_store(mine, _subset_family(mine, "fit"), meta).array("margins")[:, :256]
+
+
 def test_queries_equal_numpy_on_the_whole_matrix(fitted):
     from pipeline.query import open_attribution
 
