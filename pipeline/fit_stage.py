@@ -6,11 +6,14 @@ Arrays (see storage_layout.md), in <root>/fit/fit-<id>/arrays.zarr:
   bias, lds, lam  (P,) float32
   theta_logit (n_train, P, C) float16, chunks (256, 16, C)  per-logit datamodels (dm-direct, DMM)
   bias_logit  (P, C) float32
+and, derived from theta_logit per forget set (what dm-direct and DMM use; safe to delete):
+  derived/forget-rows-<forget id>.npz  sums (P, C) = sum_{i in F} theta_logit[i], diagonal (|F|, C)
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import ray
@@ -25,6 +28,7 @@ from pipeline.store import Store, ensure_stage, is_complete, mark_complete
 TARGET_CHUNK = 16
 TRAIN_CHUNK = 4096
 LOGIT_TRAIN_CHUNK = 256
+FORGET_SUM_COLUMNS = 4096  # targets of theta_logit read at once when summing a forget set's rows
 
 
 def _subset_family(plan: Plan, role: str) -> FamilySpec:
@@ -185,6 +189,50 @@ def _write_rows_copy(plan: Plan, meta: dict) -> None:
     step = min(TRAIN_CHUNK, n) // TARGET_CHUNK * TARGET_CHUNK or TARGET_CHUNK
     for start in range(0, n, step):
         group["theta_rows"][start : start + step] = group["theta"][start : start + step]
+
+
+def sum_forget_rows(theta_logit, forget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A forget set's per-logit rows, summed: (sum_{i in F} theta_logit[i] (P, C), the diagonal
+    theta_logit[i, i] for i in F (|F|, C)), float32. Reads theta_logit by slabs of columns, so each
+    chunk holding forget rows is read once and no more than |F| x FORGET_SUM_COLUMNS x C values are
+    held at a time."""
+    forget = np.asarray(forget, dtype=np.int64)
+    n_points, classes = theta_logit.shape[1:]
+    sums = np.zeros((n_points, classes), np.float32)
+    diagonal = np.zeros((len(forget), classes), np.float32)
+    for lo in range(0, n_points, FORGET_SUM_COLUMNS):
+        hi = min(lo + FORGET_SUM_COLUMNS, n_points)
+        rows = theta_logit.get_orthogonal_selection((forget, slice(lo, hi), slice(None))).astype(np.float32)
+        sums[lo:hi] = rows.sum(0)
+        inside = np.flatnonzero((forget >= lo) & (forget < hi))
+        diagonal[inside] = rows[inside, forget[inside] - lo]
+    return sums, diagonal
+
+
+def forget_rows_rel(plan: Plan, forget: np.ndarray) -> str:
+    from pipeline.data.forget_sets import forget_set_id
+
+    return f"{plan.fit.rel}/derived/forget-rows-{forget_set_id(np.asarray(forget))}.npz"
+
+
+def forget_rows(plan: Plan, forget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_forget_rows`` of the finished fit, computed once per forget set and kept under the fit
+    stage (written whole, atomically; identical whoever writes it), so that unlearning tasks read
+    (P, C) values instead of every theta_logit chunk holding a forget row."""
+    forget = np.asarray(forget, dtype=np.int64)
+    rel = forget_rows_rel(plan, forget)
+    if plan.store.exists(rel):
+        with np.load(io.BytesIO(plan.store.read_bytes(rel)), allow_pickle=False) as cached:
+            if np.array_equal(cached["forget"], forget):
+                return cached["sums"], cached["diagonal"]
+    if not is_complete(plan.store, plan.fit):
+        raise StageError("the fit stage is not finished: run `oracle-farm fit` first")
+    theta_logit = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")["theta_logit"]
+    sums, diagonal = sum_forget_rows(theta_logit, forget)
+    buf = io.BytesIO()
+    np.savez(buf, forget=forget, sums=sums, diagonal=diagonal)
+    plan.store.write_bytes(rel, buf.getvalue())
+    return sums, diagonal
 
 
 def fit_status(plan: Plan) -> list[dict]:

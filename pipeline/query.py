@@ -99,8 +99,9 @@ class AttributionMatrix:
         forget = np.asarray(forget)
         for i in forget:
             self._train(int(i))
-        rows = self.theta_logit.get_orthogonal_selection((forget, slice(None), slice(None))).astype(np.float32)
-        logits = full_logits.astype(np.float32) - rows.sum(0)
+        from pipeline.fit_stage import sum_forget_rows
+
+        logits = full_logits.astype(np.float32) - sum_forget_rows(self.theta_logit, forget)[0]
         correct = logits[np.arange(len(labels)), labels]
         others = logits.copy()
         others[np.arange(len(labels)), labels] = -np.inf

@@ -17,6 +17,7 @@ import torch
 from pipeline.config import Config, stage_id
 from pipeline.data.forget_sets import forget_set_id
 from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.fit_stage import forget_rows
 from pipeline.models import build_model
 from pipeline.stages import (
     STATUS_PROVIDERS, FamilySpec, Plan, StageError, family_store, load_device_data, load_full_models,
@@ -25,7 +26,7 @@ from pipeline.stages import (
 from pipeline.store import Family, StageRef, Store, ensure_stage
 from pipeline.train import derive_seed, evaluate_members, outputs_from_logits, retrain_example_passes
 from pipeline.unlearn import expand_grid, get_method
-from pipeline.unlearn.base import ComputeMeter, Context
+from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows
 
 
 def n_unlearned(cfg: Config) -> int:
@@ -104,6 +105,8 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
             tasks.append((method, hp, fs, start, end, (np.flatnonzero(~done[start:end]) + start).tolist()))
     if not tasks:
         return
+    for fs in sorted({fs for m, _, fs, *_ in tasks if "datamodels" in get_method(m).NEEDS}):
+        forget_rows(plan, plan.forget_sets[fs])  # once here, not in every task
     init_ray(ex)
     remote = ray.remote(unlearn_block_task).options(**task_options(ex))
     refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo))
@@ -144,10 +147,9 @@ def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str,
                   indices: list[int], needs: tuple) -> Context:
     device = data.device
 
-    def datamodel_rows() -> torch.Tensor:
-        group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")
-        rows = group["theta_logit"].get_orthogonal_selection((forget, slice(None), slice(None)))
-        return torch.as_tensor(rows, device=device).float()
+    def datamodels() -> ForgetRows:
+        sums, diagonal = forget_rows(plan, forget)
+        return ForgetRows(torch.as_tensor(sums, device=device), torch.as_tensor(diagonal, device=device))
 
     def target_oracle_logits() -> torch.Tensor:
         n_t = plan.cfg.train.oracle.target
@@ -162,7 +164,7 @@ def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str,
 
     return Context(data=data, classes=meta["classes"], seed=derive_seed(ref.id), model_indices=indices,
                    make_fresh_model=lambda members: fresh([derive_seed(ref.id, "fresh", i) for i in members]),
-                   _datamodel_rows=datamodel_rows if "datamodels" in needs else None,
+                   _forget_rows=datamodels if "datamodels" in needs else None,
                    _target_oracle_logits=target_oracle_logits if "target_oracles" in needs else None)
 
 

@@ -17,7 +17,7 @@ from pipeline.optim import StackedSGD
 from pipeline.train import DeviceData, Member, train_members
 from pipeline.unlearn import get_method
 from pipeline.unlearn import camu, del_, scrub, sfron
-from pipeline.unlearn.base import ComputeMeter, Context, batch_inputs, member_params
+from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows, batch_inputs, member_params
 from pipeline.unlearn.matching import finetune_index_set
 
 MODEL = ModelConfig(name="mlp", hidden=16)
@@ -49,7 +49,8 @@ class Setup:
 
         return Context(
             data=self.data, classes=CLASSES, seed=5, model_indices=list(model_indices), make_fresh_model=fresh,
-            _datamodel_rows=lambda: self.rows, _target_oracle_logits=lambda: self.oracle,
+            _forget_rows=lambda: ForgetRows.from_rows(self.rows, self.forget),
+            _target_oracle_logits=lambda: self.oracle,
         )
 
     def copy(self, idx=(0, 1, 2)):

@@ -59,6 +59,21 @@ class ComputeMeter:
                 "equivalent_passes": self.equivalent_passes(), "seconds": self.seconds()}
 
 
+@dataclass(frozen=True)
+class ForgetRows:
+    """A forget set F's per-logit datamodels as dm-direct and DMM use them: sums (P, classes) =
+    sum_{i in F} theta[i, :, :], and diagonal (|F|, classes) = theta[i, i, :] in F's order."""
+
+    sums: torch.Tensor
+    diagonal: torch.Tensor
+
+    @staticmethod
+    def from_rows(rows: torch.Tensor, forget) -> ForgetRows:
+        """From the rows themselves, (|F|, P, classes), row k belonging to forget[k]."""
+        forget = torch.as_tensor(np.asarray(forget, dtype=np.int64), device=rows.device)
+        return ForgetRows(rows.float().sum(0), rows[torch.arange(len(forget), device=rows.device), forget].float())
+
+
 @dataclass
 class Context:
     """What a method may need, served lazily (datamodel rows, target-oracle logits, full logits)."""
@@ -68,15 +83,15 @@ class Context:
     seed: int
     model_indices: list[int]
     make_fresh_model: Callable[[list[int]], torch.nn.Module] | None = None
-    _datamodel_rows: Callable[[], torch.Tensor] | None = None
+    _forget_rows: Callable[[], ForgetRows] | None = None
     _target_oracle_logits: Callable[[], torch.Tensor] | None = None
     notes: dict = field(default_factory=dict)
 
-    def datamodel_rows(self) -> torch.Tensor:
-        """Per-logit datamodel rows of the forget set: (|F|, P, classes), float32, on the device."""
-        if self._datamodel_rows is None:
+    def forget_rows(self) -> ForgetRows:
+        """The forget set's per-logit datamodels, summed, and their diagonal; float32, on the device."""
+        if self._forget_rows is None:
             raise RuntimeError("this method needs the fit stage's per-logit datamodels (fit.per_logit: true)")
-        return self._datamodel_rows()
+        return self._forget_rows()
 
     def target_oracle_logits(self) -> torch.Tensor:
         """Mean logits of the target oracles on train ++ val: (P, classes), float32, on the device."""

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.margins import stacked_logits
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import MethodConfig, batch_inputs, index_batches
+from pipeline.unlearn.base import ForgetRows, MethodConfig, batch_inputs, index_batches
 
 
 class MatchingConfig(MethodConfig):
@@ -49,21 +49,20 @@ def finetune_index_set(forget: np.ndarray, retain: np.ndarray, forget_multiplier
     return index_set, notes
 
 
-def dm_correction(rows: torch.Tensor, forget: np.ndarray, points: np.ndarray, multiplier: float = 1.0,
+def dm_correction(rows: ForgetRows, forget: np.ndarray, points: np.ndarray, multiplier: float = 1.0,
                   diagonal_only: bool = False) -> torch.Tensor:
     """multiplier x sum_{i in F} theta[i, x, :] for x in points: (len(points), classes).
 
-    rows: per-logit datamodel rows of the forget set, (|F|, P, classes), row k belonging to forget[k].
     diagonal_only keeps only the self-influence theta[i, i, :] of forget points (zero elsewhere)."""
-    pts = torch.as_tensor(np.asarray(points, dtype=np.int64), device=rows.device)
+    pts = torch.as_tensor(np.asarray(points, dtype=np.int64), device=rows.sums.device)
     if not diagonal_only:
-        return multiplier * rows.sum(0).index_select(0, pts).float()
-    which = np.full(rows.shape[1], -1, dtype=np.int64)
+        return multiplier * rows.sums.index_select(0, pts)
+    which = np.full(rows.sums.shape[0], -1, dtype=np.int64)
     which[np.asarray(forget, dtype=np.int64)] = np.arange(len(forget))
-    row_of = torch.as_tensor(which[np.asarray(points, dtype=np.int64)], device=rows.device)
+    row_of = torch.as_tensor(which[np.asarray(points, dtype=np.int64)], device=rows.sums.device)
     hit = row_of >= 0
-    out = torch.zeros(len(points), rows.shape[2], device=rows.device, dtype=torch.float32)
-    out[hit] = rows[row_of[hit], pts[hit]].float()
+    out = torch.zeros(len(points), rows.sums.shape[1], device=rows.sums.device, dtype=torch.float32)
+    out[hit] = rows.diagonal[row_of[hit]]
     return multiplier * out
 
 
@@ -75,7 +74,7 @@ def dm_direct_logits(ctx, model, forget: np.ndarray, points: np.ndarray, multipl
     images = ctx.data.all_images().index_select(0, pts)
     logits = stacked_logits(model, images, ctx.data.normalize)
     meter.forward_pass(len(points))
-    return logits - dm_correction(ctx.datamodel_rows(), forget, points, multiplier, diagonal_only)[None]
+    return logits - dm_correction(ctx.forget_rows(), forget, points, multiplier, diagonal_only)[None]
 
 
 def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets: torch.Tensor,
