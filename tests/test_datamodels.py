@@ -310,22 +310,36 @@ def test_lasso_cd_warm_start_gradient_is_exact():
         np.testing.assert_allclose(start_grad, H @ start - q, atol=1e-12)
 
 
-def test_lasso_solvers_agree():
+@pytest.mark.parametrize("min_lambdas", [None, 0, 3])
+def test_lasso_solvers_agree(min_lambdas):
     # more points than models, as in real datamodels: both solvers, the same lambdas and weights
     masks, outputs, _ = planted(120, 200, 5, active=15, noise=0.5, seed=4)
-    opts = dict(n_lambdas=12, tol=1e-10, dtype=torch.float64)
+    opts = dict(n_lambdas=12, tol=1e-10, dtype=torch.float64, min_lambdas=min_lambdas)
     cd, fista = lasso(masks, outputs, solver="cd", **opts), lasso(masks, outputs, solver="fista", **opts)
     torch.testing.assert_close(cd.lam, fista.lam)
     torch.testing.assert_close(cd.weight, fista.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(cd.bias, fista.bias, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_constant_targets_and_bad_lambdas(solver):
+    # a constant target whose mean is not a float32 number (0.1): y - ybar is rounding noise, not
+    # something to fit; it gets the all-zero model at once
+    masks, outputs, _ = planted(80, 30, 2)
+    outputs[:, 1] = 0.1
+    dm = lasso(masks, outputs, n_lambdas=8, solver=solver, max_iter=5000)
+    assert (dm.weight[:, 1] == 0).all() and (dm.weight[:, 0] != 0).any()
+    torch.testing.assert_close(dm.bias[1], outputs[0, 1])
+    with pytest.raises(ValueError, match="lambdas must be > 0"):
+        lasso_path(masks, outputs, lambdas=torch.tensor([0.1, 0.0]), solver=solver)
+
+
 def test_lasso_cd_threads_give_the_same_bits():
     masks, outputs, _ = planted(200, 60, 7)
-    one = lasso(masks, outputs, n_lambdas=10, solver="cd")
-    torch.set_num_threads(3)  # targets split in three parts, solved in parallel threads
-    three = lasso(masks, outputs, n_lambdas=10, solver="cd")
-    assert torch.equal(one.weight, three.weight) and torch.equal(one.lam, three.lam)
+    one = lasso(masks, outputs, n_lambdas=10, solver="cd", threads=1)
+    for threads in (2, 3, 7):  # targets split in parts, solved in parallel threads
+        more = lasso(masks, outputs, n_lambdas=10, solver="cd", threads=threads)
+        assert torch.equal(one.weight, more.weight) and torch.equal(one.lam, more.lam)
 
 
 def test_lasso_solver_choice(monkeypatch):

@@ -16,6 +16,7 @@ for designs too large for a Gram matrix, batched accelerated proximal gradient i
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,9 +211,13 @@ def _features(X: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> _Featu
 
 
 def _targets(feat: _Features, Y: Tensor) -> _Targets:
-    """Y (m, t) -> centred target statistics against the standardised features."""
+    """Y (m, t) -> centred target statistics against the standardised features. A target whose
+    variance is rounding noise is constant: centred to exactly 0 (its model is all zeros)."""
     ybar = Y.mean(0)
     yc = Y - ybar
+    # a constant y leaves y - ybar at ybar's rounding error, ~eps |ybar| in every entry
+    constant = (yc * yc).mean(0) <= (16 * torch.finfo(Y.dtype).eps) ** 2 * (Y * Y).mean(0)
+    yc = yc.masked_fill(constant, 0)
     q = (yc.T @ feat.X) * (feat.scale / feat.m)  # yc sums to 0, so yc' X~ = yc' X / sigma
     minus = -torch.nn.functional.pad(q, (0, 1)) if feat.xs_pad is None else -yc.T / feat.m
     return _Targets(ybar=ybar, q=q, c0=(yc * yc).sum(0) / (2 * feat.m), minus=minus)
@@ -630,6 +635,8 @@ def _lambda_grid(lambdas: Tensor | None, tg: _Targets, n_lambdas: int, eps: floa
     if lambdas is None:
         return _default_lambdas(tg, n_lambdas, eps)
     lambdas = torch.as_tensor(lambdas, dtype=tg.q.dtype, device=tg.q.device)
+    if not bool((lambdas > 0).all()):
+        raise ValueError("LASSO lambdas must be > 0 (lambda 0 is least squares: use ridge with a small lambda)")
     if lambdas.ndim == 0:
         lambdas = lambdas[None]
     if lambdas.ndim == 1:
@@ -784,8 +791,9 @@ def _select_and_refit_cd(
     min_lambdas: int | None,
     max_iter: int,
     tol: float,
+    threads: int | None = None,
 ) -> Datamodel:
-    """``_select_and_refit`` by coordinate descent, target by target."""
+    """``_select_and_refit`` by coordinate descent, target by target, over threads threads."""
     tg, all_tg = _targets(fit_feat, Y_fit), _targets(all_feat, Y_all)
     grid = _default_lambdas(tg, n_lambdas, eps).contiguous()
     t, n = tg.q.shape
@@ -800,11 +808,12 @@ def _select_and_refit_cd(
 
     def run(lo: int, hi: int) -> np.ndarray:
         return lasso_cd.select_refit_targets(
-            H_fit, q_fit, c0_fit, grid_np, xv_t, yv, min_lambdas or 0, H_all, q_all, c0_all, ratio,
+            H_fit, q_fit, c0_fit, grid_np, xv_t, yv, -1 if min_lambdas is None else min_lambdas, H_all, q_all,
+            c0_all, ratio,
             tol, max_iter, lo, hi, theta, lam,
         )
 
-    lasso_cd.over_targets(run, t, torch.get_num_threads())
+    lasso_cd.over_targets(run, t, threads or torch.get_num_threads())
     weight, bias = _to_raw(all_feat, all_tg, torch.from_numpy(theta))
     return Datamodel(weight=weight, bias=bias, lam=torch.from_numpy(lam))
 
@@ -823,6 +832,7 @@ def lasso(
     dtype: torch.dtype = torch.float32,
     target_chunk: int | None = None,
     solver: str = "auto",
+    threads: int | None = None,
 ) -> Datamodel:
     """LASSO datamodels with a per-target lambda chosen on held-out models (fast_l1 semantics).
 
@@ -840,6 +850,7 @@ def lasso(
     ``torch.get_num_threads()`` threads (``lasso_cd``; CPU, up to GRAM_MAX_FEATURES points);
     "fista", the batched torch solver above (any device, any size); "auto": cd where it applies.
     Both stop on the same duality gap; max_iter counts sweeps (cd, as sklearn) or steps (fista).
+    threads: cd's threads (default ``torch.get_num_threads()``); they do not change its results.
     Memory: two n x n Gram matrices (fitting and all models) up to GRAM_MAX_FEATURES points, the
     designs beyond; and a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
     """
@@ -854,7 +865,9 @@ def lasso(
     fit_moments, val_moments = _moments(X_fit), _moments(X_val)
     fit_feat = _features(X_fit, fit_moments)
     all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
-    select_and_refit = _select_and_refit_cd if _solver(solver, fit_feat) == "cd" else _select_and_refit
+    select_and_refit = _select_and_refit
+    if _solver(solver, fit_feat) == "cd":
+        select_and_refit = functools.partial(_select_and_refit_cd, threads=threads)
     parts = [
         select_and_refit(
             fit_feat, all_feat, X_val, Y[fit][:, s], Y[val][:, s], Y[:, s],

@@ -15,7 +15,7 @@ GIL). A solve alternates two phases until the gap over all features is small eno
   path (it holds every support on the way), so each of its features' sub-Gram rows is gathered
   once per path;
 * cyclic coordinate descent on the working set alone, over a contiguous copy of its sub-Gram
-  matrix, until the working-set problem's gap is half the tolerance. A coordinate that stays at
+  matrix, until the working-set problem's gap is half the tolerance (or 50 sweeps have passed). A coordinate that stays at
   zero costs one comparison; one that moves updates the working set's gradients (one row of the
   sub-Gram matrix).
 
@@ -30,6 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+
+# sweeps on a working set between two full checks at most: the set's gradients are updated in the
+# working dtype, and on long solves (ill-conditioned, tight tol) their float32 drift would otherwise
+# let the set's gap pass while the true one does not; each check re-reads them from the exact one
+_ROUND_SWEEPS = 50
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,7 +153,8 @@ def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps, idx, pos, G, w):
         for a in range(w):
             g[a], th[a], qw[a] = grad[idx[a]], theta[idx[a]], q[idx[a]]
             moved[a] = th[a]
-        sweeps += _working_sweeps(G, w, g, th, qw, c0, lam, dual_out, 0.5 * tol_abs, max_sweeps - sweeps)
+        budget = min(max_sweeps - sweeps, _ROUND_SWEEPS)
+        sweeps += _working_sweeps(G, w, g, th, qw, c0, lam, dual_out, 0.5 * tol_abs, budget)
         for a in range(w):
             theta[idx[a]] = th[a]
             moved[a] = th[a] - moved[a]
@@ -262,7 +268,7 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
 
     grid (k, t) the fitting path; xv_t (n, v) the validation models' standardised design (fitting
     standardisation), transposed; yv (v, t) their outputs less the fitting mean; min_lambdas: after
-    that many lambdas a path stops at the first rise of its validation MSE (0: never). The refit
+    that many lambdas a path stops at the first rise of its validation MSE (-1: never). The refit
     starts from the chosen solution times ratio (n,) = sigma_all / sigma_fit. Writes the refitted
     theta (all-model standardisation) to out_theta (t, n) and the chosen lambda to out_lam (t,);
     returns the sweeps per target."""
@@ -283,7 +289,7 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)
                 best_mse, best_lam = mse, grid[j, i]
                 best[:] = theta
-            if min_lambdas > 0 and j + 1 >= min_lambdas and mse > last_mse:
+            if min_lambdas >= 0 and j + 1 >= min_lambdas and mse > last_mse:
                 break
             last_mse = mse
         theta[:] = best * ratio
