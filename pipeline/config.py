@@ -167,8 +167,9 @@ class FitConfig(Frozen):
 
 # ----------------------------------------------------------------------------------------- unlearn
 class UnlearnConfig(Frozen):
-    # method name -> hyperparameters (a list gives a grid selected on the tuning forget set)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"do_nothing": {}})
+    # method name -> hyperparameters (a list gives a grid selected on the tuning forget set); a list of
+    # such mappings is the union of their grids
+    methods: dict[str, dict[str, Any] | list[dict[str, Any]]] = Field(default_factory=lambda: {"do_nothing": {}})
     models: int | None = Field(None, ge=1)  # full models to unlearn; default all (train.full.models)
     seed: int = 0
 
@@ -193,6 +194,9 @@ class ExecutionConfig(Frozen):
     # training data (decision 12): resident on the device, streamed through FFCV's Loader, or auto
     # (resident when the dataset takes at most half the device's free memory); same batches either way
     data_path: Literal["auto", "resident", "stream"] = "auto"
+    # how a block of models is computed (decision 28): one grouped computation, each member's dense
+    # layers in turn, the same on one CUDA stream per member, or what the device's calibration picked
+    stacking: Literal["auto", "grouped", "loop", "streams"] = "auto"
     fit_block_targets: int = Field(512, gt=0)  # targets per fit task
     threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
     max_retries: int = Field(2, ge=0)

@@ -21,6 +21,7 @@ from pipeline.data.beton import read_beton, write_beton
 from pipeline.data.datasets import load_dataset
 from pipeline.data.forget_sets import forget_set_id, resolve_forget_set
 from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.models import resolve_stacking
 from pipeline.store import (
     ArraySpec, Family, StageRef, Store, ensure_stage, file_sha256, is_complete, mark_complete,
 )
@@ -316,12 +317,13 @@ def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, 
     meta = plan.prepared_meta()
     data = load_device_data(store_root, plan.prepare.rel, cfg.execution.device, cfg.execution.data_path)
     members, masks = zip(*(fam.member(i, meta["n_train"]) for i in range(start, end)))
-    model, counters = train_members(cfg.model, cfg.train, data, list(members), meta["classes"])
+    stacking = resolve_stacking(cfg.execution.stacking, data.device)
+    model, counters = train_members(cfg.model, cfg.train, data, list(members), meta["classes"], stacking=stacking)
     outputs = evaluate_members(model, data)
     if fam.kind == "subset":
         outputs["masks"] = np.stack(masks)
     family = family_store(plan, fam, meta)
-    info = {**counters, "threads": torch.get_num_threads(), "block": [start, end],
+    info = {**counters, "threads": torch.get_num_threads(), "block": [start, end], "stacking": stacking,
             "retrain_example_passes": retrain_example_passes(cfg.train, meta["n_train"])}
     for run_start, run_end in _runs(todo):
         rows = slice(run_start - start, run_end - start)
@@ -371,7 +373,8 @@ def load_full_models(plan: Plan, indices: list[int], device: str = "cpu"):
     missing = [i for i in indices if i not in parts]
     if missing:
         raise StageError(f"full models {missing} are not trained: run `oracle-farm train` first")
-    model = build_model(plan.cfg.model, [0] * len(indices), tuple(meta["shape"]), meta["classes"])
+    stacking = resolve_stacking(plan.cfg.execution.stacking, device)
+    model = build_model(plan.cfg.model, [0] * len(indices), tuple(meta["shape"]), meta["classes"], stacking)
     state = {k: torch.stack([parts[i][k] for i in indices]) for k in parts[indices[0]]}
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -132,8 +132,8 @@ def augment(x: torch.Tensor, seeds: list[int], epoch: int, step: int) -> torch.T
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
-    enabled = cfg.precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast on any device (CPU autocast too, so the bf16 path runs on every commit)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -145,9 +145,10 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 
 
 
 def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, members: list[Member],
-                  classes: int, progress=None) -> tuple[StackedModel, dict]:
-    """Train a block of members from scratch; returns the stacked model (eval mode) and counters."""
-    model = build_model(model_cfg, [m.seed for m in members], data.shape, classes).to(data.device)
+                  classes: int, progress=None, stacking: str = "grouped") -> tuple[StackedModel, dict]:
+    """Train a block of members from scratch; returns the stacked model (eval mode) and counters.
+    `stacking` (decision 28) changes how the block is computed, not what each member learns."""
+    model = build_model(model_cfg, [m.seed for m in members], data.shape, classes, stacking).to(data.device)
     model.train()
     opt = StackedSGD(model.parameters(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = torch.tensor([len(m.indices) // cfg.batch_size for m in members], dtype=torch.float32)

@@ -277,3 +277,47 @@ def test_cifar_folder_location_is_not_part_of_the_prepare_identity(tmp_path):
         return Plan(cfg, Store(cfg.store)).prepare.id
 
     assert prepare_id("/data/a") == prepare_id("/elsewhere/b")
+
+
+# ------------------------------------------------------------------------------------------ paper configs
+REPO_CONFIGS = TINY.parent
+
+
+@pytest.mark.parametrize("name", ["cifar10.yaml", "cifar10-smoke.yaml"])
+def test_cifar10_configs_run_every_registered_method(name):
+    from pipeline.unlearn import METHODS, expand_grid
+
+    cfg = load_config(REPO_CONFIGS / name)
+    assert set(cfg.unlearn.methods) == set(METHODS)
+    for method, params in cfg.unlearn.methods.items():
+        assert expand_grid(method, params), method
+
+
+def test_cifar10_config_holds_the_papers_settings():
+    from pipeline.unlearn import expand_grid
+
+    methods = load_config(REPO_CONFIGS / "cifar10.yaml").unlearn.methods
+    grid = {name: expand_grid(name, params) for name, params in methods.items()}
+    assert all(p.budget == 0.3 and p.epochs == 30 for p in grid["del"])
+    assert any(p.n_iters == 1500 and p.forget_freq == 5 and p.forget_alpha == 25 and p.max_norm == 7
+               for p in grid["sfron"])
+    assert any(p.epochs == 10 and p.impair_lr == 1e-4 and p.kl_lr == 1e-5 and p.batch_size == 32 for p in grid["camu"])
+    scrub = [(p.lr, p.msteps, p.epochs, p.alpha, p.batch_size) for p in grid["scrub"]]
+    assert (5e-4, 2, 3, 0.001, 128) in scrub  # SCRUB's authors, large-scale CIFAR-10
+    assert (1e-2, 3, 10, 0.1, 64) in scrub  # the DMM code's
+
+
+@pytest.mark.slow
+def test_cifar10_smoke_config_runs_every_method_on_the_cpu(tmp_path):
+    """The CIFAR-10 code path end to end on a small folder in the real format: ResNet-9, every method."""
+    from helpers import cli
+    from pipeline.data.datasets import write_cifar_folder
+
+    root = write_cifar_folder(tmp_path / "cifar", n_per_batch=60, n_test=50)
+    out = cli("run", str(REPO_CONFIGS / "cifar10-smoke.yaml"), "--set", f"data.root={root}",
+              "--set", f"store={tmp_path / 'store'}", "--out", str(tmp_path / "report"), timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    from pipeline.unlearn import METHODS
+
+    assert all(name in report for name in METHODS)

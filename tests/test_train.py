@@ -22,7 +22,7 @@ from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
 from pipeline.stages import FamilySpec, family_store, load_full_models, run_prepare, run_train, train_families
 from pipeline.store import StageRef
-from pipeline.train import DeviceData, Member, evaluate_members, train_members
+from pipeline.train import DeviceData, Member, autocast_for, evaluate_members, train_members
 
 
 # ------------------------------------------------------------------------------------------ batched == alone
@@ -41,9 +41,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def block_vs_alone(data, model_cfg, train_cfg, members) -> list[tuple[float, float]]:
+def block_vs_alone(data, model_cfg, train_cfg, members, stacking="grouped") -> list[tuple[float, float]]:
     """For each member k: (max |param/buffer diff|, max |margin diff|) between the block and alone."""
-    block, _ = train_members(model_cfg, train_cfg, data, members, 10)
+    block, _ = train_members(model_cfg, train_cfg, data, members, 10, stacking=stacking)
     block_out = evaluate_members(block, data)
     diffs = []
     for k, member in enumerate(members):
@@ -96,19 +96,58 @@ def test_streamed_path_gives_the_resident_paths_batches_and_model(digits, one_th
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_cnn_member_of_a_block_equals_member_alone(digits, one_thread):
-    """Grouped convolutions may sum in another order than a single model's: float tolerance."""
-    members = [Member(seed, np.arange(digits.n_train)) for seed in (5, 6, 7)]
-    cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
-    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members):
-        assert state <= 1e-4 and margin <= 1e-3
-
-
-def test_cnn_members_with_unequal_subsets_equal_alone(digits, one_thread):
+@pytest.mark.parametrize("stacking", ["loop", "streams"])
+def test_cnn_member_of_a_loop_block_is_bit_identical_to_alone(digits, one_thread, stacking):
+    """Decision 28: `loop` runs each member's own dense kernels, so nothing depends on the CPU's vector
+    width (`streams` off CUDA is the loop). Unequal subsets: members sit steps out."""
     members = subset_members(digits.n_train, 2) + [Member(9, np.arange(digits.n_train))]
     cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
-    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members):
-        assert state <= 1e-4 and margin <= 1e-3
+    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members, stacking):
+        assert state == 0.0 and margin == 0.0
+
+
+# Grouped convolutions sum in another order than a model of one on some CPUs' kernels, and an epoch of
+# SGD amplifies that. Measured after this test's epoch: max |state diff| 0.0039 on a Xeon with AVX-512
+# and AMX (issue 17; margins not recorded); on an AMD EPYC (AVX2) <= 6e-7 state and <= 5e-6 margin under ATEN_CPU_CAPABILITY
+# default and avx2. The state bound is 10x the largest measurement, the margin bound ~10x what that state
+# drift gives; `loop` is the exact comparison, independent of the vector width.
+GROUPED_STATE_TOL, GROUPED_MARGIN_TOL = 0.04, 0.05
+
+
+def test_cnn_member_of_a_grouped_block_equals_alone_within_measured_drift(digits, one_thread):
+    members = [Member(seed, np.arange(digits.n_train)) for seed in (5, 6, 7)]
+    cfg = TrainConfig(epochs=1, batch_size=64, warmup_epochs=1)
+    for state, margin in block_vs_alone(digits, ModelConfig(name="cnn", hidden=8), cfg, members, "grouped"):
+        assert state <= GROUPED_STATE_TOL and margin <= GROUPED_MARGIN_TOL
+
+
+@pytest.mark.parametrize("stacking", ["grouped", "loop"])
+def test_resnet9_block_in_bf16_channels_last(one_thread, stacking):
+    """The GPU recipe's code paths on the CPU: ResNet-9 blocks, bf16 autocast (CPU autocast), activations
+    in channels_last. The loss falls, and a loop member equals the member alone exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (128, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = (x.float().mean((1, 2, 3)) > 127.5).long()
+    data = DeviceData(x[:96], y[:96], x[96:], y[96:], [127.5] * 3, [73.9] * 3)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.1, warmup_epochs=1, precision="bf16")
+    model_cfg = ModelConfig(name="resnet9", width=4)
+    members = [Member(seed, np.arange(96)) for seed in (1, 2)]
+    block, _ = train_members(model_cfg, cfg, data, members, 10, stacking=stacking)
+    seen = []
+    handle = block.body[0].conv.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out.dtype)))
+    with autocast_for(cfg, data.device):  # as in training
+        block(data.normalize(data.val_x).unsqueeze(0).expand(2, -1, -1, -1, -1))
+    handle.remove()
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and dtype == torch.bfloat16 for x, dtype in seen)
+    out = evaluate_members(block, data)
+    fresh = evaluate_members(train_members(model_cfg, cfg.model_copy(update={"epochs": 1, "lr": 1e-9}), data,
+                                           members, 10, stacking=stacking)[0], data)
+    assert np.isfinite(out["margins"]).all()
+    assert out["margins"][:, :96].mean() > fresh["margins"][:, :96].mean() + 0.1  # it learned
+    if stacking == "loop":
+        alone, _ = train_members(model_cfg, cfg, data, members[1:], 10)
+        for name, value in alone.state_dict().items():
+            assert torch.equal(block.state_dict()[name][1:], value), name
 
 
 # ------------------------------------------------------------------------------------------ determinism

@@ -24,11 +24,11 @@ class MLP(StackedModel):
         self.fc2 = StackedLinear(gens, hidden, hidden)
         self.fc = StackedLinear(gens, hidden, classes)
 
-    def features(self, x):
+    def stacked_features(self, x):
         h = F.relu(self.fc1(x.flatten(2)))
         return F.relu(self.fc2(h))
 
-    def head(self, z):
+    def stacked_head(self, z):
         return self.fc(z)
 
 
@@ -51,12 +51,12 @@ class CNN(StackedModel):
         self.block2 = ConvBN(gens, hidden, 2 * hidden, stride=2)
         self.fc = StackedLinear(gens, 2 * hidden, classes)
 
-    def features(self, x):
+    def stacked_features(self, x):
         m = x.shape[0]
         h = self.block2(self.block1(to_channels(x)))
         return F.adaptive_max_pool2d(h, 1).view(h.shape[0], m, -1).transpose(0, 1)
 
-    def head(self, z):
+    def stacked_head(self, z):
         return self.fc(z)
 
 
@@ -88,10 +88,10 @@ class ResNet9(StackedModel):
         )
         self.fc = StackedLinear(gens, 2 * w, classes, bias=False)
 
-    def features(self, x):
+    def stacked_features(self, x):
         m = x.shape[0]
         h = self.body(to_channels(x).contiguous(memory_format=torch.channels_last))
         return F.adaptive_max_pool2d(h, 1).view(h.shape[0], m, -1).transpose(0, 1)
 
-    def head(self, z):
+    def stacked_head(self, z):
         return 0.2 * self.fc(z)

@@ -32,8 +32,12 @@ def get_method(name: str):
     return importlib.import_module(METHODS[name])
 
 
-def expand_grid(name: str, params: dict) -> list:
-    """Validated configs for every point of the grid a method's params describe (a list is an axis)."""
+def expand_grid(name: str, params: dict | list[dict]) -> list:
+    """Validated configs for every point of the grid a method's params describe (a list is an axis).
+    A list of such dicts is the union of their grids, in order (settings that are no product, e.g.
+    SCRUB's two published recipes)."""
+    if isinstance(params, list):
+        return [point for part in params for point in expand_grid(name, part)]
     config_cls = get_method(name).Config
     axes = {k: (v if isinstance(v, list) else [v]) for k, v in (params or {}).items()}
     keys = list(axes)

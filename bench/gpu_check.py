@@ -1,0 +1,404 @@
+"""The GPU check (decision 29): one call on a GPU machine, everything written as JSON.
+
+    python bench/gpu_check.py [--device cuda|cpu] [--quick] [--out DIR] [--budget SECONDS]
+
+Needs PyTorch, numpy, scikit-learn, numba, safetensors, pyyaml and pydantic (carried as a wheel where
+missing; `make gpu-check` fetches it): no Ray, Zarr or FFCV. Sections, each timed and each recorded
+even when another fails:
+  env          device, versions, peak bf16 TFLOP/s assumed for MFU;
+  equivalence  a block of small ResNet-9s per stacking strategy against each member trained alone
+               (fp32 and bf16): max |logit| and parameter differences, prediction agreement;
+  bf16_digits  a CNN block on digits trained in bf16 on the device against the same members in fp32
+               on the CPU: validation accuracy;
+  unlearning   every registered method on a digits CNN block on the device, and the same on the CPU:
+               finite outputs, forget-set margin shift on both devices;
+  lasso        the batched LASSO (FISTA) on the device against the CPU's on planted targets: weights, LDS;
+  throughput   ResNet-9 (width 64, batch 512, bf16, channels_last, CIFAR shape) through the real trainer,
+               per strategy and block size: models per GPU-hour for 24 epochs, MFU, peak memory, and
+               the ratio against one model at a time (a block of one);
+  memory_plan  per member at batch 512 in bf16: activation bytes saved for backward and optimizer
+               bytes, from the model; the largest block that fits 80 GB.
+`ok` is true when every section passed its check. bench/RESULTS.md says how to read the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from pipeline.data.datasets import load_dataset  # noqa: E402
+from pipeline.margins import stacked_logits  # noqa: E402
+from pipeline.models import STACKINGS, build_model  # noqa: E402
+from pipeline.train import DeviceData, Member, autocast_for, derive_seed, stacked_loss, train_members  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+CIFAR_STEPS_PER_EPOCH = 50000 // 512
+GB = 1e9
+
+
+# ------------------------------------------------------------------------------------------- data
+def digits(device) -> DeviceData:
+    ds = load_dataset(DataConfig())
+    mean, std = ds.channel_stats()
+    return DeviceData(ds.train_x, ds.train_y, ds.val_x, ds.val_y, mean, std, device)
+
+
+def cifar_shaped(n_train: int, n_val: int, device, seed: int = 0) -> DeviceData:
+    """Random CIFAR-shape uint8 images whose labels a fixed random linear map of a pooled image decides
+    (learnable, so accuracies and margins mean something)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n_train + n_val, 3, 32, 32), generator=g, dtype=torch.uint8)
+    pooled = F.avg_pool2d(x.float(), 8).flatten(1)
+    y = (pooled @ torch.randn(pooled.shape[1], 10, generator=g)).argmax(1)
+    return DeviceData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], [127.5] * 3, [73.9] * 3, device)
+
+
+def members(n: int, n_train: int, tag: str = "check") -> list[Member]:
+    return [Member(derive_seed(tag, i), np.arange(n_train)) for i in range(n)]
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------ equivalence
+def block_against_alone(model_cfg, train_cfg, data, block, stacking) -> dict:
+    """Train `block` with `stacking` and each member alone; differences of each member to itself."""
+    stacked, _ = train_members(model_cfg, train_cfg, data, block, 10, stacking=stacking)
+    logits = stacked_logits(stacked, data.all_images(), data.normalize)
+    worst_logit, worst_param, agree = 0.0, 0.0, 1.0
+    for k, member in enumerate(block):
+        alone, _ = train_members(model_cfg, train_cfg, data, [member], 10)
+        ref = stacked_logits(alone, data.all_images(), data.normalize)[0]
+        worst_logit = max(worst_logit, (logits[k] - ref).abs().max().item())
+        agree = min(agree, (logits[k].argmax(-1) == ref.argmax(-1)).float().mean().item())
+        for (name, p), q in zip(stacked.named_parameters(), alone.parameters()):
+            rel = ((p[k] - q[0]).norm() / q[0].norm().clamp_min(1e-12)).item()
+            worst_param = max(worst_param, rel)
+    return {"max_abs_logit_diff": worst_logit, "max_rel_param_diff": worst_param, "min_agreement": agree}
+
+
+def section_equivalence(device, quick: bool) -> dict:
+    data = cifar_shaped(128 if quick else 1024, 128, device)
+    model_cfg = ModelConfig(name="resnet9", width=4 if quick else 16)
+    block = members(3, data.n_train, "equivalence")
+    strategies = [s for s in STACKINGS if s != "streams" or torch.device(device).type == "cuda"]
+    out, ok = {}, True
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(epochs=1 if quick else 2, batch_size=64, lr=0.2, warmup_epochs=0.5, precision=precision)
+        for s in strategies:
+            r = block_against_alone(model_cfg, cfg, data, block, s)
+            exact = s == "loop" and torch.device(device).type == "cpu"
+            # loop on the CPU runs the member's own kernels: exact. Elsewhere the summation order may
+            # differ (grouped kernels, cuDNN's algorithm choice); SGD amplifies it, so ask that the
+            # members still make the same predictions.
+            r["pass"] = r["max_abs_logit_diff"] == 0.0 if exact else r["min_agreement"] >= 0.95
+            ok &= r["pass"]
+            out[f"{s}/{precision}"] = r
+    return {"ok": ok, "cases": out}
+
+
+# ------------------------------------------------------------------------------------ bf16 digits
+def section_bf16_digits(device, quick: bool) -> dict:
+    model_cfg = ModelConfig(name="cnn", hidden=16 if quick else 32)
+    cpu_data, dev_data = digits("cpu"), digits(device)
+    block = members(2 if quick else 4, cpu_data.n_train, "bf16")
+    base = dict(epochs=4 if quick else 12, batch_size=64, lr=0.05, warmup_epochs=2)
+    accs = {}
+    for name, data, precision in (("cpu_fp32", cpu_data, "fp32"), ("device_bf16", dev_data, "bf16")):
+        model, _ = train_members(model_cfg, TrainConfig(**base, precision=precision), data, block, 10,
+                                 stacking="grouped")
+        logits = stacked_logits(model, data.val_x, data.normalize)
+        accs[name] = (logits.argmax(-1) == data.val_y).float().mean(1).tolist()
+    gap = float(np.mean(accs["cpu_fp32"]) - np.mean(accs["device_bf16"]))
+    return {"ok": gap <= 0.02, "val_accuracy": accs, "fp32_minus_bf16": gap}
+
+
+# ------------------------------------------------------------------------------------- unlearning
+METHOD_SETTINGS = {  # small, fast settings of each method (digits scale); defaults otherwise
+    "do_nothing": {}, "dm_direct": {},
+    "dmm": {"lr": 1e-3, "epochs": 2, "batch_size": 64}, "oracle_matching": {"lr": 1e-3, "epochs": 2, "batch_size": 64},
+    "finetune": {"lr": 0.01, "epochs": 1}, "gradient_ascent": {"lr": 1e-3, "epochs": 1, "batch_size": 32},
+    "neggrad_plus": {"lr": 0.01, "epochs": 1}, "scrub": {"lr": 0.01, "epochs": 1, "msteps": 1},
+    "del": {"lr": 0.01, "epochs": 1}, "sfron": {"lr": 0.01, "n_iters": 10, "forget_freq": 5},
+    "camu": {"impair_lr": 5e-4, "epochs": 1, "batch_size": 32},
+}
+
+
+def unlearning_setup(device, stacking):
+    from pipeline.unlearn.base import Context, ForgetRows
+
+    data = digits(device)
+    model_cfg = ModelConfig(name="cnn", hidden=16)
+    model, _ = train_members(model_cfg, TrainConfig(epochs=3, batch_size=64, lr=0.05, warmup_epochs=1),
+                             data, members(2, data.n_train, "unlearn"), 10, stacking=stacking)
+    n_points = data.n_train + data.val_y.shape[0]
+    forget = np.arange(3, 3 + 20 * 7, 7)
+    g = torch.Generator().manual_seed(1)
+    rows = (torch.randn(10, generator=g) / len(forget) + 0.02 * torch.randn(len(forget), n_points, 10, generator=g))
+    oracle = torch.randn(n_points, 10, generator=g)
+
+    def ctx():
+        return Context(data=data, classes=10, seed=5, model_indices=[0, 1],
+                       make_fresh_model=lambda idx: build_model(model_cfg, [100 + i for i in idx], data.shape, 10,
+                                                                stacking).to(device),
+                       _forget_rows=lambda: ForgetRows.from_rows(rows.to(device), forget),
+                       _target_oracle_logits=lambda: oracle.to(device))
+
+    return data, model, forget, np.setdiff1d(np.arange(data.n_train), forget), ctx
+
+
+def forget_margin(logits: torch.Tensor, data: DeviceData, forget) -> float:
+    from pipeline.margins import margins_from_logits
+
+    idx = torch.as_tensor(forget, device=logits.device)
+    return margins_from_logits(logits[:, idx], data.train_y[idx]).mean().item()
+
+
+def run_methods(device, stacking) -> dict:
+    from pipeline.unlearn import METHODS, get_method
+    from pipeline.unlearn.base import ComputeMeter
+
+    data, model, forget, retain, ctx = unlearning_setup(device, stacking)
+    before = forget_margin(stacked_logits(model, data.all_images(), data.normalize), data, forget)
+    out = {"_before": before}
+    for name in METHODS:
+        method, start = get_method(name), time.perf_counter()
+        torch.manual_seed(0)
+        res = method.run(ctx(), model.select([0, 1]), forget, retain, method.Config(**METHOD_SETTINGS[name]),
+                         ComputeMeter())
+        logits = res.logits if res.logits is not None else stacked_logits(res.model, data.all_images(), data.normalize)
+        out[name] = {"forget_margin": forget_margin(logits.float(), data, forget),
+                     "finite": bool(torch.isfinite(logits).all()), "seconds": time.perf_counter() - start}
+    return out
+
+
+def section_unlearning(device, quick: bool) -> dict:
+    """Every method under each strategy on the device, against the CPU's loop (the exact reference)."""
+    cpu = run_methods("cpu", "loop")
+    strategies = ["grouped", "loop"] + (["streams"] if torch.device(device).type == "cuda" else [])
+    runs, shifts, ok = {"cpu/loop": cpu}, {}, True
+    for s in strategies:
+        on_device = cpu if (s == "loop" and torch.device(device).type == "cpu") else run_methods(device, s)
+        runs[f"device/{s}"] = on_device
+        for name, v in on_device.items():
+            if name == "_before":
+                continue
+            d, c = v["forget_margin"] - on_device["_before"], cpu[name]["forget_margin"] - cpu["_before"]
+            shifts.setdefault(name, {"cpu_loop": c})[s] = d
+            # finite, and the same method moves forget margins the same way as on the CPU
+            ok &= v["finite"] and not (abs(c) > 0.1 and np.sign(d) != np.sign(c))
+    return {"ok": bool(ok), "runs": runs, "forget_margin_shift": shifts}
+
+
+# ------------------------------------------------------------------------------------------ lasso
+def section_lasso(device, quick: bool) -> dict:
+    from pipeline.datamodels import lasso, lds
+
+    g = torch.Generator().manual_seed(0)
+    m, n, t = (300, 60, 8) if quick else (2000, 500, 64)
+    masks = torch.rand(m, n, generator=g) < 0.5
+    truth = torch.zeros(n, t)
+    truth[torch.randint(0, n, (t * 4,), generator=g), torch.arange(t).repeat(4)] = torch.randn(t * 4, generator=g)
+    outputs = masks.float() @ truth + 0.1 * torch.randn(m, t, generator=g)
+    start = time.perf_counter()
+    cpu = lasso(masks, outputs, solver="fista")
+    cpu_s = time.perf_counter() - start
+    masks_d, outputs_d = masks.to(device), outputs.to(device)
+    lasso(masks_d[:, :8], outputs_d[:, :2], solver="fista")  # warm-up (kernels, allocator)
+    sync(device)
+    start = time.perf_counter()
+    dev = lasso(masks_d, outputs_d, solver="fista")
+    sync(device)
+    dev_s = time.perf_counter() - start
+    diff = (dev.weight.cpu() - cpu.weight).abs().max().item()
+    lds_cpu = lds(cpu.weight, cpu.bias, masks, outputs).nanmean().item()
+    lds_dev = lds(dev.weight, dev.bias, masks_d, outputs_d).nanmean().item()
+    return {"ok": diff <= 1e-3 and abs(lds_cpu - lds_dev) <= 1e-3, "shape": [m, n, t], "max_abs_weight_diff": diff,
+            "lds_cpu": lds_cpu, "lds_device": lds_dev, "cpu_seconds": cpu_s, "device_seconds": dev_s}
+
+
+# ------------------------------------------------------------------------------------- throughput
+def resnet9_step_flops(width: int, batch: int, device) -> float:
+    """Model FLOPs of one training step of one ResNet-9 (forward + backward), torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = cifar_shaped(batch, 1, device)
+    model = build_model(ModelConfig(name="resnet9", width=width), [0], data.shape, 10).to(device)
+    x = data.normalize(data.train_x).unsqueeze(0)
+    with FlopCounterMode(display=False) as counter:
+        stacked_loss(model(x), data.train_y.unsqueeze(0)).backward()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def time_block(stacking: str, m: int, width: int, batch: int, steps: int, data: DeviceData) -> dict:
+    """Seconds per training step of a block of m ResNet-9s through the real trainer (one epoch of
+    `steps` steps after a warm-up epoch of 3), and the peak memory. bf16 on a GPU; fp32 on a CPU,
+    whose bf16 convolutions are an emulated slow path on most CPUs."""
+    precision = "bf16" if data.device.type == "cuda" else "fp32"
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.4, warmup_epochs=0.5, precision=precision)
+    model_cfg = ModelConfig(name="resnet9", width=width)
+    warm = [Member(derive_seed("warm", i), np.arange(3 * batch)) for i in range(m)]
+    train_members(model_cfg, cfg, data, warm, 10, stacking=stacking)
+    block = [Member(derive_seed("tp", i), np.arange(steps * batch)) for i in range(m)]
+    if data.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(data.device)
+    sync(data.device)
+    start = time.perf_counter()
+    train_members(model_cfg, cfg, data, block, 10, stacking=stacking)
+    sync(data.device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(data.device) if data.device.type == "cuda" else None
+    return {"seconds_per_step": seconds, "peak_memory_gb": None if peak is None else peak / GB}
+
+
+def section_throughput(device, quick: bool, budget: float) -> dict:
+    width, batch = (8, 32) if quick else (64, 512)
+    steps = 3 if quick else 20
+    blocks = [1, 2, 4] if quick else [1, 4, 8, 16]
+    torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per shape (recorded)
+    data = cifar_shaped(steps * batch, 16, device)
+    flops = resnet9_step_flops(width, batch, device)
+    peak = peak_tflops(device)
+    steps_24 = 24 * (CIFAR_STEPS_PER_EPOCH if not quick else steps)
+    strategies = [s for s in STACKINGS if s != "streams" or torch.device(device).type == "cuda"]
+    rows, deadline = [], time.perf_counter() + budget
+    for s in strategies:
+        for m in blocks:
+            if m == 1 and s != "loop":
+                continue  # a block of one is the same computation under every strategy
+            if time.perf_counter() > deadline:
+                rows.append({"stacking": s, "models": m, "skipped": "time budget"})
+                continue
+            r = time_block(s, m, width, batch, steps, data)
+            per_model_step = r["seconds_per_step"] / m
+            rows.append({"stacking": s, "models": m, **r,
+                         "models_per_gpu_hour": 3600.0 / (per_model_step * steps_24),
+                         "tflops": flops * m / r["seconds_per_step"] / 1e12,
+                         "mfu": None if peak is None else flops * m / r["seconds_per_step"] / 1e12 / peak})
+    alone = next(r for r in rows if r["models"] == 1)
+    for r in rows:
+        if "models_per_gpu_hour" in r:
+            r["ratio_vs_one_at_a_time"] = r["models_per_gpu_hour"] / alone["models_per_gpu_hour"]
+    timed = [r for r in rows if "models_per_gpu_hour" in r]
+    best = max(timed, key=lambda r: r["models_per_gpu_hour"])
+    best_by_strategy = {s: max((r for r in timed if r["stacking"] == s), key=lambda r: r["models_per_gpu_hour"],
+                               default=None) for s in strategies}
+    return {"ok": True, "width": width, "batch": batch, "steps_timed": steps, "flops_per_model_step": flops,
+            "precision": "bf16" if data.device.type == "cuda" else "fp32", "cudnn_benchmark": True,
+            "peak_bf16_tflops": peak, "epochs_for_models_per_hour": 24, "rows": rows, "best": best,
+            "best_by_strategy": {s: r and {"models": r["models"], "models_per_gpu_hour": r["models_per_gpu_hour"]}
+                                 for s, r in best_by_strategy.items()},
+            "calibration": {"strategy": best["stacking"], "models": best["models"]}}
+
+
+# ------------------------------------------------------------------------------------ memory plan
+def memory_plan(device, width: int = 64, batch: int = 512, budget_gb: float = 80.0) -> dict:
+    """Bytes per ResNet-9 member in a block at `batch` in bf16 autocast: tensors autograd saves for
+    backward (read off one training step of the model), and parameters + gradients + momentum in fp32."""
+    data = cifar_shaped(batch, 1, device)
+    model = build_model(ModelConfig(name="resnet9", width=width), [0], data.shape, 10).to(device)
+    seen, saved = set(), 0
+
+    def pack(t):
+        nonlocal saved
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    x = data.normalize(data.train_x).unsqueeze(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            autocast_for(TrainConfig(precision="bf16"), torch.device(device)):
+        loss = stacked_loss(model(x), data.train_y.unsqueeze(0))
+    loss.backward()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = 3 * 4 * params  # fp32 weights, gradients, SGD momentum
+    per_member = saved + optimizer
+    data_bytes = 60000 * 3 * 32 * 32  # CIFAR-10 resident as uint8 (decision 12)
+    reserve = 0.1 * budget_gb * GB  # allocator fragmentation, cuDNN workspaces, the CUDA context
+    fits = int((budget_gb * GB - reserve - data_bytes) // per_member)
+    return {"width": width, "batch": batch, "parameters": params, "activation_bytes_per_member": saved,
+            "optimizer_bytes_per_member": optimizer, "bytes_per_member": per_member,
+            "budget_gb": budget_gb, "reserve_gb": reserve / GB, "largest_block": fits}
+
+
+# ------------------------------------------------------------------------------------------- main
+def environment(device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(name=props.name, capability=list(torch.cuda.get_device_capability(device)),
+                   multiprocessors=props.multi_processor_count, memory_gb=props.total_memory / GB,
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   peak_bf16_tflops=peak_tflops(device))
+    return env
+
+
+def run_section(name, fn, report, out_path) -> None:
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # a failed section is a finding, not the end of the check
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    result["seconds"] = time.perf_counter() - start
+    report["sections"][name] = result
+    report["ok"] = all(s.get("ok", False) for s in report["sections"].values())
+    out_path.write_text(json.dumps(report, indent=1, default=float))
+    print(f"[{name}] ok={result.get('ok')} {result['seconds']:.1f} s", flush=True)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small shapes: the CPU-sized run of every section")
+    ap.add_argument("--out", default="bench/out", help="folder for gpu_check.json")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds the throughput section may take")
+    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / "gpu_check.json"
+    torch.manual_seed(0)
+    report = {"ok": True, "quick": args.quick, "sections": {}}
+    sections = {
+        "env": lambda: {"ok": True, **environment(device)},
+        "memory_plan": lambda: {"ok": True, **memory_plan(device, *((8, 32) if args.quick else (64, 512)))},
+        "equivalence": lambda: section_equivalence(device, args.quick),
+        "bf16_digits": lambda: section_bf16_digits(device, args.quick),
+        "unlearning": lambda: section_unlearning(device, args.quick),
+        "lasso": lambda: section_lasso(device, args.quick),
+        "throughput": lambda: section_throughput(device, args.quick, args.budget),
+    }
+    for name in args.sections.split(","):
+        run_section(name, sections[name], report, out_path)
+    print(json.dumps({k: v.get("ok") for k, v in report["sections"].items()}), "written to", out_path)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["ok"] else 1)
