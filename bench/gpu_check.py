@@ -17,7 +17,9 @@ even when another fails:
                per strategy and block size: models per GPU-hour for 24 epochs, MFU, peak memory, and
                the ratio against one model at a time (a block of one);
   memory_plan  per member at batch 512 in bf16: activation bytes saved for backward and optimizer
-               bytes, from the model; the largest block that fits 80 GB.
+               bytes, from the model; the largest block that fits 80 GB;
+  profile      torch.profiler over a few steps of one ResNet-9: top operators by device time, host
+               wall time against device-busy time per step (is the step bound by the host?).
 `ok` is true when every section passed its check. bench/RESULTS.md says how to read the figures.
 """
 
@@ -109,7 +111,24 @@ def section_equivalence(device, quick: bool) -> dict:
             r["pass"] = r["max_abs_logit_diff"] == 0.0 if exact else r["min_agreement"] >= 0.95
             ok &= r["pass"]
             out[f"{s}/{precision}"] = r
+    out.update(one_step_drift(model_cfg, data, block))
     return {"ok": ok, "cases": out}
+
+
+def one_step_drift(model_cfg, data, block) -> dict:
+    """Grouped against alone after a single SGD step in fp32, with cuDNN's TF32 off and on: whether a
+    difference after training is rounding amplified by SGD or a real discrepancy."""
+    one = [Member(m.seed, m.indices[:64]) for m in block]
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.2, warmup_epochs=0.5)
+    out, tf32 = {}, torch.backends.cudnn.allow_tf32
+    for allow in (False, True):
+        torch.backends.cudnn.allow_tf32 = allow
+        try:
+            r = block_against_alone(model_cfg, cfg, data, one, "grouped")
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        out[f"grouped/fp32/one-step/tf32-{'on' if allow else 'off'}"] = r
+    return out
 
 
 # ------------------------------------------------------------------------------------ bf16 digits
@@ -252,7 +271,8 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def time_block(stacking: str, m: int, width: int, batch: int, steps: int, data: DeviceData) -> dict:
+def time_block(stacking: str, m: int, width: int, batch: int, steps: int, data: DeviceData,
+               fused: bool = True) -> dict:
     """Seconds per training step of a block of m ResNet-9s through the real trainer (one epoch of
     `steps` steps after a warm-up epoch of 3), and the peak memory. bf16 on a GPU; fp32 on a CPU,
     whose bf16 convolutions are an emulated slow path on most CPUs."""
@@ -260,13 +280,13 @@ def time_block(stacking: str, m: int, width: int, batch: int, steps: int, data: 
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.4, warmup_epochs=0.5, precision=precision)
     model_cfg = ModelConfig(name="resnet9", width=width)
     warm = [Member(derive_seed("warm", i), np.arange(3 * batch)) for i in range(m)]
-    train_members(model_cfg, cfg, data, warm, 10, stacking=stacking)
+    train_members(model_cfg, cfg, data, warm, 10, stacking=stacking, fused=fused)
     block = [Member(derive_seed("tp", i), np.arange(steps * batch)) for i in range(m)]
     if data.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(data.device)
     sync(data.device)
     start = time.perf_counter()
-    train_members(model_cfg, cfg, data, block, 10, stacking=stacking)
+    train_members(model_cfg, cfg, data, block, 10, stacking=stacking, fused=fused)
     sync(data.device)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(data.device) if data.device.type == "cuda" else None
@@ -284,6 +304,9 @@ def section_throughput(device, quick: bool, budget: float) -> dict:
     steps_24 = 24 * (CIFAR_STEPS_PER_EPOCH if not quick else steps)
     strategies = [s for s in STACKINGS if s != "streams" or torch.device(device).type == "cuda"]
     rows, deadline = [], time.perf_counter() + budget
+    for m in (1, blocks[-2]):  # the optimizer over one flat buffer against one step per tensor
+        r = time_block("loop", m, width, batch, steps, data, fused=False)
+        rows.append({"stacking": "loop", "models": m, "optimizer": "per-tensor", **r})
     for s in strategies:
         for m in blocks:
             if m == 1 and s != "loop":
@@ -293,15 +316,18 @@ def section_throughput(device, quick: bool, budget: float) -> dict:
                 continue
             r = time_block(s, m, width, batch, steps, data)
             per_model_step = r["seconds_per_step"] / m
-            rows.append({"stacking": s, "models": m, **r,
+            rows.append({"stacking": s, "models": m, "optimizer": "flat", **r,
                          "models_per_gpu_hour": 3600.0 / (per_model_step * steps_24),
                          "tflops": flops * m / r["seconds_per_step"] / 1e12,
                          "mfu": None if peak is None else flops * m / r["seconds_per_step"] / 1e12 / peak})
-    alone = next(r for r in rows if r["models"] == 1)
+    for r in rows:
+        if "models_per_gpu_hour" not in r and "seconds_per_step" in r:
+            r["models_per_gpu_hour"] = 3600.0 / (r["seconds_per_step"] / r["models"] * steps_24)
+    alone = next(r for r in rows if r["models"] == 1 and r["optimizer"] == "flat")
     for r in rows:
         if "models_per_gpu_hour" in r:
             r["ratio_vs_one_at_a_time"] = r["models_per_gpu_hour"] / alone["models_per_gpu_hour"]
-    timed = [r for r in rows if "models_per_gpu_hour" in r]
+    timed = [r for r in rows if "models_per_gpu_hour" in r and r["optimizer"] == "flat"]
     best = max(timed, key=lambda r: r["models_per_gpu_hour"])
     best_by_strategy = {s: max((r for r in timed if r["stacking"] == s), key=lambda r: r["models_per_gpu_hour"],
                                default=None) for s in strategies}
@@ -311,6 +337,37 @@ def section_throughput(device, quick: bool, budget: float) -> dict:
             "best_by_strategy": {s: r and {"models": r["models"], "models_per_gpu_hour": r["models_per_gpu_hour"]}
                                  for s, r in best_by_strategy.items()},
             "calibration": {"strategy": best["stacking"], "models": best["models"]}}
+
+
+# ---------------------------------------------------------------------------------------- profile
+def section_profile(device, quick: bool) -> dict:
+    """Where a training step of one ResNet-9 spends its time: torch.profiler over a few steps of the real
+    trainer; the top operators by device time, and host time against device-busy time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    width, batch, steps = (8, 32, 3) if quick else (64, 512, 8)
+    data = cifar_shaped(steps * batch, 16, device)
+    cuda = torch.device(device).type == "cuda"
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.4, warmup_epochs=0.5, precision="bf16" if cuda else "fp32")
+    model_cfg = ModelConfig(name="resnet9", width=width)
+    block = [Member(derive_seed("prof", 0), np.arange(steps * batch))]
+    train_members(model_cfg, cfg, data, block, 10, stacking="loop")  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_members(model_cfg, cfg, data, block, 10, stacking="loop")
+        sync(device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:20]
+    device_us = sum(getattr(e, key, 0.0) for e in events) / steps
+    return {"ok": True, "width": width, "batch": batch, "steps": steps, "wall_ms_per_step": wall * 1e3,
+            "device_busy_ms_per_step": device_us / 1e3 if cuda else None,
+            "kernels_per_step": sum(e.count for e in events if cuda and getattr(e, key, 0.0) > 0) / steps,
+            "top": [{"name": e.key, "count": e.count / steps, "self_device_ms_per_step": getattr(e, key, 0.0) / 1e3 / steps,
+                     "cpu_ms_per_step": e.cpu_time_total / 1e3 / steps} for e in top]}
 
 
 # ------------------------------------------------------------------------------------ memory plan
@@ -377,7 +434,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small shapes: the CPU-sized run of every section")
     ap.add_argument("--out", default="bench/out", help="folder for gpu_check.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds the throughput section may take")
-    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput")
+    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput,profile")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     out_dir = Path(args.out)
@@ -393,6 +450,7 @@ def main(argv=None) -> dict:
         "unlearning": lambda: section_unlearning(device, args.quick),
         "lasso": lambda: section_lasso(device, args.quick),
         "throughput": lambda: section_throughput(device, args.quick, args.budget),
+        "profile": lambda: section_profile(device, args.quick),
     }
     for name in args.sections.split(","):
         run_section(name, sections[name], report, out_path)

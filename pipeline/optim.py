@@ -37,6 +37,56 @@ class StackedSGD:
             p.addcmul_((-lr * on).view(shape), buf)
 
 
+class FlatStackedSGD(StackedSGD):
+    """StackedSGD over one flat buffer: every parameter (M, ...) becomes a contiguous view of it and its
+    gradient a view of a second one, so a step is a handful of kernels however many tensors the model
+    has. Per-model scalars (lr, the active switch) are expanded to the buffer's layout. The same
+    arithmetic, element by element, as StackedSGD. For the trainer, where every parameter gets a
+    gradient at every step (a parameter without one would still decay and carry momentum here)."""
+
+    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.momentum, self.weight_decay = momentum, weight_decay
+        with torch.no_grad():
+            self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.flat_buf = torch.zeros_like(self.flat)
+        m, start = self.params[0].shape[0], 0
+        for p in self.params:
+            stop = start + p.numel()
+            p.data = self.flat[start:stop].view(p.shape)
+            p.grad = self.flat_grad[start:stop].view(p.shape)  # autograd accumulates into it in place
+            start = stop
+        # the model each element belongs to (runs of p[0].numel() per model, parameter by parameter),
+        # computed once: 4 bytes per element
+        runs = torch.tensor([p[0].numel() for p in self.params for _ in range(m)])
+        owner = torch.repeat_interleave(torch.arange(m, dtype=torch.int32).repeat(len(self.params)), runs)
+        self.owner = owner.to(self.flat.device)
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+
+    def _per_element(self, per_model: torch.Tensor) -> torch.Tensor:
+        """(k, M) per-model values -> (k, numel) in the buffer's layout."""
+        return per_model.index_select(1, self.owner)
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
+        if grad_mask is not None:
+            raise ValueError("FlatStackedSGD takes no gradient masks: use StackedSGD")
+        d_p = self.flat_grad
+        if self.weight_decay:
+            d_p.add_(self.flat, alpha=self.weight_decay)
+        if active is None or (active.device.type == "cpu" and bool(active.all())):
+            self.flat_buf.mul_(self.momentum).add_(d_p)  # = StackedSGD's with on = 1, bit for bit
+            self.flat.addcmul_(self._per_element(-lr[None])[0], self.flat_buf)
+            return
+        on = active.to(lr.device, lr.dtype)
+        keep, gain, step = self._per_element(torch.stack([self.momentum * on + (1.0 - on), on, -lr * on]))
+        self.flat_buf.mul_(keep).addcmul_(gain, d_p)
+        self.flat.addcmul_(step, self.flat_buf)
+
+
 class StackedAdam:
     """torch.optim.Adam semantics (bias-corrected, L2 weight decay added to the gradient), per model."""
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.margins import logits_over_chunks, margins_from_logits
 from pipeline.models import StackedModel, build_model
-from pipeline.optim import StackedSGD
+from pipeline.optim import FlatStackedSGD, StackedSGD
 
 
 def derive_seed(*parts) -> int:
@@ -145,12 +145,14 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 
 
 
 def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, members: list[Member],
-                  classes: int, progress=None, stacking: str = "grouped") -> tuple[StackedModel, dict]:
+                  classes: int, progress=None, stacking: str = "grouped", fused: bool = True,
+                  ) -> tuple[StackedModel, dict]:
     """Train a block of members from scratch; returns the stacked model (eval mode) and counters.
-    `stacking` (decision 28) changes how the block is computed, not what each member learns."""
+    `stacking` (decision 28) changes how the block is computed, not what each member learns; `fused`
+    steps the optimizer over one flat buffer (the same arithmetic, fewer kernels)."""
     model = build_model(model_cfg, [m.seed for m in members], data.shape, classes, stacking).to(data.device)
     model.train()
-    opt = StackedSGD(model.parameters(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = (FlatStackedSGD if fused else StackedSGD)(model.parameters(), cfg.momentum, cfg.weight_decay)
     steps_per_epoch = torch.tensor([len(m.indices) // cfg.batch_size for m in members], dtype=torch.float32)
     if (steps_per_epoch == 0).any():
         raise ValueError(f"train.batch_size {cfg.batch_size} exceeds a member's training-set size")
@@ -169,7 +171,7 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
         loss.backward()
         if saved is not None:  # a member sitting out this step keeps its BatchNorm statistics too
             restore_inactive(model, saved, active.to(data.device))
-        opt.step(lr, active.to(data.device))
+        opt.step(lr, active if fused else active.to(data.device))
         passes += int(active.sum()) * cfg.batch_size
         if progress is not None and step == last_step:
             progress(epoch + 1, cfg.epochs)

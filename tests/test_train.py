@@ -381,3 +381,16 @@ def test_killing_a_ray_worker_mid_task_is_retried(long_reference, tmp_path):
     assert re.search(rf"train: {total_models(plan)} models trained", log)
     assert len(marker_files(root)) == n_blocks(plan)
     assert_same_arrays(family_arrays(plan), family_arrays(long_reference), exact=True)
+
+
+@pytest.mark.parametrize("stacking", ["grouped", "loop"])
+def test_flat_optimizer_is_bit_identical_to_one_step_per_tensor(digits, one_thread, stacking):
+    """FlatStackedSGD (the trainer's) does StackedSGD's arithmetic over one buffer: members sitting steps
+    out (unequal subsets), weight decay, momentum and augmentation included."""
+    members = subset_members(digits.n_train, 3)
+    cfg = TrainConfig(epochs=2, batch_size=32, warmup_epochs=1, augment=True)
+    for model_cfg in (ModelConfig(name="mlp", hidden=16), ModelConfig(name="cnn", hidden=4)):
+        flat, _ = train_members(model_cfg, cfg, digits, members, 10, stacking=stacking, fused=True)
+        per_tensor, _ = train_members(model_cfg, cfg, digits, members, 10, stacking=stacking, fused=False)
+        for name, value in per_tensor.state_dict().items():
+            assert torch.equal(flat.state_dict()[name], value), name
