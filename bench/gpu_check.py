@@ -441,6 +441,8 @@ def main(argv=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / "gpu_check.json"
     torch.manual_seed(0)
+    if args.quick and device.type == "cpu":
+        torch.set_num_threads(1)  # toy sizes: threads only contend (and a loaded CPU makes them spin)
     report = {"ok": True, "quick": args.quick, "sections": {}}
     sections = {
         "env": lambda: {"ok": True, **environment(device)},
