@@ -44,31 +44,40 @@ class FlatStackedSGD(StackedSGD):
     arithmetic, element by element, as StackedSGD. For the trainer, where every parameter gets a
     gradient at every step (a parameter without one would still decay and carry momentum here)."""
 
-    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0):
+    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0, gather: bool | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.momentum, self.weight_decay = momentum, weight_decay
         with torch.no_grad():
             self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.flat_grad = torch.zeros_like(self.flat)
         self.flat_buf = torch.zeros_like(self.flat)
-        m, start = self.params[0].shape[0], 0
+        m, start, self.segments = self.params[0].shape[0], 0, []
         for p in self.params:
             stop = start + p.numel()
             p.data = self.flat[start:stop].view(p.shape)
             p.grad = self.flat_grad[start:stop].view(p.shape)  # autograd accumulates into it in place
+            self.segments.append(slice(start, stop))
             start = stop
-        # the model each element belongs to (runs of p[0].numel() per model, parameter by parameter),
-        # computed once: 4 bytes per element
-        runs = torch.tensor([p[0].numel() for p in self.params for _ in range(m)])
-        owner = torch.repeat_interleave(torch.arange(m, dtype=torch.int32).repeat(len(self.params)), runs)
-        self.owner = owner.to(self.flat.device)
+        self.gather = self.flat.is_cuda if gather is None else gather
+        if self.gather:  # the model of each element (runs of p[0].numel() per model): 4 bytes each
+            runs = torch.tensor([p[0].numel() for p in self.params for _ in range(m)])
+            owner = torch.repeat_interleave(torch.arange(m, dtype=torch.int32).repeat(len(self.params)), runs)
+            self.owner = owner.to(self.flat.device)
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
 
-    def _per_element(self, per_model: torch.Tensor) -> torch.Tensor:
-        """(k, M) per-model values -> (k, numel) in the buffer's layout."""
-        return per_model.index_select(1, self.owner)
+    def _per_element(self, per_model: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Pairs of (per-model values broadcastable to a part, that part's slice) covering the buffer: on a
+        GPU one gather of the values to every element (one kernel for the whole buffer); on a CPU, where
+        that gather costs more than the update, a (M, 1) broadcast per parameter."""
+        if self.gather:
+            return [(per_model.index_select(0, self.owner), slice(None))]
+        return [(per_model[:, None], seg) for seg in self.segments]
+
+    def _part(self, t: torch.Tensor, seg: slice) -> torch.Tensor:
+        """The whole buffer t, or one parameter's part of it as (M, n)."""
+        return t if seg == slice(None) else t[seg].view(self.params[0].shape[0], -1)
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
@@ -79,12 +88,14 @@ class FlatStackedSGD(StackedSGD):
             d_p.add_(self.flat, alpha=self.weight_decay)
         if active is None or (active.device.type == "cpu" and bool(active.all())):
             self.flat_buf.mul_(self.momentum).add_(d_p)  # = StackedSGD's with on = 1, bit for bit
-            self.flat.addcmul_(self._per_element(-lr[None])[0], self.flat_buf)
-            return
-        on = active.to(lr.device, lr.dtype)
-        keep, gain, step = self._per_element(torch.stack([self.momentum * on + (1.0 - on), on, -lr * on]))
-        self.flat_buf.mul_(keep).addcmul_(gain, d_p)
-        self.flat.addcmul_(step, self.flat_buf)
+            step = -lr
+        else:
+            on = active.to(lr.device, lr.dtype)
+            keep, step = self.momentum * on + (1.0 - on), -lr * on
+            for (k, seg), (o, _) in zip(self._per_element(keep), self._per_element(on)):
+                self._part(self.flat_buf, seg).mul_(k).addcmul_(o, self._part(d_p, seg))
+        for s, seg in self._per_element(step):
+            self._part(self.flat, seg).addcmul_(s, self._part(self.flat_buf, seg))
 
 
 class StackedAdam:

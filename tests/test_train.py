@@ -394,3 +394,23 @@ def test_flat_optimizer_is_bit_identical_to_one_step_per_tensor(digits, one_thre
         per_tensor, _ = train_members(model_cfg, cfg, digits, members, 10, stacking=stacking, fused=False)
         for name, value in per_tensor.state_dict().items():
             assert torch.equal(flat.state_dict()[name], value), name
+
+
+def test_flat_optimizer_gather_path_is_bit_identical(digits, one_thread):
+    """The GPU's path of FlatStackedSGD (per-model values gathered to every element), run on the CPU."""
+    from pipeline.models import build_model
+    from pipeline.optim import FlatStackedSGD, StackedSGD
+
+    models = [build_model(ModelConfig(name="cnn", hidden=4), [1, 2, 3], digits.shape, 10) for _ in range(2)]
+    opts = [FlatStackedSGD(models[0].parameters(), 0.9, 5e-4, gather=True),
+            StackedSGD(models[1].parameters(), 0.9, 5e-4)]
+    x = digits.normalize(digits.train_x[:32]).unsqueeze(0).expand(3, -1, -1, -1, -1)
+    y = digits.train_y[:32].unsqueeze(0).expand(3, -1)
+    for step in range(3):
+        active = torch.tensor([True, step != 1, True])
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x).reshape(96, 10), y.reshape(96)).backward()
+            opt.step(torch.tensor([0.1, 0.05, 0.02]), active)
+    for name, value in models[1].state_dict().items():
+        assert torch.equal(models[0].state_dict()[name], value), name
