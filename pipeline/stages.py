@@ -15,6 +15,7 @@ from pipeline.config import Config
 from pipeline.data.beton import read_beton, write_beton
 from pipeline.data.datasets import load_dataset
 from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.gate import pass_gate
 from pipeline.plan import (  # noqa: F401 - re-exported: the stages' vocabulary
     ORACLE_ROLES, PREPARED_SPLITS, SUBSET_POINT_CHUNK, SUBSET_ROLES, FamilySpec, Plan, StageError, check_prepared,
     family_store, output_specs, pending_blocks, prepared_file, stage_section, train_families,
@@ -178,6 +179,7 @@ def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")
 
 def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, end: int, todo: list[int]) -> int:
     """One Ray task: train models start..end of a family, write the rows not yet done, then markers."""
+    pass_gate(f"train-{fam.ref.kind}-{fam.role}-{start}")  # tests only (pipeline/gate.py): off by default
     torch.set_num_threads(cfg.execution.threads)
     store = Store(store_root)
     plan = Plan(cfg, store)
