@@ -90,8 +90,7 @@ def _fit_row(plan: Plan, meta: dict | None) -> dict:
         done = sum(b - a for a, b in target_blocks(n_points, plan.cfg.execution.fit_block_targets)
                    if covered[a:b].all())
         done = min(done, n_points - 1)  # the row-major copy and COMPLETE are still to be written
-    detail = ", ".join(filter(None, ["targets", _lds_detail(lds)]))
-    return _row("fit", "fit", ref.id, done, n_points, detail, ref.rel, **lds)
+    return _row("fit", "fit", ref.id, done, n_points, _lds_detail(lds) or "targets", ref.rel, **lds)
 
 
 def _lds_detail(lds: dict) -> str:
