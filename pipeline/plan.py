@@ -54,10 +54,10 @@ class Plan:
 
     @cached_property
     def train_labels(self) -> np.ndarray:
-        from pipeline.data.datasets import load_dataset
-
         if is_complete(self.store, self.prepare):
             return self.store.open_group(f"{self.prepare.rel}/arrays.zarr", mode="r")["labels/train"][:]
+        from pipeline.data.datasets import load_dataset  # only before prepare: status needs none of it
+
         return load_dataset(self.cfg.data, self.data_root).train_y
 
     @cached_property
