@@ -23,7 +23,7 @@ def _bad_input_errors() -> tuple[type, ...]:
     from pipeline.config import ConfigError
     from pipeline.data.datasets import DataError
     from pipeline.data.forget_sets import ForgetSetError
-    from pipeline.stages import StageError
+    from pipeline.plan import StageError
     from pipeline.store import StoreError
 
     from pipeline.exchange import ExchangeError
@@ -41,7 +41,7 @@ def _bad_input_errors() -> tuple[type, ...]:
 
 def _plan(config: str, overrides: Optional[list[str]], data_root: Optional[str] = None):
     from pipeline.config import load_config
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     cfg = load_config(config, overrides or [])
@@ -91,13 +91,16 @@ def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[
 
 
 @app.command()
-def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt):
-    """Write the dataset as FFCV files and validate the forget sets."""
+def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
+            repair: bool = typer.Option(False, "--repair", help="write again prepared files that differ from "
+                                                                  "their recorded size or sha256")):
+    """Write the dataset as FFCV files and validate the forget sets. On a prepared store, check the
+    files against their recorded size and sha256: a missing one is written again, a damaged one with --repair."""
     from pipeline.stages import run_prepare
 
     def go():
         plan = _plan(config, set_, data_root)
-        meta = run_prepare(plan)
+        meta = run_prepare(plan, repair=repair)
         console.print(f"prepare {plan.prepare.id}: {meta['n_train']} train, {meta['n_val']} val, "
                       f"shape {meta['shape']} -> {plan.store.url(plan.prepare.rel)}", highlight=False)
 
@@ -105,27 +108,85 @@ def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional
 
 
 @app.command()
-def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
-    """For each stage: identity, done / partial / missing, models or blocks done, bytes."""
-    from pipeline.stages import stage_status
-
-    _stages()
+def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json"),
+           wide: bool = typer.Option(False, "--wide", help="also each stage's id and bytes")):
+    """What the store holds for this config: stages done / partial / missing, unlearning as a method x
+    forget-set grid. Reads the store only (no torch, no Ray)."""
+    from pipeline.status import stage_status
 
     def go():
-        rows = stage_status(_plan(config, set_))
+        plan = _plan(config, set_)
+        rows = stage_status(plan, sizes=wide or json_out)
         if json_out:
             print(json.dumps(rows, indent=1))
             return
-        table = Table(title="oracle-farm status")
-        for col in ("stage", "id", "state", "done", "detail", "bytes"):
-            table.add_column(col)
-        for r in rows:
-            colour = {"done": "green", "partial": "yellow"}.get(r["state"], "red")
-            table.add_row(escape(r["stage"]), r["id"], f"[{colour}]{r['state']}[/{colour}]", f"{r['done']}/{r['total']}",
-                          r.get("detail", ""), _human(r["bytes"]))
-        console.print(table)
+        for renderable in _status_tables(plan, rows, wide):
+            console.print(renderable)
 
     _guard(go)
+
+
+_STATE = {"done": "green", "partial": "yellow", "missing": "red"}
+
+
+def _state(row: dict, count: bool = False) -> str:
+    text = f"{row['done']}/{row['total']}" if count and row["state"] == "partial" else row["state"]
+    return f"[{_STATE[row['state']]}]{text}[/{_STATE[row['state']]}]"
+
+
+def _status_tables(plan, rows: list[dict], wide: bool) -> list:
+    """Stages (prepare, families, fit) as one table; unlearning as a method x forget-set grid, whose
+    cells are done, k/N (partial) or missing; the tuning grid points below it. --wide adds ids and bytes."""
+    from rich import box
+
+    out = [f"config [bold]{escape(plan.cfg.name)}[/bold], store {escape(plan.store.root)}"]
+    stages = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("stage", "state", "done", "detail") + (("id", "bytes") if wide else ()):
+        stages.add_column(col, no_wrap=col in ("stage", "state", "done", "id"),
+                          justify="right" if col in ("done", "bytes") else "left")
+    for r in rows:
+        if r["section"] not in ("prepare", "train", "fit"):
+            continue
+        cells = [escape(r["stage"]), _state(r), f"{r['done']}/{r['total']}", escape(r["detail"])]
+        stages.add_row(*cells, *((r["id"] or "–", _human(r["bytes"])) if wide else ()))
+    out.append(stages)
+    unlearn = [r for r in rows if r["section"] == "unlearn"]
+    if unlearn:
+        forget_sets = list(dict.fromkeys(r["forget_set"] for r in unlearn))
+        out.append(f"unlearning, {unlearn[0]['total']} models per method and forget set:")
+        grid = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        grid.add_column("method", no_wrap=True)
+        for fs in forget_sets:
+            grid.add_column(escape(fs), no_wrap=not wide)
+        for method in dict.fromkeys(r["method"] for r in unlearn):
+            cells = {r["forget_set"]: r for r in unlearn if r["method"] == method}
+            grid.add_row(escape(method), *(_cell(cells[fs], wide) for fs in forget_sets))
+        out.append(grid)
+    tune = [r for r in rows if r["section"] == "tune"]
+    if tune:
+        out.append(f"hyperparameter grids, on the tuning forget set {escape(tune[0]['forget_set'])}:")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("method", "point", "state", "hyperparameters") + (("id", "bytes") if wide else ()):
+            table.add_column(col, no_wrap=col != "hyperparameters")
+        for r in tune:
+            point = f"#{r['point']}" + (" chosen" if r["chosen"] else "")
+            table.add_row(escape(r["method"]), point, _state(r, count=True), escape(_hparams_diff(r, tune)),
+                          *((r["id"], _human(r["bytes"])) if wide else ()))
+        out.append(table)
+    return out
+
+
+def _cell(row: dict, wide: bool) -> str:
+    if row["id"] is None:
+        return "[red]missing[/red]" + (f" ({escape(row['detail'])})" if wide else "")
+    return _state(row, count=True) + (f"\n{row['id']} {_human(row['bytes'])}" if wide else "")
+
+
+def _hparams_diff(row: dict, rows: list[dict]) -> str:
+    """The hyperparameters in which this grid point differs from the method's other points."""
+    others = [r["hparams"] for r in rows if r["method"] == row["method"]]
+    keys = [k for k in row["hparams"] if any(o[k] != row["hparams"][k] for o in others)]
+    return ", ".join(f"{k}={row['hparams'][k]}" for k in keys)
 
 
 @app.command()
@@ -149,15 +210,9 @@ def train(config: str, set_: Optional[list[str]] = SetOpt,
     _guard(go)
 
 
-def _stages():
-    import pipeline.fit_stage  # noqa: F401 - registers the fit and unlearn status rows
-    import pipeline.unlearn_stage  # noqa: F401
-
-
 @app.command()
 def fit(config: str, set_: Optional[list[str]] = SetOpt):
     """Fit datamodels (attribution matrices) from the subset models."""
-    _stages()
     from pipeline.fit_stage import run_fit
 
     def go():
@@ -171,7 +226,6 @@ def fit(config: str, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
     """Run every configured unlearning method on the full models, for each forget set."""
-    _stages()
     from pipeline.unlearn_stage import run_unlearn
 
     def go():
@@ -185,7 +239,6 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
-    _stages()
     from pipeline.report import collect_rows
 
     def go():
@@ -211,7 +264,6 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
 def report(config: str, set_: Optional[list[str]] = SetOpt,
            out: Optional[str] = typer.Option(None, "--out", help="folder for report.md/json and plots")):
     """Write report.md, report.json and plots, from the store alone."""
-    _stages()
     from pipeline.report import write_report
 
     def go():
@@ -229,7 +281,6 @@ def run(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str
     def go():
         path = _finished(config, set_, out)  # before importing torch and Ray: a finished run answers at once
         if path is None:
-            _stages()
             from pipeline.run import run_all
 
             path = run_all(_plan(config, set_, data_root), out)

@@ -294,18 +294,45 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+    return "\n".join([f"{source}: invalid config", *(f"  {line}" for line in error_lines(exc))])
+
+
+def error_lines(exc: ValidationError, root: type = None, prefix: str = "") -> list[str]:
+    """One line per error, `<yaml path>: <what is wrong>, got <value>`, in the words of this module's
+    own validators (`must be > 0`), never pydantic's help URL. `root`: the model validated (default
+    Config); `prefix`: the YAML path of that model, e.g. `unlearn.methods.finetune`."""
+    lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        field = _yaml_path(loc)
+        field = _join_path(prefix, _yaml_path(loc, root))
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown key{_suggest(loc[-1], _valid_keys(loc[:-1]))}")
+            lines.append(f"{field}: unknown key{_suggest(loc[-1], _valid_keys(loc[:-1], root))}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = _message(err)
             got = err.get("input")
             shown = "" if isinstance(got, (dict, list)) or "got" in msg else f", got {got!r}"
-            lines.append(f"  {field}: {msg}{shown}")
-    return "\n".join(lines)
+            lines.append(f"{field}: {msg}{shown}")
+    return lines
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
+def _message(err: dict) -> str:
+    """pydantic's message, said as a config error: `must be > 0` for a bound, `must be ...` for a type."""
+    if err["type"] in _BOUNDS:
+        key, op = _BOUNDS[err["type"]]
+        bound = err.get("ctx", {}).get(key)
+        return f"must be {op} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return "must be " + msg.removeprefix("Input should be ") if msg.startswith("Input should be ") else msg
+
+
+def _join_path(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    return prefix if path == "<root>" else (f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}")
 
 
 _FORGET_KINDS = {"random": RandomForget, "class": ClassForget, "indices": IndicesForget,
@@ -317,12 +344,12 @@ def _mentions(annotation: Any, cls: type) -> bool:
     return annotation is cls or any(_mentions(arg, cls) for arg in get_args(annotation))
 
 
-def _walk(loc: list[str]) -> tuple[list[str], Any]:
+def _walk(loc: list[str], root: type = None) -> tuple[list[str], Any]:
     """Follow a pydantic error location through the config models: the YAML path parts (the
     discriminator tag pydantic inserts after a forget-set union dropped, and only that one: `indices`
     is both a tag and a field name) and the model reached at the end (None past a plain field)."""
     parts: list[str] = []
-    model: Any = Config
+    model: Any = root or Config
     tag_next = False
     for part in loc:
         if tag_next and part in _FORGET_KINDS:
@@ -342,15 +369,15 @@ def _walk(loc: list[str]) -> tuple[list[str], Any]:
     return parts, model
 
 
-def _yaml_path(loc: list[str]) -> str:
+def _yaml_path(loc: list[str], root: type = None) -> str:
     out = ""
-    for p in _walk(loc)[0]:
+    for p in _walk(loc, root)[0]:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or "<root>"
 
 
-def _valid_keys(loc: list[str]) -> list[str]:
-    return list(getattr(_walk(loc)[1], "model_fields", {}))
+def _valid_keys(loc: list[str], root: type = None) -> list[str]:
+    return list(getattr(_walk(loc, root)[1], "model_fields", {}))
 
 
 def _suggest(name: str, valid: list[str]) -> str:

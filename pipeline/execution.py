@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -26,10 +27,36 @@ def worker_env(joining: bool) -> dict[str, str]:
     return env
 
 
+class _DropNotice(logging.Filter):
+    """Drops one informational record of Ray's by its text; every other record passes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# Ray >= 2.5x logs, as a WARNING, that a local instance enabled token authentication, the default it
+# chose (it does not when RAY_AUTH_MODE is set): a notice, not a problem, shown on every run. Dropped
+# here by its text; Ray's other warnings (e.g. that authentication is *disabled*) still reach the user.
+_RAY_NOTICES = {"ray._private.authentication.authentication_token_setup":
+                "Token authentication is enabled for this Ray cluster"}
+
+
+def _quiet_ray_notices() -> None:
+    for name, prefix in _RAY_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
+
+
 def init_ray(cfg: ExecutionConfig) -> None:
     """Join RAY_ADDRESS / execution.ray_address when given, else start a local instance on 127.0.0.1."""
     if ray.is_initialized():
         return
+    _quiet_ray_notices()
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": worker_env(joining=bool(address))}
     if address:

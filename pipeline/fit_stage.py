@@ -22,10 +22,10 @@ import torch
 from pipeline.config import Config
 from pipeline.datamodels import get_estimator, lds
 from pipeline.execution import init_ray, run_tasks, task_options
-from pipeline.stages import FamilySpec, Plan, StageError, family_store, STATUS_PROVIDERS
+from pipeline.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
+from pipeline.stages import FamilySpec, Plan, StageError, family_store
 from pipeline.store import Store, ensure_stage, is_complete, mark_complete
 
-TARGET_CHUNK = 16
 TRAIN_CHUNK = 4096
 LOGIT_TRAIN_CHUNK = 256
 FORGET_SUM_COLUMNS = 4096  # targets of theta_logit read at once when summing a forget set's rows
@@ -49,11 +49,6 @@ def _check_inputs(plan: Plan, meta: dict) -> None:
             raise StageError(f"the subset family ({role}) is not fully trained: run `oracle-farm train` first")
 
 
-def target_blocks(n_points: int, block: int) -> list[tuple[int, int]]:
-    block = max(TARGET_CHUNK, block // TARGET_CHUNK * TARGET_CHUNK)  # a block owns whole chunks
-    return [(s, min(s + block, n_points)) for s in range(0, n_points, block)]
-
-
 def _create_arrays(plan: Plan, meta: dict) -> None:
     n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
     group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr")
@@ -70,16 +65,6 @@ def _create_arrays(plan: Plan, meta: dict) -> None:
     for name, (shape, chunks, dtype) in specs.items():
         if name not in group:
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
-
-
-def _done_targets(store: Store, rel: str, n_points: int) -> np.ndarray:
-    """Targets covered by a marker: blocks of another size from an earlier run still count."""
-    done = np.zeros(n_points, dtype=bool)
-    for name in store.list(f"{rel}/markers/targets"):
-        marker = store.read_json(f"{rel}/markers/targets/{name}")
-        if marker is not None:
-            done[marker["start"] : marker["end"]] = True
-    return done
 
 
 def run_fit(plan: Plan) -> dict:
@@ -233,21 +218,3 @@ def forget_rows(plan: Plan, forget: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     np.savez(buf, forget=forget, sums=sums, diagonal=diagonal)
     plan.store.write_bytes(rel, buf.getvalue())
     return sums, diagonal
-
-
-def fit_status(plan: Plan) -> list[dict]:
-    ref = plan.fit
-    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
-    if meta is None:
-        return [{"stage": "fit", "id": ref.id, "state": "missing", "done": 0, "total": 1, "bytes": 0}]
-    blocks = target_blocks(meta["n_train"] + meta["n_val"], plan.cfg.execution.fit_block_targets)
-    summary = plan.store.read_json(f"{ref.rel}/COMPLETE.json")
-    covered = _done_targets(plan.store, ref.rel, meta["n_train"] + meta["n_val"])
-    done = sum(bool(covered[a:b].all()) for a, b in blocks)
-    state = "done" if summary else ("partial" if done else "missing")
-    detail = f"LDS mean {summary['lds_mean']:.3f}" if summary and summary.get("lds_mean") is not None else ""
-    return [{"stage": "fit", "id": ref.id, "state": state, "done": done if not summary else len(blocks),
-             "total": len(blocks), "detail": detail, "bytes": plan.store.size(ref.rel)}]
-
-
-STATUS_PROVIDERS.append(fit_status)

@@ -12,19 +12,23 @@ stops there, so neither ends up holding a part of what the other needs):
   2. write ours where there is none or where the holder's heartbeat is older than its ttl (stale);
   3. re-read (after a settle delay where the write was a plain PUT): it must carry our token, else we
      lost a race -> release what we hold and go to 1.
+On local disk steps 1-3 run under an exclusive `flock(2)` of the stage's folder, as do a heartbeat's
+read-and-rewrite and a release: two drivers on one machine (or on a file system whose flock is shared)
+take turns, so the one that comes second reads the first one's lease, whatever either process's speed.
 A background thread rewrites the heartbeat every ttl/3 while held; release deletes our lease objects.
 A stale lease is taken over and the blocks its holder left without markers are redone (markers
 define done; a block being written when the holder died has no marker yet).
 
-Atomicity. On local disk a free lease is created with `link(2)` of a complete temporary file, which
-fails when the name exists: a true create-if-absent, and a reader never sees half a lease. An object
-store has no compare-and-swap, so a PUT and a re-read after `settle` seconds stand in for it: two
-drivers that both saw the lease free (or stale) both write; the later PUT wins and the earlier
-writer sees the other's token on its re-read and backs off. Both can believe they won only if one
-driver's read -> write gap is longer than the other's write -> re-read gap (the settle delay, 1 s
-on object stores, 0.25 s for a local takeover); a process stalled that long between two calls is the
-race window, and what it costs is two drivers writing the same deterministic rows (decision 14),
-not lost data. Expiry compares the holder's heartbeat with the reader's clock: clocks of the machines
+Atomicity. On local disk the read-decide-write of a lease is one critical section (the flock above):
+a free lease is created with `link(2)` of a complete temporary file (create-if-absent, and a reader
+never sees half a lease), a stale one replaced, and no delay is needed. Where flock is refused (some
+network file systems) a local store falls back to what an object store does. An object store has no
+compare-and-swap, so a PUT and a re-read after `settle` seconds (1 s) stand in for it: two drivers that
+both saw the lease free (or stale) both write; the later PUT wins and the earlier writer sees the
+other's token on its re-read and backs off. Both can believe they won only if one driver's read ->
+write gap is longer than the other's write -> re-read gap (the settle delay); a process stalled that
+long between two calls is the race window, and what it costs is two drivers writing the same
+deterministic rows (decision 14), not lost data. Expiry compares the holder's heartbeat with the reader's clock: clocks of the machines
 sharing a store must agree to well within the ttl.
 
 A lease is taken over only once its heartbeat has expired (decision 26), even when its holder is
@@ -37,6 +41,7 @@ takes over, and says so.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -45,6 +50,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -164,7 +170,7 @@ class Lease:
         self.rels = sorted({lease_rel(r) for r in stage_rels})
         self.ttl, self.wait = float(ttl), float(wait)
         self.poll = poll if poll is not None else min(2.0, max(0.1, self.ttl / 10))
-        self.settle = settle if settle is not None else (0.25 if store.is_local else 1.0)
+        self.settle = settle if settle is not None else 1.0  # object stores (and local ones without flock)
         self.quiet = quiet
         self.token = uuid.uuid4().hex
         self.held: list[str] = []
@@ -223,24 +229,51 @@ class Lease:
         (rel, holder record) when another live driver holds one (ours are released); _RETRY when a lease
         changed under us with no live holder left."""
         for rel in self.rels:
-            rec = self.store.read_json(rel)
-            if rec is not None and rec.get("token") == self.token:
-                continue
-            if rec is not None and not is_stale(rec):
+            with self._exclusive(rel) as locked:
+                outcome = self._try_one(rel, locked)
+            if outcome is not None:
                 self._release_all()
-                return rel, rec
-            if rec is None and self.store.is_local and not self.store.exists(rel):
-                self._create_local(rel)  # exclusive create; if another driver won, the re-read shows it
-            else:  # free on an object store, or stale: PUT, let a concurrent PUT land, re-read
-                self.store.write_json(rel, self.record())
-                time.sleep(self.settle)
-            rec = self.store.read_json(rel)
-            if rec is None or rec.get("token") != self.token:
-                self._release_all()
-                return (rel, rec) if rec is not None and not is_stale(rec) else _RETRY
+                return outcome
             with self._lock:
                 self.held.append(rel)
         return None
+
+    def _try_one(self, rel: str, locked: bool):
+        """None when the lease is ours (taken now or before); else what `_try_all` returns."""
+        rec = self.store.read_json(rel)
+        if rec is not None and rec.get("token") == self.token:
+            return None
+        if rec is not None and not is_stale(rec):
+            return rel, rec
+        if rec is None and self.store.is_local and not self.store.exists(rel):
+            self._create_local(rel)  # exclusive create; if another driver won, the re-read shows it
+        else:  # free on an object store, or stale: write ours
+            self.store.write_json(rel, self.record())
+            if not locked:  # no critical section: let a concurrent PUT land before the re-read
+                time.sleep(self.settle)
+        rec = self.store.read_json(rel)
+        if rec is None or rec.get("token") != self.token:
+            return (rel, rec) if rec is not None and not is_stale(rec) else _RETRY
+        return None
+
+    @contextmanager
+    def _exclusive(self, rel: str):
+        """An exclusive flock of the stage's folder on a local store (yields True), else nothing (False)."""
+        if not self.store.is_local:
+            yield False
+            return
+        folder = Path(self.store.path(rel)).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:  # a file system without flock: the settle delay stands in
+                locked = False
+            yield locked
+        finally:
+            os.close(fd)  # releases the flock
 
     def _create_local(self, rel: str) -> bool:  # local stores only (store.is_local)
         """Create-if-absent on local disk: link(2) a complete temporary file to the lease's name."""
@@ -260,12 +293,13 @@ class Lease:
         """Delete the leases we hold (each only if it still carries our token)."""
         with self._lock:
             for rel in self.held:
-                rec = self.store.read_json(rel)
-                if rec is not None and rec.get("token") == self.token:
-                    try:
-                        self.store.remove(rel)
-                    except FileNotFoundError:
-                        pass
+                with self._exclusive(rel):
+                    rec = self.store.read_json(rel)
+                    if rec is not None and rec.get("token") == self.token:
+                        try:
+                            self.store.remove(rel)
+                        except FileNotFoundError:
+                            pass
             self.held = []
 
     def release(self) -> None:
@@ -290,10 +324,11 @@ class Lease:
         """Rewrite the heartbeat of each lease still ours; one found taken over is dropped (and said)."""
         for rel in list(self.held):
             try:
-                rec = self.store.read_json(rel)
-                if rec is not None and rec.get("token") == self.token:
-                    self.store.write_json(rel, {**rec, "heartbeat": time.time()})
-                    continue
+                with self._exclusive(rel):
+                    rec = self.store.read_json(rel)
+                    if rec is not None and rec.get("token") == self.token:
+                        self.store.write_json(rel, {**rec, "heartbeat": time.time()})
+                        continue
             except Exception as exc:  # noqa: BLE001 - a failed refresh is retried at the next beat
                 if not self.quiet:
                     print(f"lease heartbeat of {self.store.url(rel)} failed: {exc}", file=sys.stderr, flush=True)

@@ -1,136 +1,47 @@
-"""Stages: (config, store) -> identities and idempotent runs. The only module besides jobs/ that knows Ray.
-
-Identities (decision 15): a stage's own config section with defaults + upstream ids + schema version.
-Family sizes, block size, CPUs/GPUs, threads and the store root are execution settings, not identity.
+"""Stages: the prepare and train stages' idempotent runs, as Ray tasks. The only module besides jobs/
+that knows Ray. What the stages are (identities, families) is pipeline.plan, re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import tempfile
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from pipeline.config import Config, stage_id
+from pipeline.config import Config
 from pipeline.data.beton import read_beton, write_beton
 from pipeline.data.datasets import load_dataset
-from pipeline.data.forget_sets import forget_set_id, resolve_forget_set
 from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.gate import pass_gate
 from pipeline.models import resolve_stacking
-from pipeline.store import (
-    ArraySpec, Family, StageRef, Store, ensure_stage, file_sha256, is_complete, mark_complete,
+from pipeline.plan import (  # noqa: F401 - re-exported: the stages' vocabulary
+    ORACLE_ROLES, PREPARED_SPLITS, SUBSET_POINT_CHUNK, SUBSET_ROLES, FamilySpec, Plan, StageError, check_prepared,
+    family_store, output_specs, pending_blocks, prepared_file, stage_section, train_families,
 )
-from pipeline.train import DeviceData, Member, derive_seed, evaluate_members, retrain_example_passes, train_members
-
-ORACLE_ROLES = ("target", "reference", "eval")
-SUBSET_ROLES = ("fit", "heldout")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run: an upstream stage is missing, or the input does not fit."""
-
-
-# ---------------------------------------------------------------------------------------- the plan
-@dataclass
-class Plan:
-    """Every stage identity of a config, and the store they live in."""
-
-    cfg: Config
-    store: Store
-    data_root: str | None = None
-    _scores: dict = field(default_factory=dict, repr=False, compare=False)  # k -> neighbour disagreement
-
-    @cached_property
-    def prepare(self) -> StageRef:
-        section = self.cfg.data.model_dump(mode="json", exclude={"root"})
-        return StageRef("prepare", stage_id("prepare", section))
-
-    def prepared_meta(self) -> dict:
-        meta = self.store.read_json(f"{self.prepare.rel}/COMPLETE.json")
-        if meta is None:
-            raise StageError(f"the prepare stage {self.prepare.id} is not complete: run `oracle-farm prepare` first")
-        return meta
-
-    @cached_property
-    def train_labels(self) -> np.ndarray:
-        if is_complete(self.store, self.prepare):
-            return self.store.open_group(f"{self.prepare.rel}/arrays.zarr", mode="r")["labels/train"][:]
-        return load_dataset(self.cfg.data, self.data_root).train_y
-
-    @cached_property
-    def forget_sets(self) -> dict[str, np.ndarray]:
-        """name -> sorted training indices, validated (reported sets and the tuning set)."""
-        return {spec.name: resolve_forget_set(spec, self.train_labels, disagreement=self.neighbour_disagreement)
-                for spec in self.cfg.all_forget_sets()}
-
-    def neighbour_disagreement(self, k: int) -> np.ndarray:
-        """Scores of the `atypical` forget-set kind, computed once per prepared dataset and kept beside
-        it (`derived/`): the k-NN search takes minutes on CIFAR-10 and every task's plan needs them."""
-        from pipeline.data.forget_sets import neighbour_disagreement
-
-        rel = f"{self.prepare.rel}/derived/neighbour-disagreement-k{k}.npy"
-        prepared = is_complete(self.store, self.prepare)
-        if prepared and self.store.exists(rel):
-            return np.load(io.BytesIO(self.store.read_bytes(rel)), allow_pickle=False)
-        if k not in self._scores:
-            self._scores[k] = neighbour_disagreement(self.train_images(), self.train_labels, k)
-        if prepared:  # the driver writes it right after prepare, before any task needs it
-            buf = io.BytesIO()
-            np.save(buf, self._scores[k], allow_pickle=False)
-            self.store.write_bytes(rel, buf.getvalue())
-        return self._scores[k]
-
-    def train_images(self) -> np.ndarray:
-        """The training images: the prepared .beton once there is one, else the dataset itself."""
-        if not is_complete(self.store, self.prepare):
-            return load_dataset(self.cfg.data, self.data_root).train_x
-        sha = self.prepared_meta().get("files", {}).get("train.beton", {}).get("sha256")
-        return read_beton(self.store.local_file(f"{self.prepare.rel}/train.beton", sha256=sha))[0]
-
-    def _recipe(self) -> dict:
-        return {"model": self.cfg.model.model_dump(mode="json"), "train": self.cfg.train.recipe()}
-
-    @cached_property
-    def full(self) -> StageRef:
-        return StageRef("full", stage_id("full", self._recipe(), {"prepare": self.prepare.id}))
-
-    @cached_property
-    def subset(self) -> StageRef:
-        sub = self.cfg.train.subset
-        section = {**self._recipe(), "alpha": sub.alpha, "store_logits": sub.store_logits}
-        return StageRef("subset", stage_id("subset", section, {"prepare": self.prepare.id}))
-
-    def oracle(self, name: str) -> StageRef:
-        fid = forget_set_id(self.forget_sets[name])
-        return StageRef("oracle", stage_id("oracle", self._recipe(), {"prepare": self.prepare.id, "forget": fid}))
-
-    @cached_property
-    def fit(self) -> StageRef:
-        sub = self.cfg.train.subset
-        upstream = {"subset": self.subset.id, "models": sub.models, "heldout": sub.heldout}
-        return StageRef("fit", stage_id("fit", self.cfg.fit.model_dump(mode="json"), upstream))
-
-    def all_stage_refs(self) -> list[tuple[str, StageRef]]:
-        refs = [("prepare", self.prepare), ("full", self.full), ("subset", self.subset)]
-        refs += [(f"oracle[{n}]", self.oracle(n)) for n in self.forget_sets]
-        refs.append(("fit", self.fit))
-        return refs
+from pipeline.status import stage_status  # noqa: F401 - re-exported
+from pipeline.store import CorruptFile, Store, ensure_stage, file_sha256, is_complete, mark_complete
+from pipeline.train import DeviceData, evaluate_members, retrain_example_passes, train_members
 
 
 # ---------------------------------------------------------------------------------------- prepare
-def run_prepare(plan: Plan) -> dict:
-    """The prepare stage, written under its lease (pipeline.lease) unless already complete."""
+def run_prepare(plan: Plan, repair: bool = False) -> dict:
+    """The prepare stage, written under its lease (pipeline.lease) unless already complete. A complete
+    stage's files are checked against their recorded size and sha256: a missing one is written again;
+    a damaged or foreign one stops it (CorruptFile), or is written again with `repair`."""
     from pipeline.lease import hold
 
     plan.store.check_reachable()
     _ = plan.forget_sets  # validate forget sets before any work
     if is_complete(plan.store, plan.prepare):
-        return plan.prepared_meta()
+        meta = plan.prepared_meta()
+        damaged = _prepared_problems(plan, meta, repair)
+        if damaged:
+            with hold(plan.store, [plan.prepare.rel], plan.cfg.execution):
+                _rewrite_prepared(plan, meta, damaged)
+        return meta
     with hold(plan.store, [plan.prepare.rel], plan.cfg.execution):
         meta = _run_prepare(plan)
     for k in {spec.neighbours for spec in plan.cfg.all_forget_sets() if spec.kind == "atypical"}:
@@ -165,6 +76,40 @@ def _run_prepare(plan: Plan) -> dict:
     return meta
 
 
+def _prepared_problems(plan: Plan, meta: dict, repair: bool) -> list[str]:
+    """The splits whose .beton to write again: missing ones, and with `repair` damaged ones too;
+    CorruptFile for a damaged one without `repair`."""
+    todo = []
+    for split in PREPARED_SPLITS:
+        if not plan.store.exists(f"{plan.prepare.rel}/{split}.beton"):
+            todo.append(split)
+            continue
+        try:
+            prepared_file(plan.store, plan.prepare.rel, meta, split)
+        except CorruptFile:
+            if not repair:
+                raise
+            todo.append(split)
+    return todo
+
+
+def _rewrite_prepared(plan: Plan, meta: dict, splits: list[str]) -> None:
+    """Write these splits' .beton files again from the dataset; they must come out as recorded."""
+    dataset = load_dataset(plan.cfg.data, plan.data_root)
+    arrays = {"train": (dataset.train_x, dataset.train_y), "val": (dataset.val_x, dataset.val_y)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in splits:
+            local = Path(tmp) / f"{split}.beton"
+            write_beton(local, *arrays[split])
+            want = meta.get("files", {}).get(f"{split}.beton", {}).get("sha256")
+            if want and file_sha256(local) != want:
+                raise CorruptFile(f"{plan.store.url(plan.prepare.rel)}/{split}.beton: the dataset now writes another file "
+                                  "than the one prepare recorded (the source data changed): remove the whole prepare "
+                                  f"stage {plan.store.url(plan.prepare.rel)} and every stage after it, or restore the data")
+            plan.store.put_file(local, f"{plan.prepare.rel}/{split}.beton")
+            print(f"prepare: wrote {plan.store.url(plan.prepare.rel)}/{split}.beton again", flush=True)
+
+
 _DATA_CACHE: dict = {}
 
 
@@ -177,10 +122,7 @@ def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: 
     if key not in _DATA_CACHE:
         store = Store(store_root)
         meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
-        files = meta.get("files", {})  # stores prepared before hashes were recorded: size check only
-        local = {split: store.local_file(f"{prepare_rel}/{split}.beton",
-                                         sha256=files.get(f"{split}.beton", {}).get("sha256"))
-                 for split in ("train", "val")}
+        local = {split: prepared_file(store, prepare_rel, meta, split) for split in PREPARED_SPLITS}
         _DATA_CACHE.clear()
         if data_path == "stream" or (data_path == "auto" and not resident_fits(meta, device)):
             labels = store.open_group(f"{prepare_rel}/arrays.zarr", mode="r")["labels"]
@@ -194,79 +136,6 @@ def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: 
 
 
 # ---------------------------------------------------------------------------------------- families
-# The subset family's margins and logits are chunked by this many points, so that a fit task reads
-# only the chunks of its target block (every model's, a band of columns) instead of whole rows.
-SUBSET_POINT_CHUNK = 4096
-
-
-def output_specs(meta: dict, logits: bool, mask: bool = False) -> list[ArraySpec]:
-    """The arrays of a family; ``mask``: the subset family's (masks, and outputs chunked by points)."""
-    points = meta["n_train"] + meta["n_val"]
-    band = SUBSET_POINT_CHUNK if mask else None
-    specs = [ArraySpec("margins", (points,), "float32", band), ArraySpec("accuracy", (2,), "float32")]
-    if logits:
-        specs.append(ArraySpec("logits", (points, meta["classes"]), "float16", band))
-    if mask:
-        specs.append(ArraySpec("masks", (meta["n_train"],), "bool"))
-    return specs
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """One role of one training stage: how many models, and how model i's data is chosen."""
-
-    ref: StageRef
-    role: str
-    n_models: int
-    kind: str  # full | subset | oracle
-    alpha: float = 0.5
-    forget: tuple[int, ...] = ()
-    logits: bool = True
-    save_weights: bool = False
-
-    def member(self, i: int, n_train: int) -> tuple[Member, np.ndarray | None]:
-        seed = derive_seed(self.ref.id, self.role, i)
-        if self.kind == "subset":
-            gen = np.random.default_rng(derive_seed(self.ref.id, self.role, i, "mask"))
-            mask = gen.random(n_train) < self.alpha
-            return Member(seed, np.flatnonzero(mask)), mask
-        keep = np.ones(n_train, dtype=bool)
-        keep[list(self.forget)] = False
-        return Member(seed, np.flatnonzero(keep)), None
-
-
-def train_families(plan: Plan) -> list[FamilySpec]:
-    t = plan.cfg.train
-    fams = [FamilySpec(plan.full, "models", t.full.models, "full", save_weights=True)]
-    fams += [FamilySpec(plan.subset, role, n, "subset", alpha=t.subset.alpha, logits=t.subset.store_logits)
-             for role, n in (("fit", t.subset.models), ("heldout", t.subset.heldout))]
-    for name, indices in plan.forget_sets.items():
-        for role in ORACLE_ROLES:
-            fams.append(FamilySpec(plan.oracle(name), role, getattr(t.oracle, role), "oracle",
-                                   forget=tuple(int(i) for i in indices)))
-    return fams
-
-
-def family_store(plan: Plan, fam: FamilySpec, meta: dict) -> Family:
-    return Family(plan.store, fam.ref, fam.role, output_specs(meta, fam.logits, mask=fam.kind == "subset"))
-
-
-def stage_section(plan: Plan, fam: FamilySpec) -> tuple[dict, dict]:
-    section = plan._recipe()
-    upstream = {"prepare": plan.prepare.id}
-    if fam.kind == "subset":
-        section = {**section, "alpha": fam.alpha, "store_logits": fam.logits}
-    if fam.kind == "oracle":
-        upstream["forget"] = forget_set_id(np.asarray(fam.forget))
-    return section, upstream
-
-
-def pending_blocks(done: np.ndarray, block: int) -> list[tuple[int, int]]:
-    """Block-aligned ranges [k*block, (k+1)*block) holding any model not yet done."""
-    n = len(done)
-    return [(s, min(s + block, n)) for s in range(0, n, block) if not done[s : s + block].all()]
-
-
 def run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")) -> dict:
     """Train every pending block of the chosen families as Ray tasks; finished blocks are skipped.
     Stage records made by another config stop it before anything is written; then it holds the lease
@@ -274,7 +143,7 @@ def run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle"))
     from pipeline.lease import hold
 
     plan.store.check_reachable()
-    plan.prepared_meta()
+    check_prepared(plan)  # the files every task reads, as prepare recorded them: before any lease or write
     fams = [f for f in train_families(plan) if f.kind in kinds and f.n_models > 0]
     for fam in fams:  # read-only where a record exists: ensure_stage only compares it
         if plan.store.exists(f"{fam.ref.rel}/stage.json"):
@@ -311,6 +180,7 @@ def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")
 
 def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, end: int, todo: list[int]) -> int:
     """One Ray task: train models start..end of a family, write the rows not yet done, then markers."""
+    pass_gate(f"train-{fam.ref.kind}-{fam.role}-{start}")  # tests only (pipeline/gate.py): off by default
     torch.set_num_threads(cfg.execution.threads)
     store = Store(store_root)
     plan = Plan(cfg, store)
@@ -379,48 +249,4 @@ def load_full_models(plan: Plan, indices: list[int], device: str = "cpu"):
     model.load_state_dict(state)
     return model.to(device).eval()
 
-
-# ---------------------------------------------------------------------------------------- status
-def stage_status(plan: Plan) -> list[dict]:
-    """For each stage: identity, state, blocks/models done, bytes."""
-    plan.store.check_reachable(create=False)
-    rows = []
-    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
-    rows.append({"stage": "prepare", "id": plan.prepare.id, "state": "done" if meta else "missing",
-                 "done": int(bool(meta)), "total": 1, "bytes": plan.store.size(plan.prepare.rel)})
-    by_stage: dict[str, list] = {}
-    for fam in train_families(plan):
-        label = fam.kind if fam.kind != "oracle" else f"oracle[{_forget_name(plan, fam)}]"
-        by_stage.setdefault(label, []).append(fam)
-    for label, fams in by_stage.items():
-        done = total = 0
-        roles = []
-        for fam in fams:
-            n_done = 0
-            if meta is not None and fam.n_models:
-                n_done = int(family_store(plan, fam, meta).done_mask(fam.n_models).sum())
-            done, total = done + n_done, total + fam.n_models
-            roles.append(f"{fam.role} {n_done}/{fam.n_models}")
-        state = "done" if done == total else ("partial" if done else "missing")
-        rows.append({"stage": label, "id": fams[0].ref.id, "state": state, "done": done, "total": total,
-                     "detail": ", ".join(roles), "bytes": plan.store.size(fams[0].ref.rel)})
-    return rows + extra_status(plan)
-
-
-def _forget_name(plan: Plan, fam: FamilySpec) -> str:
-    for name in plan.forget_sets:
-        if plan.oracle(name) == fam.ref:
-            return name
-    return "?"
-
-
-def extra_status(plan: Plan) -> list[dict]:
-    """Status rows of the later stages (fit, unlearn), registered by their modules."""
-    rows = []
-    for provider in STATUS_PROVIDERS:
-        rows.extend(provider(plan))
-    return rows
-
-
-STATUS_PROVIDERS: list = []
 

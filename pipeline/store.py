@@ -31,6 +31,11 @@ class StoreError(RuntimeError):
     """The store is unreachable, or holds something other than what this config expects."""
 
 
+class CorruptFile(StoreError):
+    """A stored file or block differs from what the stage that wrote it recorded (size, sha256): the
+    message names it and how to have it written again. Bad input (exit 2), like every StoreError."""
+
+
 def _is_url(root: str) -> bool:
     return "://" in root
 
@@ -373,9 +378,36 @@ class Family:
             done[m["start"] : min(m["end"], n_models)] = True
         return done
 
-    def read(self, name: str, n_models: int | None = None) -> np.ndarray:
+    def read(self, name: str, n_models: int | None = None, verify: bool = True) -> np.ndarray:
+        """Rows 0..n_models of an array, each finished block checked against its marker's sha256
+        (CorruptFile naming the rows, the marker and the fix when one differs or a chunk cannot be
+        decoded). Rows of a block that reaches past n_models are read to check it whole."""
         arr = self.array(name)
-        return arr[: (n_models if n_models is not None else arr.shape[0])]
+        n = n_models if n_models is not None else arr.shape[0]
+        markers = [m for m in self.markers() if m["start"] < n and name in m.get("checksums", {})] if verify else []
+        stop = min(arr.shape[0], max([n, *(m["end"] for m in markers)]))
+        try:
+            data = arr[:stop]
+        except Exception as exc:  # noqa: BLE001 - a codec or a chunk's size says the chunk is damaged
+            raise CorruptFile(f"{self.store.url(self.group_rel)}/{self.role}/{name}: a chunk of rows 0..{stop} cannot be "
+                              f"read ({type(exc).__name__}: {exc}); {self._fix()}") from None
+        for m in markers:
+            block = np.ascontiguousarray(data[m["start"] : m["end"]])
+            if hashlib.sha256(block.tobytes()).hexdigest() != m["checksums"][name]:
+                raise CorruptFile(
+                    f"{self.store.url(self.group_rel)}/{self.role}/{name} rows {m['start']}..{m['end']}: the data "
+                    f"differs from the sha256 in their marker {self.store.url(self._marker_of(m))}; "
+                    f"{self._fix(self._marker_of(m))}")
+        return data[:n]
+
+    def _marker_of(self, marker: dict) -> str:
+        return f"{self.marker_rel}/{marker['start']:07d}-{marker['end']:07d}.json"
+
+    def _fix(self, marker_rel: str | None = None) -> str:
+        what = f"remove the marker {self.store.url(marker_rel)}" if marker_rel else \
+            f"remove the markers of the damaged rows under {self.store.url(self.marker_rel)}"
+        return (f"to recompute those rows, {what} and re-run the stage that wrote them "
+                "(`oracle-farm run CONFIG` redoes exactly the blocks without a marker)")
 
     def verify(self, n_models: int) -> list[str]:
         """Problems found by recomputing each marker's checksums (empty when all is well)."""

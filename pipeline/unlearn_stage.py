@@ -7,64 +7,25 @@ against that set's eval oracles (ties broken by compute); reported runs use the 
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import ray
 import torch
 
-from pipeline.config import Config, stage_id
-from pipeline.data.forget_sets import forget_set_id
+from pipeline.config import Config
 from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.fit_stage import forget_rows
 from pipeline.models import build_model
-from pipeline.stages import (
-    STATUS_PROVIDERS, FamilySpec, Plan, StageError, family_store, load_device_data, load_full_models,
-    output_specs, pending_blocks,
+from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
+    method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref,
 )
-from pipeline.store import Family, StageRef, Store, ensure_stage
+from pipeline.stages import (
+    FamilySpec, Plan, StageError, check_prepared, family_store, load_device_data, load_full_models,
+    pending_blocks,
+)
+from pipeline.store import StageRef, Store, ensure_stage
 from pipeline.train import derive_seed, evaluate_members, outputs_from_logits, retrain_example_passes
-from pipeline.unlearn import expand_grid, get_method
+from pipeline.unlearn import get_method
 from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows
-
-
-def n_unlearned(cfg: Config) -> int:
-    return cfg.unlearn.models or cfg.train.full.models
-
-
-def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
-    """Identity: method + its full hyperparameters + the full models, forget set, count and the
-    upstream stages the method reads (fit for datamodel methods, oracles for OM)."""
-    needs = get_method(method).NEEDS
-    upstream = {"full": plan.full.id, "forget": forget_set_id(plan.forget_sets[forget_name]),
-                "models": n_unlearned(plan.cfg), "seed": plan.cfg.unlearn.seed}
-    if "datamodels" in needs:
-        upstream["fit"] = plan.fit.id
-    if "target_oracles" in needs:
-        upstream["oracle"] = plan.oracle(forget_name).id
-        upstream["targets"] = plan.cfg.train.oracle.target
-    section = {"method": method, "hparams": hparams.model_dump(mode="json")}
-    return StageRef("unlearn", stage_id("unlearn", section, upstream))
-
-
-def unlearn_family(plan: Plan, ref: StageRef, meta: dict) -> Family:
-    return Family(plan.store, ref, "models", output_specs(meta, logits=True))
-
-
-def method_grids(cfg: Config) -> dict[str, list]:
-    """method -> validated hyperparameter points (raises a ConfigError-style message on bad ones)."""
-    from pipeline.config import ConfigError
-
-    grids = {}
-    for name, params in cfg.unlearn.methods.items():
-        try:
-            grids[name] = expand_grid(name, params)
-        except KeyError as exc:
-            raise ConfigError(f"unlearn.methods.{name}: {exc.args[0]}") from None
-        except Exception as exc:  # pydantic ValidationError
-            raise ConfigError(f"unlearn.methods.{name}: {exc}") from None
-    return grids
 
 
 def check_needs(plan: Plan, grids: dict) -> None:
@@ -105,6 +66,7 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
             tasks.append((method, hp, fs, start, end, (np.flatnonzero(~done[start:end]) + start).tolist()))
     if not tasks:
         return
+    check_prepared(plan)  # every task reads the prepared files: as prepare recorded them
     for fs in sorted({fs for m, _, fs, *_ in tasks if "datamodels" in get_method(m).NEEDS}):
         forget_rows(plan, plan.forget_sets[fs])  # once here, not in every task
     init_ray(ex)
@@ -169,13 +131,6 @@ def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str,
 
 
 # ---------------------------------------------------------------------------------------- tuning
-def selection_rel(plan: Plan, method: str, grid: list) -> str:
-    payload = json.dumps([method, [g.model_dump(mode="json") for g in grid],
-                          unlearn_ref(plan, method, grid[0], plan.cfg.tuning_forget_set.name).id,
-                          plan.oracle(plan.cfg.tuning_forget_set.name).id], sort_keys=True)
-    return f"selection/{method}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"
-
-
 def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     """method -> chosen point. Grids run on the tuning forget set and are scored against its eval
     oracles only (decisions 3 and 16); the choice is recorded in the store."""
@@ -215,30 +170,3 @@ def run_unlearn(plan: Plan) -> dict:
     jobs = [(m, hp, fs.name) for m, hp in chosen.items() for fs in plan.cfg.forget_sets]
     run_unlearn_jobs(plan, jobs, "unlearn")
     return {m: hp.model_dump(mode="json") for m, hp in chosen.items()}
-
-
-def unlearn_status(plan: Plan) -> list[dict]:
-    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
-    if meta is None:
-        return []
-    rows = []
-    try:
-        grids = method_grids(plan.cfg)
-    except Exception:  # noqa: BLE001 - status shows what it can
-        return rows
-    n = n_unlearned(plan.cfg)
-    for method, grid in grids.items():
-        for fs in plan.cfg.forget_sets:
-            points = grid if len(grid) == 1 else grid  # every grid point that exists is shown
-            for hp in points:
-                ref = unlearn_ref(plan, method, hp, fs.name)
-                done = int(unlearn_family(plan, ref, meta).done_mask(n).sum()) if plan.store.exists(ref.rel) else 0
-                if len(grid) > 1 and done == 0:
-                    continue
-                state = "done" if done == n else ("partial" if done else "missing")
-                rows.append({"stage": f"unlearn[{method},{fs.name}]", "id": ref.id, "state": state,
-                             "done": done, "total": n, "detail": "", "bytes": plan.store.size(ref.rel)})
-    return rows
-
-
-STATUS_PROVIDERS.append(unlearn_status)

@@ -1,8 +1,9 @@
 """Fixtures shared by the whole test run (decision 20).
 
 `tiny_store` prepares and trains `configs/tiny.yaml` once, in a temporary store, through the real stages
-and a real local Ray instance; tests that need a trained store read it, and tests that change a store
-work on a copy. Ray is shut down at the end of the session.
+and a real local Ray instance; `tiny_finished` runs every stage and the report on a copy of it. Tests
+that need such a store read it, and tests that change a store work on a copy. Ray is shut down at the
+end of the session.
 
 Ray is kept on the loopback interface: Ray resolves a `127.0.0.1` node address to the machine's routable
 address and its gRPC servers then listen on every interface, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
@@ -21,7 +22,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
-from helpers import TINY, TinyStore, tiny_plan  # noqa: E402
+from helpers import TINY, TinyStore, copy_store, tiny_plan  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +46,19 @@ def tiny_store(tmp_path_factory, ray_session) -> TinyStore:
     run_prepare(plan)
     run_train(plan)
     return TinyStore(root=root, plan=plan)
+
+
+@pytest.fixture(scope="session")
+def tiny_finished(tiny_store, tmp_path_factory) -> dict:
+    """configs/tiny.yaml through every stage (`run_all`: fit, unlearn with its grid selection, report),
+    on a copy of `tiny_store`: {"root", "plan", "out" (the report folder)}. Read-only for tests that
+    do not restore what they change."""
+    from pipeline.run import run_all
+
+    root = copy_store(tiny_store.root, tmp_path_factory.mktemp("run") / "store")
+    plan = tiny_plan(root)
+    out = run_all(plan)
+    return {"root": root, "plan": plan, "out": out}
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,13 @@ message and no traceback, and the store left alone by commands that only read.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY, cli, copy_store, store_snapshot, tiny_plan
+from helpers import REPO, TINY, cli, copy_store, store_snapshot, tiny_plan
 
 
 def assert_bad_input(result, *fragments: str) -> None:
@@ -66,6 +68,7 @@ def test_prepare_writes_the_dataset_once(tmp_path):
     result = cli("prepare", str(TINY), "--set", f"store={store}")
     assert result.returncode == 0, result.stderr
     assert f"prepare {plan.prepare.id}: 1437 train, 360 val" in result.stdout
+    assert result.stderr == ""  # no FFCV writer bars
     complete = store / plan.prepare.rel / "COMPLETE.json"
     assert json.loads(complete.read_text())["n_train"] == 1437
     before = store_snapshot(store)
@@ -128,8 +131,8 @@ def status_table(tiny_store):
 def test_status_table_on_a_trained_store(tiny_store, status_table):
     result = status_table
     assert result.returncode == 0, result.stderr
-    assert tiny_store.plan.full.id in result.stdout and "done" in result.stdout
-    assert "models 4/4" in result.stdout
+    assert "done" in result.stdout and "4/4" in result.stdout
+    assert tiny_store.plan.full.id not in result.stdout  # ids only under --wide
 
 
 def test_status_table_names_the_forget_set_of_each_oracle_stage(status_table):
@@ -162,6 +165,91 @@ def test_status_of_an_empty_store_creates_nothing(tmp_path):
     assert not store.exists()
 
 
+STATUS_RUN = """
+import sys, time
+t0 = time.perf_counter()
+from pipeline.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print("IMPORTED", sorted(m for m in ("torch", "ray", "ffcv", "sklearn") if m in sys.modules))
+print(f"SECONDS {time.perf_counter() - t0:.2f}")
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_store(tiny_finished, tmp_path_factory):
+    """A finished tiny store, then: finetune on random10 lost one model's marker (partial), do_nothing
+    on random10 removed (missing), gradient_ascent (a grid) kept as selected."""
+    plan = tiny_finished["plan"]
+    root = copy_store(tiny_finished["root"], tmp_path_factory.mktemp("mixed") / "store")
+    rows = {r["stage"]: r for r in json.loads(cli("status", str(TINY), "--set", f"store={root}", "--json").stdout)}
+    finetune = root / "unlearn" / f"unlearn-{rows['unlearn[finetune,random10]']['id']}"
+    sorted((finetune / "markers").rglob("*.json"))[0].unlink()
+    import shutil
+
+    shutil.rmtree(root / "unlearn" / f"unlearn-{rows['unlearn[do_nothing,random10]']['id']}")
+    return root, plan
+
+
+def test_status_shows_unlearning_as_a_method_by_forget_set_grid_in_80_columns(mixed_store):
+    root, plan = mixed_store
+    result = cli("status", str(TINY), "--set", f"store={root}", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
+    start = next(i for i, line in enumerate(lines) if line.startswith("unlearning"))
+    stop = next(i for i, line in enumerate(lines) if line.startswith("hyperparameter grids"))
+    grid, tuning = lines[start:stop], lines[stop:]
+    header = next(line for line in grid if line.split()[:1] == ["method"])
+    assert header.split() == ["method", "random10"]
+    row = {line.split()[0]: line.split()[1:] for line in grid if line.split()[:1] in (["do_nothing"], ["finetune"],
+                                                                                      ["gradient_ascent"])}
+    n = plan.cfg.train.full.models
+    assert row == {"do_nothing": ["missing"], "finetune": [f"{n - 1}/{n}"], "gradient_ascent": ["done"]}
+    for stage in ("prepare", "full", "subset", "oracle[random10]", "oracle[tune]"):
+        assert any(line.split()[:2] == [stage, "done"] for line in lines), stage
+    fit = next(line for line in lines if line.split()[:1] == ["fit"])
+    lds = json.loads((root / plan.fit.rel / "COMPLETE.json").read_text())["lds_mean"]
+    assert fit.split()[:3] == ["fit", "done", "1797/1797"] and f"LDS {lds:.3f}" in fit
+    tuning = [line for line in tuning if line.split()[:1] == ["gradient_ascent"]]
+    assert len(tuning) == 2 and sum("chosen" in line for line in tuning) == 1 and all("done" in t for t in tuning)
+    assert plan.full.id not in result.stdout
+
+
+def test_status_wide_and_json_show_ids_and_bytes(mixed_store):
+    root, plan = mixed_store
+    wide = cli("status", str(TINY), "--set", f"store={root}", "--wide", env={"COLUMNS": "80"})
+    assert wide.returncode == 0, wide.stderr
+    rows = json.loads(cli("status", str(TINY), "--set", f"store={root}", "--json").stdout)
+    by_stage = {r["stage"]: r for r in rows}
+    for r in rows:
+        if r["id"] is not None:
+            assert r["id"] in wide.stdout, r["stage"]
+        assert isinstance(r["bytes"], int)
+    assert by_stage["full"]["id"] == plan.full.id and by_stage["full"]["bytes"] > 0
+    assert by_stage["fit"]["id"] == plan.fit.id and by_stage["fit"]["lds_mean"] is not None
+    cell = by_stage["unlearn[finetune,random10]"]
+    n = plan.cfg.train.full.models
+    assert (cell["method"], cell["forget_set"], cell["state"], cell["done"], cell["total"]) == \
+        ("finetune", "random10", "partial", n - 1, n)
+    assert cell["hparams"]["lr"] == 0.01 and cell["hparams"]["momentum"] == 0.9  # defaults included
+    assert (by_stage["unlearn[do_nothing,random10]"]["state"], by_stage["unlearn[do_nothing,random10]"]["bytes"]) == \
+        ("missing", 0)
+    points = [r for r in rows if r["section"] == "tune"]
+    assert [r["hparams"]["lr"] for r in points] == [0.001, 0.01] and sum(r["chosen"] for r in points) == 1
+
+
+def test_status_reads_the_store_without_torch_or_ray(tiny_finished):
+    before = store_snapshot(tiny_finished["root"])
+    proc = subprocess.run([sys.executable, "-c", STATUS_RUN, "status", str(TINY), "--set",
+                           f"store={tiny_finished['root']}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "IMPORTED []" in proc.stdout, proc.stdout
+    assert store_snapshot(tiny_finished["root"]) == before
+
+
 def test_status_bad_input_exits_2():
     assert_bad_input(cli("status", str(TINY), "--set", "train.epocs=3"), "did you mean 'epochs'")
 
@@ -171,3 +259,12 @@ def test_train_with_an_unknown_family_exits_2(tmp_path):
     store = tmp_path / "store"
     assert_bad_input(cli("train", str(TINY), "--set", f"store={store}", "--family", "everything"),
                      "--family 'everything'", "full, subset, oracle")
+
+
+# ------------------------------------------------------------------------------------------ unlearn
+def test_a_bad_method_hyperparameter_exits_2_worded_as_a_config_error(tmp_path):
+    store = tmp_path / "store"
+    result = cli("unlearn", str(TINY), "--set", f"store={store}", "--set", "unlearn.methods.finetune.lr=-1")
+    assert_bad_input(result, "unlearn.methods.finetune.lr: must be > 0, got -1")
+    assert "errors.pydantic.dev" not in result.stderr and "validation error" not in result.stderr
+    assert not store.exists()

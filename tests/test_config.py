@@ -53,13 +53,13 @@ def test_unknown_key_without_a_close_name_lists_the_valid_keys():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        ({"train": {"epochs": "three"}}, "train.epochs: Input should be a valid integer"),
-        ({"model": {"name": "transformer"}}, "model.name: Input should be 'mlp', 'cnn' or 'resnet9', got 'transformer'"),
-        ({"train": {"lr": "fast"}}, "train.lr: Input should be a valid number"),
-        ({"train": 5}, "train: Input should be a valid dictionary"),
-        ({"data": {"dataset": "mnist"}}, "data.dataset: Input should be 'digits', 'cifar10' or 'synthetic', got 'mnist'"),
+        ({"train": {"epochs": "three"}}, "train.epochs: must be a valid integer"),
+        ({"model": {"name": "transformer"}}, "model.name: must be 'mlp', 'cnn' or 'resnet9', got 'transformer'"),
+        ({"train": {"lr": "fast"}}, "train.lr: must be a valid number"),
+        ({"train": 5}, "train: must be a valid dictionary"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset: must be 'digits', 'cifar10' or 'synthetic', got 'mnist'"),
         ({"forget_sets": [{"name": "a", "kind": "indices", "indices": [1.5]}]},
-         "forget_sets[0].indices[0]: Input should be a valid integer"),
+         "forget_sets[0].indices[0]: must be a valid integer"),
         ({"forget_sets": [{"name": "a", "kind": "randm", "size": 3}]}, "forget_sets[0]: Input tag 'randm'"),
     ],
 )
@@ -80,13 +80,13 @@ def test_subset_alpha_exact_message():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        ({"train": {"full": {"models": -1}}}, "train.full.models: Input should be greater than or equal to 0, got -1"),
-        ({"train": {"subset": {"heldout": -3}}}, "train.subset.heldout: Input should be greater than or equal to 0, got -3"),
-        ({"train": {"oracle": {"eval": -2}}}, "train.oracle.eval: Input should be greater than or equal to 0, got -2"),
-        ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than 0, got 0"),
-        ({"execution": {"block_size": 0}}, "execution.block_size: Input should be greater than 0, got 0"),
+        ({"train": {"full": {"models": -1}}}, "train.full.models: must be >= 0, got -1"),
+        ({"train": {"subset": {"heldout": -3}}}, "train.subset.heldout: must be >= 0, got -3"),
+        ({"train": {"oracle": {"eval": -2}}}, "train.oracle.eval: must be >= 0, got -2"),
+        ({"train": {"epochs": 0}}, "train.epochs: must be > 0, got 0"),
+        ({"execution": {"block_size": 0}}, "execution.block_size: must be > 0, got 0"),
         ({"forget_sets": [{"name": "a", "kind": "random", "size": -5}]},
-         "forget_sets[0].size: Input should be greater than 0, got -5"),
+         "forget_sets[0].size: must be > 0, got -5"),
     ],
 )
 def test_negative_counts(raw, expected):
@@ -146,9 +146,9 @@ def test_overrides_apply_and_parse_values_as_yaml():
     [
         ("train.subset.alpha=1.5", "train.subset.alpha: must be in (0, 1), got 1.5"),
         ("train.epocs=3", "train.epocs: unknown key (did you mean 'epochs'?)"),
-        ("train.epochs=three", "train.epochs: Input should be a valid integer"),
-        ("train.full.models=-1", "train.full.models: Input should be greater than or equal to 0, got -1"),
-        ("model.name=transformer", "model.name: Input should be 'mlp', 'cnn' or 'resnet9'"),
+        ("train.epochs=three", "train.epochs: must be a valid integer"),
+        ("train.full.models=-1", "train.full.models: must be >= 0, got -1"),
+        ("model.name=transformer", "model.name: must be 'mlp', 'cnn' or 'resnet9'"),
         ("train.epochs", "expected KEY=VALUE"),
         ("train.epochs.x=1", "epochs is not a section"),
         ("train.epochs=[1", "not valid YAML"),
@@ -321,3 +321,39 @@ def test_cifar10_smoke_config_runs_every_method_on_the_cpu(tmp_path):
     from pipeline.unlearn import METHODS
 
     assert all(name in report for name in METHODS)
+
+
+# ------------------------------------------------------------------------------------------ method hyperparameters
+def method_error(*items: str) -> str:
+    from pipeline.unlearn_stage import method_grids
+
+    with pytest.raises(ConfigError) as info:
+        method_grids(load_config(TINY, list(items)))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("unlearn.methods={finetune: {lr: -1}}", "unlearn.methods.finetune.lr: must be > 0, got -1"),
+        ("unlearn.methods={finetune: {epochs: 0}}", "unlearn.methods.finetune.epochs: must be >= 1, got 0"),
+        ("unlearn.methods={finetune: {momentum: 1}}", "unlearn.methods.finetune.momentum: must be < 1, got 1"),
+        ("unlearn.methods={finetune: {schedule: linear}}",
+         "unlearn.methods.finetune.schedule: must be 'constant' or 'cosine', got 'linear'"),
+        ("unlearn.methods={finetune: {lr: fast}}", "unlearn.methods.finetune.lr: must be a valid number, unable to parse string as a number, got 'fast'"),
+        ("unlearn.methods={finetune: {lrr: 0.1}}", "unlearn.methods.finetune.lrr: unknown key (did you mean 'lr'?)"),
+        ("unlearn.methods={gradient_ascent: {lr: [0.01, -2]}}", "unlearn.methods.gradient_ascent.lr: must be > 0, got -2"),
+        ("unlearn.methods={finetuen: {}}", "unlearn.methods.finetuen: unknown method 'finetuen' (did you mean 'finetune'?)"),
+    ],
+)
+def test_method_hyperparameter_errors_read_like_config_errors(override, expected):
+    msg = method_error(override)
+    assert msg.startswith(expected)
+    assert "pydantic" not in msg and "http" not in msg
+
+
+def test_every_bad_method_is_named_at_once():
+    msg = method_error("unlearn.methods={finetune: {lr: -1, epochs: 0}, scrub: {nope: 1}}")
+    assert msg.splitlines()[:2] == ["unlearn.methods.finetune.lr: must be > 0, got -1",
+                                    "unlearn.methods.finetune.epochs: must be >= 1, got 0"]
+    assert msg.splitlines()[2].startswith("unlearn.methods.scrub.nope: unknown key")

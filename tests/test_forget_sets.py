@@ -160,9 +160,9 @@ def test_atypical_sizes_and_inputs_are_checked():
 
 
 @pytest.mark.parametrize("entry, expected", [
-    ({"size": 0}, "forget_sets[0].size: Input should be greater than 0, got 0"),
-    ({"size": 5, "neighbours": 0}, "forget_sets[0].neighbours: Input should be greater than 0, got 0"),
-    ({"size": 5, "class_id": -1}, "forget_sets[0].class_id: Input should be greater than or equal to 0, got -1"),
+    ({"size": 0}, "forget_sets[0].size: must be > 0, got 0"),
+    ({"size": 5, "neighbours": 0}, "forget_sets[0].neighbours: must be > 0, got 0"),
+    ({"size": 5, "class_id": -1}, "forget_sets[0].class_id: must be >= 0, got -1"),
     ({"size": 5, "neighbors": 3}, "forget_sets[0].neighbors: unknown key (did you mean 'neighbours'?)"),
     ({}, "forget_sets[0].size: Field required"),
 ])

@@ -167,16 +167,22 @@ def test_lease_protocol(tmp_path, capfd):
     from pipeline.store import Store
 
     store = Store(str(tmp_path / "store"))
-    with Lease(store, ["full/full-1", "oracle/oracle-2"], ttl=2.0) as mine:
+    # ttl 30: a loaded machine's late heartbeat must not make this live lease look stale
+    with Lease(store, ["full/full-1", "oracle/oracle-2"], ttl=30.0) as mine:
         rec = read_lease(store, "full/full-1")
-        assert rec["token"] == mine.token and rec["pid"] == os.getpid() and rec["ttl"] == 2.0
+        assert rec["token"] == mine.token and rec["pid"] == os.getpid() and rec["ttl"] == 30.0
         with pytest.raises(LeaseHeld, match=rf"oracle/oracle-2 is being written by another driver: host "
                                             rf"{socket.gethostname()}, pid {os.getpid()}, since"):
             Lease(store, ["oracle/oracle-2", "unlearn/unlearn-3"]).acquire()
         assert read_lease(store, "unlearn/unlearn-3") is None  # the loser holds nothing
         beat = rec["heartbeat"]
-        wait_for(lambda: read_lease(store, "full/full-1")["heartbeat"] > beat, timeout=5, what="a heartbeat")
+        mine.refresh()  # what the heartbeat thread does every ttl/3, called here rather than waited for
+        assert read_lease(store, "full/full-1")["heartbeat"] > beat
     assert read_lease(store, "full/full-1") is None and read_lease(store, "oracle/oracle-2") is None
+    with Lease(store, ["fit/fit-9"], ttl=0.3) as beating:  # the background thread beats every ttl/3
+        beat = read_lease(store, "fit/fit-9")["heartbeat"]
+        wait_for(lambda: read_lease(store, "fit/fit-9")["heartbeat"] > beat, timeout=120, what="a heartbeat")
+        assert read_lease(store, "fit/fit-9")["token"] == beating.token
 
     # a live holder on another host: wait up to lease_wait, then a message naming it
     other = {"host": "elsewhere", "pid": 4242, "token": "t", "started": time.time() - 60, "heartbeat": time.time(),
@@ -215,6 +221,71 @@ def test_lease_protocol(tmp_path, capfd):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_two_takeovers_of_a_stale_lease_take_turns_however_long_one_stalls(tmp_path):
+    """Two drivers find the same stale lease, and one stalls between reading it and writing its own (a
+    loaded machine). On local disk reading, deciding and writing a lease is one critical section (a
+    flock of the stage folder): the other driver waits for it, then finds a live lease and gives up.
+    No delay decides who wins; the test waits only on events."""
+    import fcntl
+    import threading
+
+    from pipeline.lease import Lease, LeaseHeld, read_lease
+    from pipeline.store import Store
+
+    class Stalling(Store):
+        """A store whose first read of a lease returns only once the test says so."""
+
+        def __init__(self, root: str):
+            super().__init__(root)
+            self.read_done, self.go = threading.Event(), threading.Event()
+
+        def read_json(self, rel: str):
+            record = super().read_json(rel)
+            if rel.endswith("LEASE.json") and not self.read_done.is_set():
+                self.read_done.set()
+                assert self.go.wait(120)
+            return record
+
+    root = tmp_path / "store"
+    Store(str(root)).write_json("full/full-1/LEASE.json", {"host": "ghost", "pid": 1, "token": "dead",
+                                                           "started": time.time() - 3600,
+                                                           "heartbeat": time.time() - 120, "ttl": 30})
+    slow_store = Stalling(str(root))
+    slow, fast = Lease(slow_store, ["full/full-1"], quiet=True), Lease(Store(str(root)), ["full/full-1"], quiet=True)
+    outcome = {}
+
+    def take(name: str, lease: Lease) -> None:
+        try:
+            lease.acquire()
+            outcome[name] = "held"
+        except LeaseHeld as exc:
+            outcome[name] = exc
+
+    threads = {"slow": threading.Thread(target=take, args=("slow", slow)),
+               "fast": threading.Thread(target=take, args=("fast", fast))}
+    try:
+        threads["slow"].start()
+        assert slow_store.read_done.wait(120)  # it has read the stale lease, and stalls
+        fd = os.open(root / "full" / "full-1", os.O_RDONLY)
+        try:  # ... inside the critical section: nobody else may enter it now
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        threads["fast"].start()
+        slow_store.go.set()
+        for t in threads.values():
+            t.join(120)
+        assert outcome["slow"] == "held", outcome
+        assert isinstance(outcome["fast"], LeaseHeld) and "is being written by another driver" in str(outcome["fast"])
+        assert read_lease(Store(str(root)), "full/full-1")["token"] == slow.token
+    finally:
+        slow_store.go.set()
+        slow.release()
+        fast.release()
+    assert read_lease(Store(str(root)), "full/full-1") is None
 
 
 # ------------------------------------------------------------------------------------------ two drivers at once
@@ -273,6 +344,7 @@ def test_two_drivers_at_once_one_trains_the_other_exits_2_and_a_stale_lease_is_t
     assert (f"is being written by another driver: host {socket.gethostname()}, pid {drivers[winner].pid}, since"
             in loser_err), loser_err
     assert "Traceback" not in loser_err and "models trained" not in outs[1 - winner][0]
+    assert "Token authentication" not in outs[winner][1]  # Ray's notice is not shown (its warnings would be)
     assert waiter.returncode == 0 and "train: 0 models trained" in waited[0], waited
 
     markers = list((root / plan.full.rel / "markers" / "models").glob("*.json"))

@@ -66,11 +66,11 @@ def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
 def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path, monkeypatch):
     # the subset family's outputs are chunked by points, so a fit task reads every model's chunk of
     # its own target band and nothing else: with every other chunk unreadable it gives the same fit
-    from pipeline import stages
+    from pipeline import plan as plan_module, stages
     from pipeline.fit_stage import _create_arrays, _subset_family, fit_block_task
 
     _, plan, _ = fitted
-    monkeypatch.setattr(stages, "SUBSET_POINT_CHUNK", 256)  # the arrays are created in this process
+    monkeypatch.setattr(plan_module, "SUBSET_POINT_CHUNK", 256)  # the arrays are created in this process
     mine = tiny_plan(tmp_path / "store")
     stages.run_prepare(mine)
     stages.run_train(mine, ("subset",))

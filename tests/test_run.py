@@ -30,13 +30,8 @@ print("IMPORTED", sorted(m for m in ("torch", "ray", "zarr") if m in sys.modules
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_store, tmp_path_factory):
-    from pipeline.run import run_all
-
-    root = copy_store(tiny_store.root, tmp_path_factory.mktemp("run") / "store")
-    plan = tiny_plan(root)
-    out = run_all(plan)
-    return {"root": root, "plan": plan, "out": out}
+def finished(tiny_finished):
+    return tiny_finished
 
 
 def _cfg(root, *overrides):

@@ -299,7 +299,10 @@ def test_a_conflicting_later_stage_leaves_a_fresh_store_untouched(tiny_store, tm
 
 # ------------------------------------------------------------------------------------------ kills (slow)
 # ~20 s of training on 2 cores, 17 blocks; a short lease ttl, so that the re-run after a SIGKILL waits
-# little for the dead driver's lease to expire
+# little for the dead driver's lease to expire. The moment to kill is an event, whatever the machine's
+# speed: the run passes through pipeline/gate.py with k tickets, so once k markers and a `waiting-*` file
+# exist, k blocks are done and the next task is held at its start (tests/test_kill.py does the same in
+# the default suite).
 LONG = ("train.epochs=60", "execution.block_size=4", "execution.lease_ttl=3")
 
 
@@ -310,9 +313,12 @@ def long_reference(tmp_path_factory):
     return plan
 
 
-def cli_train(root: Path, log: Path):
+def cli_train(root: Path, log: Path, gate: Path, tickets: int):
+    gate.mkdir()
+    for i in range(tickets):
+        (gate / f"ticket-{i}").touch()
     args = [CLI, "train", str(TINY), "--set", f"store={root}", *(x for o in LONG for x in ("--set", o))]
-    return start_session(args, log)
+    return start_session(args, log, env={"ORACLE_FARM_TASK_GATE": str(gate)})
 
 
 def models_in(markers: dict[str, bytes]) -> int:
@@ -324,17 +330,18 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_arrays(long_reference,
     root = tmp_path / "store"
     plan = tiny_plan(root, *LONG)
     blocks, total = n_blocks(plan), total_models(plan)
-    proc = cli_train(root, tmp_path / "first.log")
+    gate = tmp_path / "gate"
+    proc = cli_train(root, tmp_path / "first.log", gate, tickets=3)
     tree = []
     try:
-        wait_for(lambda: len(marker_files(root)) >= 3 or proc.poll() is not None, timeout=400,
-                 every=0.05, what="three finished blocks")
-        assert proc.poll() is None, "the run finished before it could be interrupted; make LONG longer"
+        wait_for(lambda: (len(marker_files(root)) >= 3 and list(gate.glob("waiting-*"))) or proc.poll() is not None,
+                 timeout=400, what="three finished blocks and the next task held")
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         tree = descendants(proc.pid)
     finally:
         kill_tree(proc, tree, sig=signal.SIGKILL)  # the driver's whole process group, then stragglers
     survived = marker_files(root)  # taken once every process of the first run is gone
-    assert 3 <= len(survived) < blocks, "interrupted too late to test a resume"
+    assert len(survived) == 3 < blocks
     done = models_in(survived)
 
     result = cli("train", str(TINY), "--set", f"store={root}", *(x for o in LONG for x in ("--set", o)))
@@ -352,24 +359,18 @@ def test_killing_a_ray_worker_mid_task_is_retried(long_reference, tmp_path):
     import psutil
 
     root = tmp_path / "store"
-    proc = cli_train(root, tmp_path / "run.log")
+    gate = tmp_path / "gate"
+    proc = cli_train(root, tmp_path / "run.log", gate, tickets=2)
     killed = []
     try:
-        def busy_worker():
-            for p in descendants(proc.pid):
-                try:
-                    if "ray::train_block_task" in " ".join(p.cmdline()):
-                        return p
-                except psutil.Error:
-                    continue
-            return None
-
-        worker = wait_for(lambda: busy_worker() or proc.poll() is not None, timeout=400, every=0.05,
-                          what="a worker running train_block_task")
-        assert worker is not True and proc.poll() is None, "the run finished before a worker could be killed"
-        time.sleep(0.5)  # well inside the task (each takes seconds)
+        held = wait_for(lambda: list(gate.glob("waiting-*")) or proc.poll() is not None, timeout=400,
+                        what="a task held inside its worker")
+        assert held is not True and proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        worker = psutil.Process(int(held[0].name.split("-")[1]))  # waiting-<pid>-<task>: inside the task
+        assert "train_block_task" in " ".join(worker.cmdline())
         worker.send_signal(signal.SIGKILL)
         killed.append(worker.pid)
+        (gate / "open").touch()  # the retried task, and every other, goes through
         proc.wait(timeout=500)
     finally:
         if proc.poll() is None:

@@ -5,6 +5,7 @@ with a given index order for data too large for device memory."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,24 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=tuple(images.shape[1:])), "label": IntField()}
-    DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-        _Indexed(images, labels)
-    )
+    with _quiet_writer():
+        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Indexed(images, labels))
     os.replace(tmp, path)
+
+
+@contextmanager
+def _quiet_writer():
+    """FFCV's DatasetWriter draws a tqdm bar per file on stderr: the prepare stage reports its own
+    progress, so the writer's bar is switched off while it writes (its warnings and errors are not)."""
+    import ffcv.writer
+    from tqdm import tqdm
+
+    saved = ffcv.writer.tqdm
+    ffcv.writer.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = saved
 
 
 def ffcv_loader(path: Path, order: np.ndarray, batch_size: int, device: str = "cpu", workers: int = 1):

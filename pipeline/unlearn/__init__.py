@@ -20,16 +20,40 @@ METHODS = {
     "sfron": "pipeline.unlearn.sfron",
     "camu": "pipeline.unlearn.camu",
 }
+# name -> its class in pipeline/unlearn/hparams.py (the method's module re-exports it as `Config`)
+CONFIGS = {"do_nothing": "DoNothing", "finetune": "Finetune", "gradient_ascent": "GradientAscent",
+           "neggrad_plus": "NeggradPlus", "scrub": "Scrub", "dm_direct": "DmDirect",
+           "oracle_matching": "OracleMatching", "dmm": "Dmm", "del": "Del", "sfron": "Sfron", "camu": "Camu"}
 REFERENCE_ROW = "retrain"
 
 
 def get_method(name: str):
     """The method's module (with `Config`, `run`, and `NEEDS`, a tuple of what its context must serve)."""
+    _check_name(name)
+    return importlib.import_module(METHODS[name])
+
+
+def _check_name(name: str) -> None:
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS) + [REFERENCE_ROW], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise KeyError(f"unknown method {name!r}{hint}; valid: {', '.join(sorted(METHODS))}, {REFERENCE_ROW}")
-    return importlib.import_module(METHODS[name])
+
+
+def method_config(name: str):
+    """The method's hyperparameter model, without importing the method (or torch)."""
+    from pipeline.unlearn import hparams
+
+    _check_name(name)
+    return getattr(hparams, CONFIGS[name])
+
+
+def method_needs(name: str) -> tuple[str, ...]:
+    """What the method's context must serve (datamodels, target_oracles), without importing it."""
+    from pipeline.unlearn.hparams import NEEDS
+
+    _check_name(name)
+    return NEEDS[name]
 
 
 def expand_grid(name: str, params: dict | list[dict]) -> list:
@@ -38,7 +62,7 @@ def expand_grid(name: str, params: dict | list[dict]) -> list:
     SCRUB's two published recipes)."""
     if isinstance(params, list):
         return [point for part in params for point in expand_grid(name, part)]
-    config_cls = get_method(name).Config
+    config_cls = method_config(name)
     axes = {k: (v if isinstance(v, list) else [v]) for k, v in (params or {}).items()}
     keys = list(axes)
     return [config_cls.model_validate(dict(zip(keys, combo))) for combo in itertools.product(*axes.values())]

@@ -15,13 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 
 from pipeline.train import DeviceData, derive_seed
-
-
-class MethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from pipeline.unlearn.hparams import MethodConfig  # noqa: F401 - every method's Config derives from it
 
 
 @dataclass

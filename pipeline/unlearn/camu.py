@@ -25,25 +25,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Camu as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    kl_lr: float = Field(1e-5, gt=0)  # KL_LR, step A
-    impair_lr: float = Field(1e-4, gt=0)  # IMPAIR_LR, step B
-    epochs: int = Field(10, ge=1)  # IMPAIR_EPOCHS
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(1e-4, ge=0)  # both Adams
-    noise: float = Field(1.0, ge=0)  # x_cf = x_s + noise * U[0, 1), normalized space
-    kl_retain_weight: float = 0.5
-    kl_forget_weight: float = 0.5
-    ce_retain_weight: float = 0.9
-    ce_forget_weight: float = 0.01
+NEEDS = _NEEDS["camu"]
 
 
 def kl_sum(teacher_z: torch.Tensor, student_z: torch.Tensor) -> torch.Tensor:

@@ -29,26 +29,12 @@ import math
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Del as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    """Defaults: CIFAR-10/ResNet-18 in `scripts/run_unlearn.sh` and `run_generat_mask.sh`."""
-
-    budget: float = Field(0.3, gt=0, le=1)  # fraction of all entries reset and fine-tuned
-    top_fraction: float = Field(0.1, gt=0, le=1)  # h = max(1, floor(top_fraction * out_channels))
-    forget_batch_size: int = Field(128, ge=1)  # criticality batches (last partial batch kept)
-    lr: float = Field(0.015, gt=0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    eta_min_fraction: float = Field(0.01, ge=0, le=1)  # cosine floor, as a fraction of lr
+NEEDS = _NEEDS["del"]
 
 
 def named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -14,17 +14,12 @@ Compute: one forward pass of the full model per point (the datamodel fit is amor
 """
 
 import numpy as np
-from pydantic import Field
 
-from pipeline.unlearn.base import MethodConfig, MethodOutput
+from pipeline.unlearn.base import MethodOutput
 from pipeline.unlearn.matching import dm_direct_logits
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, DmDirect as Config  # torch-free: see hparams.py
 
-NEEDS = ("datamodels",)
-
-
-class Config(MethodConfig):
-    multiplier: float = Field(1.0)  # m_mult: scale of the summed datamodel correction
-    diagonal_only: bool = False  # keep only theta[i, i, :] for i in F
+NEEDS = _NEEDS["dm_direct"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

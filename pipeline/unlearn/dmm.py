@@ -14,17 +14,12 @@ passes; the subset models and the datamodel fit are amortized (decision 22).
 """
 
 import numpy as np
-from pydantic import Field
 
 from pipeline.unlearn.base import MethodOutput
-from pipeline.unlearn.matching import MatchingConfig, dm_direct_logits, finetune_index_set, match_logits
+from pipeline.unlearn.matching import dm_direct_logits, finetune_index_set, match_logits
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Dmm as Config  # torch-free: see hparams.py
 
-NEEDS = ("datamodels",)
-
-
-class Config(MatchingConfig):
-    multiplier: float = Field(1.0)  # dm_multiplier: scale of the summed datamodel correction
-    diagonal_only: bool = False  # keep only theta[i, i, :] for i in F (dm-direct's option)
+NEEDS = _NEEDS["dmm"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

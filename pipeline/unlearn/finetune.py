@@ -3,24 +3,14 @@
 the DMM code; the SFR-on repository anneals it with a cosine over the epochs, `schedule: cosine`)."""
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Finetune as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"  # cosine: per step, down to 0 at the end
+NEEDS = _NEEDS["finetune"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

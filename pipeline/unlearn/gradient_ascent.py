@@ -2,19 +2,12 @@
 (algorithms.md section 8; BN in eval mode as in the SFR-on repo; KLoM-bench grid lr 1e-5..5e-2)."""
 
 import torch
-from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, GradientAscent as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
+NEEDS = _NEEDS["gradient_ascent"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

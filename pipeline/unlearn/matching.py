@@ -14,23 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from pipeline.margins import stacked_logits
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import ForgetRows, MethodConfig, batch_inputs, index_batches
-
-
-class MatchingConfig(MethodConfig):
-    """Defaults: the DMM configuration used with the U-LiRA runs (`run_ulira_unlearnings.py`)."""
-
-    lr: float = Field(1e-4, gt=0)  # Adam learning rate of the first epoch
-    lr_decay: float = Field(0.95, gt=0, le=1)  # ExponentialLR factor, applied once per epoch
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(512, ge=1)
-    forget_multiplier: float = Field(5.0, ge=0)  # r_f: copies of the forget set
-    retain_multiplier: float = Field(20.0, ge=0)  # r_r: retain points = floor(r_r * |F|), capped at |retain|
-    shuffle: bool = True  # reshuffle the index set every epoch (True in the reference's U-LiRA config)
+from pipeline.unlearn.base import ForgetRows, batch_inputs, index_batches
+from pipeline.unlearn.hparams import MatchingConfig  # noqa: F401 - the shared fine-tuning hyperparameters
 
 
 def finetune_index_set(forget: np.ndarray, retain: np.ndarray, forget_multiplier: float,

@@ -14,23 +14,12 @@ import itertools
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, NeggradPlus as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    lr: float = Field(1e-2, gt=0)
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)  # retain batches; one step per retain batch
-    forget_batch_size: int = Field(128, ge=1)
-    retain_weight: float = Field(0.99, ge=0)  # alpha in the DEL code
-    forget_weight: float = Field(0.01, ge=0)  # 1 - alpha
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+NEEDS = _NEEDS["neggrad_plus"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

@@ -16,13 +16,10 @@ import numpy as np
 import torch
 
 from pipeline.unlearn.base import MethodOutput
-from pipeline.unlearn.matching import MatchingConfig, finetune_index_set, match_logits
+from pipeline.unlearn.matching import finetune_index_set, match_logits
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, OracleMatching as Config  # torch-free: see hparams.py
 
-NEEDS = ("target_oracles",)
-
-
-class Config(MatchingConfig):
-    pass
+NEEDS = _NEEDS["oracle_matching"]
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

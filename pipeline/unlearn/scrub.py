@@ -20,28 +20,12 @@ Compute: one student pass and one teacher forward pass per example.
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from pipeline.optim import StackedSGD, clip_grad_norm_per_model
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Scrub as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    lr: float = Field(1e-2, gt=0)
-    epochs: int = Field(10, ge=1)
-    msteps: int = Field(3, ge=0)  # epochs (from the first) that start with a max pass over the forget set
-    forget_batch_size: int = Field(32, ge=1)
-    batch_size: int = Field(64, ge=1)  # retain batches
-    gamma: float = Field(0.99, ge=0)  # CE weight of the min steps
-    alpha: float = Field(0.1, ge=0)  # KL weight of the min steps
-    temperature: float = Field(4.0, gt=0)
-    lr_decay_epochs: tuple[int, ...] = (3, 5, 9)  # in a grid, one value is a nested list: [[3, 5, 9]]
-    lr_decay_rate: float = Field(0.1, gt=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    max_grad_norm: float | None = Field(None, gt=0)
+NEEDS = _NEEDS["scrub"]
 
 
 def distill_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:

@@ -29,31 +29,14 @@ import math
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from pipeline.optim import StackedSGD, clip_grad_norm_per_model
 from pipeline.unlearn.base import (
     MethodConfig, MethodOutput, batch_inputs, index_batches, member_params, per_model_ce,
 )
+from pipeline.unlearn.hparams import NEEDS as _NEEDS, Sfron as Config  # torch-free: see hparams.py
 
-NEEDS = ()
-
-
-class Config(MethodConfig):
-    """Defaults: the CIFAR-10 / ResNet-18 / 10 % random block of the reference."""
-
-    lr: float = Field(0.01, gt=0)  # `retain_lr`, cosine-annealed over n_iters
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    n_iters: int = Field(1500, ge=1)
-    forget_freq: int = Field(5, ge=1)  # an ascent step every forget_freq iterations
-    forget_alpha: float = Field(25.0, ge=0)  # alpha0
-    max_norm: float = Field(7.0, gt=0)  # per-member grad-norm clip, ascent steps only
-    lambd: float = Field(0.5, ge=0)  # temperature of the adaptive weights (lambda in the paper)
-    gamma: float = Field(1.0, gt=0)  # Fisher-ratio threshold of the saliency mask (`th`)
-    batch_size: int = Field(128, ge=1)  # forget and retain batches
-    fisher_batch_size: int = Field(128, ge=1)
-    reference_step: bool = False  # True: ascent steps move unmasked entries by momentum/wd, as the reference
+NEEDS = _NEEDS["sfron"]
 
 
 def cycle_batches(ctx, indices: np.ndarray, batch_size: int, tag: str):

@@ -1,0 +1,133 @@
+"""`oracle-farm status`: what a config's stages hold, read from the store alone, without torch or Ray
+(it answers in well under 2 s on a finished digits store).
+
+One row (a dict) per stage or cell, in this order:
+  section prepare   the prepared dataset
+  section train     a training family (full, subset, oracle[<forget set>]): models done per role
+  section fit       the datamodel fit: targets done, mean LDS (all, train, val points) once finished
+  section unlearn   one per method x reported forget set: the method's point (the selected one for a
+                    grid, none before the selection), models done
+  section tune      one per grid point of a method with a grid, on the tuning forget set
+Every row has stage, section, id, state (done / partial / missing), done, total, detail; bytes when
+asked (`sizes`, which walks every stage's files).
+"""
+
+from __future__ import annotations
+
+from pipeline.plan import (
+    Plan, done_targets, family_store, method_grids, n_unlearned, selection_rel, target_blocks, train_families,
+    unlearn_family, unlearn_ref,
+)
+
+
+def stage_status(plan: Plan, sizes: bool = True) -> list[dict]:
+    """Every row of the status (see the module docstring); ConfigError on bad method hyperparameters."""
+    plan.store.check_reachable(create=False)
+    grids = method_grids(plan.cfg)
+    meta = plan.store.read_json(f"{plan.prepare.rel}/COMPLETE.json")
+    rows = [_row("prepare", "prepare", plan.prepare.id, int(bool(meta)), 1,
+                 f"{meta['n_train']} train, {meta['n_val']} val" if meta else "")]
+    rows += _family_rows(plan, meta)
+    rows.append(_fit_row(plan, meta))
+    rows += _unlearn_rows(plan, meta, grids)
+    for row in rows:
+        if sizes:
+            row["bytes"] = plan.store.size(row.pop("_rel")) if row.get("_rel") else 0
+        else:
+            row.pop("_rel", None)
+    return rows
+
+
+def _row(stage: str, section: str, ref_id: str | None, done: int, total: int, detail: str = "",
+         rel: str | None = None, **extra) -> dict:
+    state = "done" if total and done >= total else ("partial" if done else "missing")
+    return {"stage": stage, "section": section, "id": ref_id, "state": state, "done": done, "total": total,
+            "detail": detail, **extra, "_rel": rel if rel is not None else (f"{section}/{section}-{ref_id}" if ref_id else None)}
+
+
+def _family_rows(plan: Plan, meta: dict | None) -> list[dict]:
+    by_stage: dict[str, list] = {}
+    for fam in train_families(plan):
+        label = fam.kind if fam.kind != "oracle" else f"oracle[{_forget_name(plan, fam)}]"
+        by_stage.setdefault(label, []).append(fam)
+    rows = []
+    for label, fams in by_stage.items():
+        done = total = 0
+        roles = []
+        for fam in fams:
+            n_done = 0
+            if meta is not None and fam.n_models:
+                n_done = int(family_store(plan, fam, meta).done_mask(fam.n_models).sum())
+            done, total = done + n_done, total + fam.n_models
+            roles.append(f"{fam.role} {n_done}/{fam.n_models}")
+        if len(fams) == 1:
+            roles = []  # one role: the count says it all
+        forget = label[len("oracle["):-1] if fams[0].kind == "oracle" else None
+        rows.append(_row(label, "train", fams[0].ref.id, done, total, ", ".join(roles), fams[0].ref.rel,
+                         family=fams[0].kind, forget_set=forget))
+    return rows
+
+
+def _forget_name(plan: Plan, fam) -> str:
+    for name in plan.forget_sets:
+        if plan.oracle(name) == fam.ref:
+            return name
+    return "?"
+
+
+def _fit_row(plan: Plan, meta: dict | None) -> dict:
+    ref = plan.fit
+    lds = {"lds_mean": None, "lds_train_mean": None, "lds_val_mean": None}
+    if meta is None:
+        return _row("fit", "fit", ref.id, 0, 0, "", ref.rel, **lds)
+    n_points = meta["n_train"] + meta["n_val"]
+    summary = plan.store.read_json(f"{ref.rel}/COMPLETE.json")
+    if summary:
+        done = n_points
+        lds = {k: summary.get(k) for k in lds}
+    else:
+        covered = done_targets(plan.store, ref.rel, n_points)
+        done = sum(b - a for a, b in target_blocks(n_points, plan.cfg.execution.fit_block_targets)
+                   if covered[a:b].all())
+        done = min(done, n_points - 1)  # the row-major copy and COMPLETE are still to be written
+    return _row("fit", "fit", ref.id, done, n_points, _lds_detail(lds) or "targets", ref.rel, **lds)
+
+
+def _lds_detail(lds: dict) -> str:
+    if lds["lds_mean"] is None:
+        return ""
+    parts = [f"{name} {lds[f'lds_{name}_mean']:.3f}" for name in ("train", "val") if lds[f"lds_{name}_mean"] is not None]
+    return f"LDS {lds['lds_mean']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _unlearn_rows(plan: Plan, meta: dict | None, grids: dict) -> list[dict]:
+    n = n_unlearned(plan.cfg)
+    tuning = plan.cfg.tuning_forget_set
+    rows, tune_rows = [], []
+    for method, grid in grids.items():
+        chosen = None if len(grid) > 1 else 0
+        if len(grid) > 1 and tuning is not None:
+            record = plan.store.read_json(selection_rel(plan, method, grid))
+            chosen = record["chosen"] if record else None
+            for i, hp in enumerate(grid):
+                tune_rows.append(_unlearn_row(plan, meta, "tune", method, hp, tuning.name, n, chosen=i == chosen,
+                                              point=i))
+        for fs in plan.cfg.forget_sets:
+            if chosen is None:
+                why = "needs a tuning_forget_set" if tuning is None else f"grid of {len(grid)}: not selected yet"
+                rows.append(_row(f"unlearn[{method},{fs.name}]", "unlearn", None, 0, n, why, None,
+                                 method=method, forget_set=fs.name, hparams=None))
+            else:
+                rows.append(_unlearn_row(plan, meta, "unlearn", method, grid[chosen], fs.name, n))
+    return rows + tune_rows
+
+
+def _unlearn_row(plan: Plan, meta: dict | None, section: str, method: str, hp, forget: str, n: int,
+                 **extra) -> dict:
+    ref = unlearn_ref(plan, method, hp, forget)
+    done = 0
+    if meta is not None and plan.store.exists(ref.rel):
+        done = int(unlearn_family(plan, ref, meta).done_mask(n).sum())
+    label = f"{section}[{method},{forget}" + (f",#{extra['point']}]" if "point" in extra else "]")
+    return _row(label, section, ref.id, done, n, "", ref.rel, method=method, forget_set=forget,
+                hparams=hp.model_dump(mode="json"), **extra)
