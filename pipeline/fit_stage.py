@@ -155,7 +155,7 @@ def warm_kernels(cfg: Config) -> None:
 
 def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
     """One Ray task (a generator): datamodels of targets start..end (per margin, and per logit when
-    configured), fitted TARGET_CHUNK targets at a time; yields the targets done after each chunk
+    configured), fitted TARGET_CHUNK targets at a time on the CPU; yields the targets done after each chunk
     (the last chunk's once the block is written), so that progress moves within a block.
 
     The split of the models and the Gram matrices are made once for the block (``lasso_design``),
@@ -176,9 +176,14 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
     if cfg.fit.estimator == "lasso":
         lc = cfg.fit.lasso
         design = lasso_design(masks, val_fraction=lc.val_fraction)
+    # targets per call: on the CPU a chunk of the zarr arrays (progress every few seconds); on a GPU
+    # enough for the batched solver's ~512 problems per call, as when margins and classes were apart
+    chunk = TARGET_CHUNK
+    if device.type != "cpu":
+        chunk = max(TARGET_CHUNK, 512 // (1 + (classes if logits is not None else 0)) // TARGET_CHUNK * TARGET_CHUNK)
     weights, biases, lams, logit_weights, logit_biases = [], [], [], [], []
-    for lo in range(0, end - start, TARGET_CHUNK):
-        hi = min(lo + TARGET_CHUNK, end - start)
+    for lo in range(0, end - start, chunk):
+        hi = min(lo + chunk, end - start)
         k = hi - lo
         outputs = margins[:, lo:hi].float()
         if logits is not None:  # column k + t * classes + c: class c of target t
@@ -207,7 +212,7 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
     checksums = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in written.items()}
     plan.store.write_json(f"{plan.fit.rel}/markers/targets/{start:07d}-{end:07d}.json",
                           {"start": start, "end": end, "checksums": checksums, "threads": torch.get_num_threads()})
-    yield (end - start) - (len(weights) - 1) * TARGET_CHUNK
+    yield (end - start) - (len(weights) - 1) * chunk
 
 
 def _heldout_lds(plan: Plan, meta: dict, weight, bias, start: int, end: int, device) -> torch.Tensor:
