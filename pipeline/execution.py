@@ -98,3 +98,25 @@ def run_tasks(label: str, refs_with_weight: list[tuple], total: int, unit: str =
         progress.update(done)
     progress.close()
     return [results[r] for r, _ in refs_with_weight]
+
+
+def run_streaming_tasks(label: str, generators: list, total: int, unit: str = "models") -> int:
+    """Wait for Ray generator tasks (``num_returns="streaming"``) that yield the units they have done
+    as they go, so that progress moves within a task; re-raise the first failure. Returns the units
+    done."""
+    progress = Progress(label, total, unit)
+    pending = list(generators)
+    done = 0
+    progress.update(0)
+    while pending:
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        for gen in ready:
+            try:
+                ref = next(gen)
+            except StopIteration:
+                pending.remove(gen)
+                continue
+            done += ray.get(ref)
+        progress.update(done)
+    progress.close()
+    return done

@@ -20,8 +20,8 @@ import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.datamodels import get_estimator, lds
-from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.datamodels import get_estimator, lasso_design, lds
+from pipeline.execution import init_ray, run_streaming_tasks, task_options
 from pipeline.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
 from pipeline.stages import FamilySpec, Plan, StageError, family_store
 from pipeline.store import Store, ensure_stage, is_complete, mark_complete
@@ -96,10 +96,12 @@ def _run_fit(plan: Plan) -> dict:
     done = _done_targets(plan.store, ref.rel, n_points)
     todo = [(a, b) for a, b in target_blocks(n_points, plan.cfg.execution.fit_block_targets) if not done[a:b].all()]
     if todo:
+        warm_kernels(plan.cfg)
         init_ray(plan.cfg.execution)
-        remote = ray.remote(fit_block_task).options(**task_options(plan.cfg.execution))
-        refs = [(remote.remote(plan.store.root, plan.cfg, a, b), b - a) for a, b in todo]
-        run_tasks("fit", refs, sum(b - a for a, b in todo), unit="targets")
+        # a generator task: it yields the targets it has done, chunk by chunk, so progress moves
+        remote = ray.remote(fit_block_task).options(num_returns="streaming", **task_options(plan.cfg.execution))
+        gens = [remote.remote(plan.store.root, plan.cfg, a, b) for a, b in todo]
+        run_streaming_tasks("fit", gens, sum(b - a for a, b in todo), unit="targets")
     _write_rows_copy(plan, meta)
     scores = plan.store.open_group(f"{ref.rel}/arrays.zarr", mode="r")["lds"][:]
     n = meta["n_train"]
@@ -115,19 +117,37 @@ def _nanmean(x: np.ndarray) -> float | None:
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
-def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor):
+def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor, design=None):
     est = cfg.fit.estimator
     if est == "lasso":
         lc = cfg.fit.lasso
         return get_estimator("lasso")(masks, outputs, n_lambdas=lc.n_lambdas, eps=lc.eps,
-                                      val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol)
+                                      val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol, design=design)
     if est == "ridge":
         return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda)
     return get_estimator(est)(masks, outputs)
 
 
-def fit_block_task(store_root: str, cfg: Config, start: int, end: int) -> int:
-    """One Ray task: datamodels of targets start..end (per margin, and per logit when configured)."""
+def warm_kernels(cfg: Config) -> None:
+    """Compile (or load from numba's cache) the CPU LASSO solver's kernels in the driver, once, before
+    the fan-out: tasks on this machine then load them from the cache instead of each compiling them."""
+    if cfg.fit.estimator != "lasso" or cfg.execution.device != "cpu":
+        return
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(64, 8, generator=g) < 0.5
+    try:
+        _estimate(cfg, masks, torch.randn(64, 2, generator=g))
+    except ValueError:  # settings this toy problem cannot take (val_fraction): the tasks compile them
+        pass
+
+
+def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
+    """One Ray task (a generator): datamodels of targets start..end (per margin, and per logit when
+    configured), fitted TARGET_CHUNK targets at a time on the CPU; yields the targets done after each chunk
+    (the last chunk's once the block is written), so that progress moves within a block.
+
+    The split of the models and the Gram matrices are made once for the block (``lasso_design``),
+    and a chunk's margins and logits of every class are one call: all of them share the masks."""
     torch.set_num_threads(cfg.execution.threads)
     plan = Plan(cfg, Store(store_root))
     meta = plan.prepared_meta()
@@ -136,16 +156,42 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int) -> int:
     n_fit = cfg.train.subset.models
     masks = torch.as_tensor(fit_fam.array("masks")[:n_fit], device=device)
     margins = torch.as_tensor(fit_fam.array("margins")[:n_fit, start:end], device=device)
-    dm = _estimate(cfg, masks, margins)
-    out = {"theta": dm.weight, "bias": dm.bias,
-           "lam": dm.lam if dm.lam is not None else torch.full_like(dm.bias, float("nan"))}
-    out["lds"] = _heldout_lds(plan, meta, dm, start, end, device)
-    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
+    classes = meta["classes"]
+    logits = None
     if cfg.fit.per_logit:
         logits = torch.as_tensor(fit_fam.array("logits")[:n_fit, start:end], device=device).float()
-        per_class = [_estimate(cfg, masks, logits[:, :, c]) for c in range(meta["classes"])]
-        group["theta_logit"][:, start:end] = torch.stack([d.weight for d in per_class], -1).half().cpu().numpy()
-        group["bias_logit"][start:end] = torch.stack([d.bias for d in per_class], -1).cpu().numpy()
+    design = None
+    if cfg.fit.estimator == "lasso":
+        lc = cfg.fit.lasso
+        design = lasso_design(masks, val_fraction=lc.val_fraction)
+    # targets per call: on the CPU a chunk of the zarr arrays (progress every few seconds); on a GPU
+    # enough for the batched solver's ~512 problems per call, as when margins and classes were apart
+    chunk = TARGET_CHUNK
+    if device.type != "cpu":
+        chunk = max(TARGET_CHUNK, 512 // (1 + (classes if logits is not None else 0)) // TARGET_CHUNK * TARGET_CHUNK)
+    weights, biases, lams, logit_weights, logit_biases = [], [], [], [], []
+    for lo in range(0, end - start, chunk):
+        hi = min(lo + chunk, end - start)
+        k = hi - lo
+        outputs = margins[:, lo:hi].float()
+        if logits is not None:  # column k + t * classes + c: class c of target t
+            outputs = torch.cat([outputs, logits[:, lo:hi].reshape(n_fit, k * classes)], 1)
+        dm = _estimate(cfg, masks, outputs, design)
+        weights.append(dm.weight[:, :k])
+        biases.append(dm.bias[:k])
+        lams.append(dm.lam[:k] if dm.lam is not None else torch.full_like(dm.bias[:k], float("nan")))
+        if logits is not None:
+            logit_weights.append(dm.weight[:, k:].reshape(-1, k, classes).half())
+            logit_biases.append(dm.bias[k:].reshape(k, classes))
+        if hi < end - start:
+            yield k
+    weight, bias = torch.cat(weights, 1), torch.cat(biases)
+    out = {"theta": weight, "bias": bias, "lam": torch.cat(lams)}
+    out["lds"] = _heldout_lds(plan, meta, weight, bias, start, end, device)
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
+    if logits is not None:
+        group["theta_logit"][:, start:end] = torch.cat(logit_weights, 1).cpu().numpy()
+        group["bias_logit"][start:end] = torch.cat(logit_biases).cpu().numpy()
     written = {"theta": out["theta"].cpu().numpy()}
     written.update({name: out[name].float().cpu().numpy() for name in ("bias", "lam", "lds")})
     group["theta"][:, start:end] = written["theta"]
@@ -154,17 +200,17 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int) -> int:
     checksums = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in written.items()}
     plan.store.write_json(f"{plan.fit.rel}/markers/targets/{start:07d}-{end:07d}.json",
                           {"start": start, "end": end, "checksums": checksums, "threads": torch.get_num_threads()})
-    return end - start
+    yield (end - start) - (len(weights) - 1) * chunk
 
 
-def _heldout_lds(plan: Plan, meta: dict, dm, start: int, end: int, device) -> torch.Tensor:
+def _heldout_lds(plan: Plan, meta: dict, weight, bias, start: int, end: int, device) -> torch.Tensor:
     n_held = plan.cfg.train.subset.heldout
     if n_held < 3:
         return torch.full((end - start,), float("nan"))
     held = family_store(plan, _subset_family(plan, "heldout"), meta)
     masks = torch.as_tensor(held.array("masks")[:n_held], device=device)
     actual = torch.as_tensor(held.array("margins")[:n_held, start:end], device=device)
-    return lds(dm.weight, dm.bias, masks, actual)
+    return lds(weight, bias, masks, actual)
 
 
 def _write_rows_copy(plan: Plan, meta: dict) -> None:

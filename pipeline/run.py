@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.fit_stage import run_fit
@@ -13,18 +15,36 @@ from pipeline.unlearn import get_method
 from pipeline.unlearn_stage import check_needs, method_grids, run_unlearn
 
 
-def run_all(plan: Plan, out_dir: str | None = None) -> Path:
+def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | None = None) -> Path:
+    """Every stage in order; timings, when given, receives each step's wall seconds (prepare, train,
+    fit, unlearn, report, record)."""
+    timings = {} if timings is None else timings
+
+    @contextmanager
+    def timed(name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
     grids = method_grids(plan.cfg)  # bad method names or hyperparameters stop before any work
     check_needs(plan, grids)
-    run_prepare(plan)
-    run_train(plan)
+    with timed("prepare"):
+        run_prepare(plan)
+    with timed("train"):
+        run_train(plan)
     if any("datamodels" in get_method(m).NEEDS for m in grids) or plan.cfg.train.subset.models > 1:
-        run_fit(plan)
-    chosen = {m: get_method(m).Config.model_validate(hp) for m, hp in run_unlearn(plan).items()}
-    key = report_key(plan, chosen)
-    out = report_path(plan.cfg, plan.store, out_dir)
-    if not is_current(plan, out, key):  # nothing it scores has changed: a finished run recomputes nothing
-        out = write_report(plan, out, key)
-    stages, others = reached_by(plan)
-    write_record(plan.cfg, plan.store, out_dir, key, sorted(stages), sorted(others - {report_dir(plan.cfg)}))
+        with timed("fit"):
+            run_fit(plan)
+    with timed("unlearn"):
+        chosen = {m: get_method(m).Config.model_validate(hp) for m, hp in run_unlearn(plan).items()}
+    with timed("report"):
+        key = report_key(plan, chosen)
+        out = report_path(plan.cfg, plan.store, out_dir)
+        if not is_current(plan, out, key):  # nothing it scores has changed: a finished run recomputes nothing
+            out = write_report(plan, out, key)
+    with timed("record"):
+        stages, others = reached_by(plan)
+        write_record(plan.cfg, plan.store, out_dir, key, sorted(stages), sorted(others - {report_dir(plan.cfg)}))
     return out

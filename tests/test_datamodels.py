@@ -342,6 +342,25 @@ def test_lasso_cd_threads_give_the_same_bits():
         assert torch.equal(one.weight, more.weight) and torch.equal(one.lam, more.lam)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_shared_design_gives_the_same_bits(solver):
+    # the fit stage makes the split and both Gram matrices once per task and reuses them for the
+    # margins and every class's logits: the same arrays as separate calls that each make their own
+    from pipeline.datamodels import lasso_design
+
+    masks, outputs, _ = planted(90, 40, 6)
+    design = lasso_design(masks, val_fraction=0.2, seed=3)
+    for part in (outputs[:, :2], outputs[:, 2:], outputs * 2 + 1):
+        alone = lasso(masks, part, n_lambdas=8, val_fraction=0.2, seed=3, solver=solver)
+        shared = lasso(masks, part, n_lambdas=8, val_fraction=0.2, seed=3, solver=solver, design=design)
+        for a, b in ((alone.weight, shared.weight), (alone.bias, shared.bias), (alone.lam, shared.lam)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="the design was made for"):
+        lasso(masks, outputs, n_lambdas=8, val_fraction=0.2, seed=4, solver=solver, design=design)
+    with pytest.raises(ValueError, match="the design was made for"):
+        lasso(masks[:, :30], outputs, n_lambdas=8, val_fraction=0.2, seed=3, solver=solver, design=design)
+
+
 def test_lasso_solver_choice(monkeypatch):
     from pipeline.datamodels import estimators as est
 

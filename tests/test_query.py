@@ -91,7 +91,8 @@ def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path
                     spoiled += 1
     assert spoiled > 100
     _create_arrays(mine, meta)
-    assert fit_block_task(str(tmp_path / "store"), mine.cfg, 256, 512) == 256
+    # a generator: the targets done, chunk by chunk (progress within a block)
+    assert list(fit_block_task(str(tmp_path / "store"), mine.cfg, 256, 512)) == [16] * 16
     for name, atol in (("theta", 1e-6), ("theta_logit", 1e-3)):  # theta_logit is float16
         np.testing.assert_allclose(_matrix(mine, name)[:, 256:512].astype(np.float32),
                                    _matrix(plan, name)[:, 256:512].astype(np.float32), rtol=1e-5, atol=atol)

@@ -122,3 +122,24 @@ def test_an_unlearn_block_lost_is_redone_identically_and_nothing_else(finished, 
         if path != lost:
             assert path.read_bytes() == content, path  # finished blocks untouched
     assert json.loads(lost.read_text())["start"] == json.loads(want[lost])["start"]
+
+
+def test_streaming_tasks_count_chunks_as_they_come_and_reraise_a_failure(capsys):
+    # the fit stage's tasks are Ray generators that yield the targets done chunk by chunk
+    import ray
+
+    from pipeline.config import ExecutionConfig
+    from pipeline.execution import init_ray, run_streaming_tasks
+
+    def _counting(chunks: list[int], fail_after: int | None = None):  # local: pickled by value for the workers
+        for i, k in enumerate(chunks):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("chunk failed")
+            yield k
+
+    init_ray(ExecutionConfig(num_cpus=2))
+    remote = ray.remote(_counting).options(num_returns="streaming", max_retries=0)
+    assert run_streaming_tasks("fit", [remote.remote([16, 16, 5]), remote.remote([16, 3])], 56, unit="targets") == 56
+    assert "fit: 56/56 targets" in capsys.readouterr().out
+    with pytest.raises(Exception, match="chunk failed"):
+        run_streaming_tasks("fit", [remote.remote([16, 16], fail_after=1)], 32, unit="targets")

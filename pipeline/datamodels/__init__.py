@@ -2,7 +2,9 @@
 
 from collections.abc import Callable
 
-from pipeline.datamodels.estimators import Datamodel, LassoPath, diff_in_means, lasso, lasso_path, lds, ridge
+from pipeline.datamodels.estimators import (
+    Datamodel, LassoDesign, LassoPath, diff_in_means, lasso, lasso_design, lasso_path, lds, ridge,
+)
 
 ESTIMATORS: dict[str, Callable[..., Datamodel]] = {
     "diff_in_means": diff_in_means,
@@ -20,5 +22,6 @@ def get_estimator(name: str) -> Callable[..., Datamodel]:
 
 
 __all__ = [
-    "ESTIMATORS", "Datamodel", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_path", "lds", "ridge",
+    "ESTIMATORS", "Datamodel", "LassoDesign", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_design",
+    "lasso_path", "lds", "ridge",
 ]

@@ -779,9 +779,7 @@ def _path_cd(feat: _Features, tg: _Targets, grid: Tensor, *, max_iter: int, tol:
 
 
 def _select_and_refit_cd(
-    fit_feat: _Features,
-    all_feat: _Features,
-    X_val: Tensor,
+    design: "LassoDesign",
     Y_fit: Tensor,
     Y_val: Tensor,
     Y_all: Tensor,
@@ -794,13 +792,12 @@ def _select_and_refit_cd(
     threads: int | None = None,
 ) -> Datamodel:
     """``_select_and_refit`` by coordinate descent, target by target, over threads threads."""
+    fit_feat, all_feat = design.fit_feat, design.all_feat
     tg, all_tg = _targets(fit_feat, Y_fit), _targets(all_feat, Y_all)
     grid = _default_lambdas(tg, n_lambdas, eps).contiguous()
     t, n = tg.q.shape
-    xv_t = ((X_val - fit_feat.mu) / fit_feat.sigma).T.contiguous().numpy()
+    H_fit, H_all, xv_t, ratio = design.cd_arrays()
     yv = (Y_val - tg.ybar).contiguous().numpy()
-    ratio = (all_feat.sigma / fit_feat.sigma).numpy()
-    H_fit, H_all = _gram(fit_feat), _gram(all_feat)
     q_fit, q_all = tg.q.contiguous().numpy(), all_tg.q.contiguous().numpy()
     c0_fit, c0_all, grid_np = tg.c0.numpy(), all_tg.c0.numpy(), grid.numpy()
     theta, lam = np.zeros((t, n), H_fit.dtype), np.zeros(t, H_fit.dtype)
@@ -818,6 +815,56 @@ def _select_and_refit_cd(
     return Datamodel(weight=weight, bias=bias, lam=torch.from_numpy(lam))
 
 
+@dataclass(eq=False)
+class LassoDesign:
+    """What ``lasso`` derives from the masks alone, to share between calls on the same masks (the
+    margins and every class's logits of a fit task): the split of the models into fitting and
+    validation models, the standardised features of the fitting models and of all models (their
+    Gram matrices, the costly part: O(m n^2)), and for the CPU solver their NumPy copies. Build it
+    with ``lasso_design``; ``lasso(..., design=d)`` gives the same bits as ``lasso`` without it."""
+
+    shape: tuple[int, int]
+    val_fraction: float
+    seed: int
+    dtype: torch.dtype
+    fit: Tensor
+    val: Tensor
+    X_val: Tensor
+    fit_feat: _Features
+    all_feat: _Features
+    _cd: tuple | None = None
+
+    def cd_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(H_fit, H_all, the validation models' standardised design transposed (n, v), sigma_all /
+        sigma_fit) as NumPy arrays for ``lasso_cd``, made once."""
+        if self._cd is None:
+            fit_feat, all_feat = self.fit_feat, self.all_feat
+            xv_t = ((self.X_val - fit_feat.mu) / fit_feat.sigma).T.contiguous().numpy()
+            self._cd = (_gram(fit_feat), _gram(all_feat), xv_t, (all_feat.sigma / fit_feat.sigma).numpy())
+        return self._cd
+
+
+def lasso_design(
+    masks: Tensor, *, val_fraction: float = 0.1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LassoDesign:
+    """The masks' share of ``lasso`` (see ``LassoDesign``), for several calls on the same masks."""
+    if masks.ndim != 2 or masks.shape[0] < 2:
+        raise ValueError(f"expected masks (m, n) with m >= 2, got {tuple(masks.shape)}")
+    X = masks.to(masks.device, dtype)
+    m = X.shape[0]
+    n_val = round(val_fraction * m)
+    if not 1 <= n_val <= m - 2:
+        raise ValueError(f"val_fraction={val_fraction} leaves {n_val} of {m} models for validation")
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(X.device)
+    val, fit = perm[:n_val], perm[n_val:]
+    X_fit, X_val = X[fit], X[val]
+    fit_moments, val_moments = _moments(X_fit), _moments(X_val)
+    fit_feat = _features(X_fit, fit_moments)
+    all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
+    return LassoDesign(shape=tuple(X.shape), val_fraction=val_fraction, seed=seed, dtype=dtype, fit=fit, val=val,
+                       X_val=X_val, fit_feat=fit_feat, all_feat=all_feat)
+
+
 def lasso(
     masks: Tensor,
     outputs: Tensor,
@@ -833,6 +880,7 @@ def lasso(
     target_chunk: int | None = None,
     solver: str = "auto",
     threads: int | None = None,
+    design: LassoDesign | None = None,
 ) -> Datamodel:
     """LASSO datamodels with a per-target lambda chosen on held-out models (fast_l1 semantics).
 
@@ -853,24 +901,23 @@ def lasso(
     threads: cd's threads (default ``torch.get_num_threads()``); they do not change its results.
     Memory: two n x n Gram matrices (fitting and all models) up to GRAM_MAX_FEATURES points, the
     designs beyond; and a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
+    design: ``lasso_design(masks, val_fraction=..., seed=..., dtype=...)`` made once for several
+    calls on the same masks (the split, both Gram matrices); the same results as without it.
     """
     X, Y = _as_float(masks, outputs, dtype)
-    m = X.shape[0]
-    n_val = round(val_fraction * m)
-    if not 1 <= n_val <= m - 2:
-        raise ValueError(f"val_fraction={val_fraction} leaves {n_val} of {m} models for validation")
-    perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(X.device)
-    val, fit = perm[:n_val], perm[n_val:]
-    X_fit, X_val = X[fit], X[val]
-    fit_moments, val_moments = _moments(X_fit), _moments(X_val)
-    fit_feat = _features(X_fit, fit_moments)
-    all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
-    select_and_refit = _select_and_refit
-    if _solver(solver, fit_feat) == "cd":
-        select_and_refit = functools.partial(_select_and_refit_cd, threads=threads)
+    if design is None:
+        design = lasso_design(masks, val_fraction=val_fraction, seed=seed, dtype=dtype)
+    elif (design.shape, design.val_fraction, design.seed, design.dtype) != (tuple(X.shape), val_fraction, seed, dtype):
+        raise ValueError(f"the design was made for masks {design.shape}, val_fraction {design.val_fraction}, seed "
+                         f"{design.seed}, {design.dtype}; this call has {tuple(X.shape)}, {val_fraction}, {seed}, {dtype}")
+    fit, val = design.fit, design.val
+    if _solver(solver, design.fit_feat) == "cd":
+        select_and_refit = functools.partial(_select_and_refit_cd, design, threads=threads)
+    else:
+        select_and_refit = functools.partial(_select_and_refit, design.fit_feat, design.all_feat, design.X_val)
     parts = [
         select_and_refit(
-            fit_feat, all_feat, X_val, Y[fit][:, s], Y[val][:, s], Y[:, s],
+            Y[fit][:, s], Y[val][:, s], Y[:, s],
             n_lambdas=n_lambdas, eps=eps, min_lambdas=min_lambdas, max_iter=max_iter, tol=tol,
         )
         for s in _chunks(Y.shape[1], target_chunk)
