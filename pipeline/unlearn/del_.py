@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, batch_len, index_batches, per_model_ce
 
 NEEDS = ()
 
@@ -138,13 +138,13 @@ def finetune_masked(ctx, model, retain: np.ndarray, masks: dict[str, torch.Tenso
     for epoch in range(cfg.epochs):
         lr_e = cosine_lr(cfg.lr, cfg.eta_min_fraction * cfg.lr, epoch, cfg.epochs)
         lr = torch.full((m,), lr_e, device=ctx.data.device)
-        for idx in index_batches(retain, cfg.batch_size, ctx.rng("del", "epoch", epoch)):
+        for idx in ctx.member_batches(retain, cfg.batch_size, "del", "epoch", epoch):
             x, y = batch_inputs(ctx.data, idx, m)
             loss = per_model_ce(model(x), y).mean(1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(lr, grad_mask=grad_mask)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

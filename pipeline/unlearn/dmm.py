@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.unlearn.base import MethodOutput
-from pipeline.unlearn.matching import MatchingConfig, dm_direct_logits, finetune_index_set, match_logits
+from pipeline.unlearn.matching import MatchingConfig, retain_rng, dm_direct_logits, finetune_index_set, match_logits
 
 NEEDS = ("datamodels",)
 
@@ -29,7 +29,7 @@ class Config(MatchingConfig):
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     index_set, notes = finetune_index_set(forget, retain, cfg.forget_multiplier, cfg.retain_multiplier,
-                                          ctx.rng("matching", "retain"))
+                                          retain_rng())
     points = np.unique(index_set)
     targets = dm_direct_logits(ctx, model, np.asarray(forget), points, cfg.multiplier, cfg.diagonal_only,
                                meter)  # (M, K, C), from the model before any update

@@ -5,7 +5,7 @@ import torch
 from pydantic import Field
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodConfig, MethodOutput, batch_inputs, batch_len, per_model_ce
 
 NEEDS = ()
 
@@ -23,11 +23,11 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     opt = StackedSGD(model.parameters(), cfg.momentum, 0.0)
     lr = torch.full((m,), cfg.lr, device=ctx.data.device)
     for epoch in range(cfg.epochs):
-        for idx in index_batches(forget, cfg.batch_size, ctx.rng("ga", epoch)):
+        for idx in ctx.member_batches(forget, cfg.batch_size, "ga", epoch):
             x, y = batch_inputs(ctx.data, idx, m)
             loss = -per_model_ce(model(x), y).mean(1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(lr)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))
     return MethodOutput(model=model)

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.margins import stacked_logits
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import ForgetRows, MethodConfig, batch_inputs, index_batches
+from pipeline.unlearn.base import ForgetRows, MethodConfig, batch_inputs, batch_len, index_batches
 
 
 class MatchingConfig(MethodConfig):
@@ -31,12 +31,26 @@ class MatchingConfig(MethodConfig):
     forget_multiplier: float = Field(5.0, ge=0)  # r_f: copies of the forget set
     retain_multiplier: float = Field(20.0, ge=0)  # r_r: retain points = floor(r_r * |F|), capped at |retain|
     shuffle: bool = True  # reshuffle the index set every epoch (True in the reference's U-LiRA config)
+    # At least this many optimizer steps, whatever |F|: when epochs x batches per epoch falls short, every
+    # epoch makes ceil(min_steps / (epochs x batches)) reshuffled passes over the index set at that epoch's
+    # lr (the x0.95 decay stays per epoch). 0 = the reference, whose step count shrinks with |F|.
+    min_steps: int = Field(0, ge=0)
+
+
+# The reference draws the retain points with `np.random.default_rng(seed=42)` in every run: one draw for
+# every model, method and hyperparameter setting, so OM and DMM fine-tune on the same points.
+RETAIN_SEED = 42
+
+
+def retain_rng() -> np.random.Generator:
+    return np.random.default_rng(RETAIN_SEED)
 
 
 def finetune_index_set(forget: np.ndarray, retain: np.ndarray, forget_multiplier: float,
                        retain_multiplier: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """F repeated floor(r_f) times + the first floor(frac(r_f) |F|) points of F, then floor(r_r |F|)
-    retain points drawn without replacement (capped at |retain|, decision 21). Returns (indices, notes)."""
+    retain points drawn without replacement (capped at |retain|, decision 21) with rng (OM and DMM pass
+    `retain_rng()`, the reference's fixed seed). Returns (indices, notes)."""
     forget, retain = np.asarray(forget, dtype=np.int64), np.asarray(retain, dtype=np.int64)
     whole = int(np.floor(forget_multiplier))
     extra = int(np.floor((forget_multiplier - whole) * len(forget)))
@@ -77,6 +91,12 @@ def dm_direct_logits(ctx, model, forget: np.ndarray, points: np.ndarray, multipl
     return logits - dm_correction(ctx.forget_rows(), forget, points, multiplier, diagonal_only)[None]
 
 
+def passes_per_epoch(n_points: int, cfg: MatchingConfig) -> int:
+    """Passes over the index set per epoch: 1, or enough for cfg.min_steps optimizer steps in all."""
+    per_pass = max(1, -(-n_points // cfg.batch_size))
+    return max(1, -(-cfg.min_steps // (per_pass * cfg.epochs)))
+
+
 def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets: torch.Tensor,
                  cfg: MatchingConfig, meter, tag: str) -> None:
     """Fine-tune every member (in place) so that its logits on index_set match targets.
@@ -86,15 +106,23 @@ def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets:
     model.train()  # BatchNorm statistics update, as in the reference
     m = model.n_models
     opt = StackedAdam(model.parameters())
+    member = torch.arange(m, device=ctx.data.device)[:, None]
+    passes = passes_per_epoch(len(index_set), cfg)
     for epoch in range(cfg.epochs):
         lr = torch.full((m,), cfg.lr * cfg.lr_decay**epoch, device=ctx.data.device)
-        rng = ctx.rng(tag, "epoch", epoch) if cfg.shuffle else None
-        for idx in index_batches(index_set, cfg.batch_size, rng):
+        batches = []
+        for p in range(passes):
+            if cfg.shuffle:  # each member its own order (issue 14)
+                parts = (tag, "epoch", epoch) if p == 0 else (tag, "epoch", epoch, "pass", p)
+                batches += ctx.member_batches(index_set, cfg.batch_size, *parts)
+            else:
+                batches += [np.broadcast_to(b, (m, len(b))) for b in index_batches(index_set, cfg.batch_size, None)]
+        for idx in batches:
             x, _ = batch_inputs(ctx.data, idx, m)
-            cols = torch.as_tensor(np.searchsorted(points, idx), device=ctx.data.device)
-            target = targets.index_select(1, cols).expand(m, -1, -1)
+            cols = torch.as_tensor(np.searchsorted(points, idx), device=ctx.data.device)  # (M, B)
+            target = targets.expand(m, -1, -1)[member, cols]  # (M, B, C)
             loss = (model(x).float() - target).pow(2).mean(dim=(1, 2)).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(lr)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))

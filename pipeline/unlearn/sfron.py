@@ -33,7 +33,7 @@ from pydantic import Field
 
 from pipeline.optim import StackedSGD, clip_grad_norm_per_model
 from pipeline.unlearn.base import (
-    MethodConfig, MethodOutput, batch_inputs, index_batches, member_params, per_model_ce,
+    MethodConfig, MethodOutput, batch_inputs, batch_len, member_params, per_model_ce,
 )
 
 NEEDS = ()
@@ -60,7 +60,7 @@ def cycle_batches(ctx, indices: np.ndarray, batch_size: int, tag: str):
     """Endless batches: one reshuffled pass after another."""
     epoch = 0
     while True:
-        yield from index_batches(indices, batch_size, ctx.rng("sfron", tag, epoch))
+        yield from ctx.member_batches(indices, batch_size, "sfron", tag, epoch)
         epoch += 1
 
 
@@ -70,14 +70,14 @@ def fisher_diagonal(ctx, model, indices: np.ndarray, batch_size: int, meter, tag
     m = model.n_models
     params = member_params(model)
     acc = [torch.zeros_like(p) for p in params]
-    batches = index_batches(indices, batch_size, ctx.rng("sfron", "fisher", tag))
+    batches = ctx.member_batches(indices, batch_size, "sfron", "fisher", tag)
     for idx in batches:
         x, y = batch_inputs(ctx.data, idx, m)
         grads = torch.autograd.grad(per_model_ce(model(x), y).mean(1).sum(), params, allow_unused=True)
         for a, g in zip(acc, grads):
             if g is not None:
                 a.add_(g.detach().pow(2) / len(batches))
-        meter.train_pass(len(idx))
+        meter.train_pass(batch_len(idx))
     return acc
 
 
@@ -148,10 +148,10 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
             idx = next(forget_batches)
             x, y = batch_inputs(ctx.data, idx, m)
             ascent_step(model, opt, masks, x, y, cfg.forget_alpha * decay, lr, cfg)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))
         idx = next(retain_batches)
         x, y = batch_inputs(ctx.data, idx, m)
         descent_step(model, opt, x, y, lr)
-        meter.train_pass(len(idx))
+        meter.train_pass(batch_len(idx))
     saliency = sum(mk.flatten(1).sum(1) for mk in masks) / sum(mk[0].numel() for mk in masks)
     return MethodOutput(model=model, notes={"mask_fraction": saliency.tolist()})
