@@ -360,7 +360,7 @@ def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
     the retrain row's (grey)."""
     methods = [r for r in sub if r["method"] != "retrain"]
     floor = next(r for r in sub if r["method"] == "retrain")
-    cols = 4
+    cols = max(1, min(4, len(methods)))
     nrows = max(1, -(-len(methods) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows), sharex=True, sharey=True, squeeze=False)
     top = max(float(np.max(r["per_point"])) for r in sub) * 1.05 + 1e-9
@@ -384,9 +384,10 @@ def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
 
     handles = [Line2D([], [], color="k", ls=dashes[g], label=f"{g} points") for g in GROUPS]
     handles.append(Line2D([], [], color="0.6", label="retrain (floor)"))
-    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"forget set {fs}: ECDF of per-point KLoM (line at 0.95 = the P95)", fontsize=9, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{fs}: ECDF of per-point KLoM\n(grey: retrain; a curve crosses the 0.95 line at its P95)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     name = f"klom_ecdf_{fs}.png"
     fig.savefig(out / name, dpi=100)
     plt.close(fig)
@@ -398,18 +399,20 @@ def _forget_vs_retain(plt, sets: list[str], rows: list[dict], out: Path) -> str:
     the model sits high on the retain axis."""
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
     for ax, fs in zip(axes[0], sets):
+        top_x = top_y = 2.0
         for r in (r for r in rows if r["forget_set"] == fs):
             vf, vr = r["vs_floor"]["forget"], r["vs_floor"]["retain"]
             if vf["x"] is None or vr["x"] is None:
                 continue
             color, marker = style(r["method"])
             ax.scatter([vr["x"]], [vf["x"]], color=color, marker=marker, s=50, zorder=3)
+            top_x, top_y = max(top_x, vr["x"]), max(top_y, vf["x"])
             ax.annotate(r["method"], (vr["x"], vf["x"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
                         color=color)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_xlim(0, top_x * 1.2)
+        ax.set_ylim(0, top_y * 1.1)
         ax.set_xlabel("retain P95 / floor")
         ax.set_title(fs, fontsize=9)
     axes[0][0].set_ylabel("forget P95 / floor")

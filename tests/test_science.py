@@ -36,9 +36,10 @@ FINETUNE = "{lr: 0.1, epochs: 10, schedule: cosine}"
 
 @pytest.fixture(scope="module")
 def baseline_rows(tmp_path_factory):
-    """Digits with 16 full models, 16 reference and 32 eval oracles for a random forget set of 50
-    points and for the 50 most atypical training points (10-NN label disagreement); no subset models.
-    do-nothing, retrain (reference oracles) and fine-tuning; rows by forget set, then method."""
+    """Digits with the default's sample sizes (100 full models = 100 unlearned, 100 reference and 100 eval
+    oracles) for a random forget set of 50 points and for the 50 most atypical training points (10-NN
+    label disagreement); no subset models. do-nothing, retrain (reference oracles) and fine-tuning;
+    rows by forget set, then method."""
     store = tmp_path_factory.mktemp("science")
     overrides = [
         f"store={store}",
@@ -49,32 +50,59 @@ def baseline_rows(tmp_path_factory):
         "evaluate.bootstrap=50",
     ]
     plan = Plan(load_config(DIGITS, overrides), Store(str(store)))
+    assert plan.cfg.train.full.models == plan.cfg.train.oracle.reference == plan.cfg.train.oracle.eval == 100
     run_all(plan)
     rows = collect_rows(plan)
     return {fs: _rows_by_method(rows, fs) for fs in ("random50", "atypical50")}
 
 
-def test_do_nothing_far_above_floor_retrain_at_floor_finetune_stays_above(baseline_rows):
+def _low(row, group="forget"):
+    return row["klom"][group]["p95_low"]
+
+
+def _high(row, group="forget"):
+    return row["klom"][group]["p95_high"]
+
+
+def test_floor_resolves_at_the_default_sample_sizes(baseline_rows):
+    """Issue 14, item 1: at 100 unlearned models against 100 eval oracles the retrain row's P95 (pure
+    finite-sample inflation) is at most 1.0 on every group (0.64-0.75 measured; 3.3-4.3 at 16 vs 32),
+    and doing nothing is at least 5x that on a random set, outside each other's bootstrap intervals."""
+    for fs, by in baseline_rows.items():
+        retrain = by["retrain"]
+        for g in ("forget", "retain", "val"):
+            assert _p95(retrain, g) <= 1.0, (fs, g, _p95(retrain, g))
+        assert retrain["mia"] < 0.6
+        # Reference and eval oracles are drawn the same way: no group of points tells them apart.
+        assert _p95(retrain) < 1.5 * max(_p95(retrain, "retain"), _p95(retrain, "val"))
+        nothing = by["do_nothing"]
+        assert _p95(nothing) >= 5 * _p95(retrain), (fs, _p95(nothing), _p95(retrain))
+        assert _low(nothing) > _high(retrain), fs
+
+
+def test_do_nothing_far_above_floor_on_forget_not_on_validation(baseline_rows):
+    by = baseline_rows["random50"]
+    do_nothing, retrain = by["do_nothing"], by["retrain"]
+    # The full models trained on F: their margins on F sit above every oracle's, so forget KLoM is far
+    # above the floor (4.31 vs 0.64 measured) ...
+    assert do_nothing["accuracy"]["forget"] >= retrain["accuracy"]["forget"]
+    # ... while on points neither group trained differently (validation) do-nothing stays near it:
+    # 1.05 vs 0.64 measured, above the floor (leaving out 50 points shifts every model a little, which
+    # 100 vs 100 resolves) but far below the forget set's 4.31.
+    assert _p95(do_nothing, "val") < 2.0 * _p95(retrain, "val")
+    assert _p95(do_nothing, "val") < 0.5 * _p95(do_nothing)
+
+
+def test_finetune_on_a_random_set(baseline_rows):
+    """What fine-tuning does to a random set of digits at these sample sizes: measured, not assumed
+    (at 16 vs 32 it looked like nothing; issue 14 measured 4.31 -> 2.91 at lr 0.01, 3 epochs)."""
     by = baseline_rows["random50"]
     do_nothing, retrain, finetune = by["do_nothing"], by["retrain"], by["finetune"]
-    # The full models trained on F: their margins on F sit above every oracle's, so their histograms
-    # barely overlap the oracles' and forget KLoM is far above the oracle-vs-oracle floor ...
-    assert _p95(do_nothing) > 1.5 * _p95(retrain)
-    assert do_nothing["accuracy"]["forget"] >= retrain["accuracy"]["forget"]
-    # ... while on points neither group trained differently (validation), both sit at the same level.
-    assert _p95(do_nothing, "val") < 1.5 * _p95(retrain, "val")
-    # Retrain = reference oracles, a group disjoint from the eval oracles and drawn the same way:
-    # no group of points tells them apart, so forget is no worse than the others.
-    assert _p95(retrain) < 1.5 * max(_p95(retrain, "retain"), _p95(retrain, "val"))
-    assert retrain["mia"] < 0.6
-    # Fine-tuning on the retain set does not unlearn a random set on digits: every forget point has
-    # near-duplicates in the retain set, so nothing about it needs forgetting, and more training raises
-    # margins everywhere, F included (mean forget margin full 7.42 -> fine-tuned 8.39 vs oracles 7.09).
-    # Its forget KLoM moves with the retain set's: here both rise far above the floor (P95 9.4 and 9.4,
-    # do-nothing 6.9); a light fine-tune (lr 0.003-0.01, 3 epochs) lowers forget P95 a little on this
-    # split (6.9 -> 5.6-6.1) and raises it with data.split_seed=1 (7.9 -> 8.1), within the noise.
-    assert _p95(finetune) > 1.5 * _p95(retrain)
+    # It stays far above the floor and keeps fitting F as the full models do ...
+    assert _p95(finetune) > 3 * _p95(retrain)
     assert finetune["accuracy"]["forget"] >= retrain["accuracy"]["forget"]
+    # ... and it does not break the model on retain or validation points.
+    assert _p95(finetune, "val") < 1.5 * _p95(do_nothing, "val")
 
 
 def test_finetune_lowers_forget_klom_on_memorized_points(baseline_rows):
