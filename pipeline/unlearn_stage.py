@@ -212,6 +212,23 @@ def score_grid_point(plan: Plan, method: str, hp, forget_name: str, labels: np.n
             "compute_fraction": float(np.mean([i["equivalent_passes"] / i["retrain_example_passes"] for i in infos]))}
 
 
+def tuning_references(plan: Plan, forget_name: str, labels: np.ndarray) -> dict:
+    """The tuning set's own floor (its reference oracles) and do-nothing (the first N_u full models),
+    scored as the grid points are, so the record shows what each point costs the model."""
+    from pipeline.evaluate.oracles import GROUPS, logit_accuracy, oracle_margins, score
+    from pipeline.stages import FamilySpec, family_store
+
+    n = n_unlearned(plan.cfg)
+    full = family_store(plan, FamilySpec(plan.full, "models", plan.cfg.train.full.models, "full"), plan.prepared_meta())
+    out = {}
+    for name, margins, logits in (
+            ("floor", oracle_margins(plan, forget_name, "reference"), oracle_margins(plan, forget_name, "reference", "logits")),
+            ("do_nothing", full.read("margins", n), full.read("logits", n))):
+        row = score(plan, forget_name, margins, logit_accuracy(logits, labels), labels, bootstrap=0)
+        out[name] = {"p95": {g: row["klom"][g]["p95"] for g in GROUPS}, "accuracy": row["accuracy"]}
+    return out
+
+
 def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     """method -> chosen point. Grids run on the tuning forget set and are scored against its eval
     oracles only (decisions 3 and 16) by decision 27's rule (`choose`); the choice and every grid
@@ -229,13 +246,14 @@ def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     if missing:
         run_unlearn_jobs(plan, [(m, hp, tuning.name) for m, g in missing.items() for hp in g], "tune")
         labels = all_labels(plan)
+        references = tuning_references(plan, tuning.name, labels)
     for method, grid in to_tune.items():
         rel = selection_rel(plan, method, grid)
         record = plan.store.read_json(rel)
         if record is None:
             scores = [score_grid_point(plan, method, hp, tuning.name, labels) for hp in grid]
             record = {"method": method, "tuning_forget_set": tuning.name, "rule": SELECTION_RULE,
-                      "version": SELECTION_VERSION, "scores": scores, "chosen": choose(scores)}
+                      "version": SELECTION_VERSION, "scores": scores, "chosen": choose(scores), **references}
             plan.store.write_json(rel, record)
         chosen[method] = grid[record["chosen"]]
     return chosen
