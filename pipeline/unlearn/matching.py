@@ -8,6 +8,18 @@ Datamodel Matching" (ICLR 2025). Reference code: `unlearning/unlearning_algos/or
 The routine fine-tunes every member on an index set made of the forget set repeated r_f times plus
 r_r x |F| retain points, with MSE between the member's logits and its target logits, Adam, lr x 0.95
 per epoch, the model in train mode. Shapes: targets are (M or 1, K, classes) over K sorted unique points.
+
+Randomness: the retain points are the reference's fixed draw (`default_rng(42)`, the same for every model,
+method and setting); each model's batch order is its own, from (stage, model index) (issue 14).
+
+Small forget sets (issue 14, item 4): the fine-tuning set has (r_f + r_r)|F| points, so the reference's
+step count shrinks with |F|: random10 on digits (r_f 5, r_r 10, batch 64, 3 epochs) is 150 points and 9
+Adam steps. Adam's early steps move every weight by about lr whatever its gradient (m / sqrt(v) is +-1 at
+the first step), so 9 steps is all transient, and the model drifts on the points outside the 150 (digits
+MLP, random10, lr 1e-3: retain P95 1.64 against do-nothing's 0.77 at 100 vs 100). The digits MLP has no
+BatchNorm, so train-mode statistics on partial batches are not the cause there (they may add to it on
+the CNNs). `min_steps` keeps the reference's loss, optimizer, index set and per-epoch decay, and only
+repeats each epoch's pass over the index set until the run has at least that many steps.
 """
 
 from __future__ import annotations
