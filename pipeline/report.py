@@ -264,7 +264,8 @@ def _selection_section(plan: Plan, rows: list[dict]) -> list[str]:
             lines.append(f"- `{method}`: {json.dumps(used.get(method, grid[0].model_dump(mode='json')))} (no grid)")
             continue
         rec = records[method]
-        axes = {k: sorted({json.dumps(sc["hparams"][k]) for sc in rec["scores"]}) for k in rec["scores"][0]["hparams"]}
+        axes = {k: sorted({json.dumps(sc["hparams"][k]) for sc in rec["scores"]}, key=_grid_order)
+                for k in rec["scores"][0]["hparams"]}
         varied = {k: v for k, v in axes.items() if len(v) > 1}
         chosen = rec["scores"][rec["chosen"]]
         searched = "; ".join(k + " in {" + ", ".join(v) + "}" for k, v in varied.items())
@@ -296,6 +297,12 @@ def _selection_section(plan: Plan, rows: list[dict]) -> list[str]:
                           "best it found."]
         lines.append("")
     return lines
+
+
+def _grid_order(text: str):
+    """Numbers by value, anything else after them by its JSON text."""
+    value = json.loads(text)
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, text)
 
 
 def tuning_bar(sc: dict, rec: dict) -> bool | None:
