@@ -18,7 +18,9 @@ models (`model.features`; the reference uses ResNet-18's 512-d embedding):
      0.9 CE(f(x_s), y_s) + 0.01 CE(f(x_f), y_cf).
    z0 comes from a frozen copy of the original model in eval mode; the student is in train mode.
 Defaults: the reference's CIFAR-10/100 random-removal block (10 epochs, impair lr 1e-4, KL lr 1e-5).
-Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original.
+Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original. The
+gentler digits points (impair lr 5e-5, 2 epochs) cost 0.003-0.017 of a retraining; smaller steps are
+not cheaper, fewer epochs are (issue 14).
 """
 
 from __future__ import annotations
