@@ -94,38 +94,39 @@ def test_do_nothing_far_above_floor_on_forget_not_on_validation(baseline_rows):
 
 
 def test_finetune_on_a_random_set(baseline_rows):
-    """What fine-tuning does to a random set of digits at these sample sizes: measured, not assumed
-    (at 16 vs 32 it looked like nothing; issue 14 measured 4.31 -> 2.91 at lr 0.01, 3 epochs)."""
+    """What this strong fine-tune (half a retraining at twice the peak lr) does to a random set of digits
+    at 100 vs 100: measured, not assumed. Every point of the digits random sets has near-duplicates in
+    the retain set, so nothing about F needs forgetting, and more training shifts every margin: forget
+    P95 4.31 -> 6.40 (6.8x -> 10.0x the floor, intervals [5.5, 8.5] and [9.4, 10.5]), retain 1.05 -> 7.63,
+    val 1.05 -> 6.81. (A light fine-tune, lr 0.01 for 3 epochs, lowers forget P95 to 5.4x [3.9, 7.2]:
+    within do-nothing's interval; issue 14 measured 4.31 -> 2.91 on another run.)"""
     by = baseline_rows["random50"]
     do_nothing, retrain, finetune = by["do_nothing"], by["retrain"], by["finetune"]
-    # It stays far above the floor and keeps fitting F as the full models do ...
-    assert _p95(finetune) > 3 * _p95(retrain)
+    assert _low(finetune) > _high(do_nothing)
     assert finetune["accuracy"]["forget"] >= retrain["accuracy"]["forget"]
-    # ... and it does not break the model on retain or validation points.
-    assert _p95(finetune, "val") < 1.5 * _p95(do_nothing, "val")
+    assert _p95(finetune, "val") > 3 * _p95(retrain, "val")
 
 
 def test_finetune_lowers_forget_klom_on_memorized_points(baseline_rows):
     by = baseline_rows["atypical50"]
     do_nothing, retrain, finetune = by["do_nothing"], by["retrain"], by["finetune"]
     # The atypical points are memorized: only their own presence in training explains the full
-    # models' fit (forget accuracy 0.98 vs the oracles' 0.52; mean margin 2.9 vs -0.4), so
-    # do-nothing is far above the floor, and the oracles, never trained on them, are at it.
+    # models' fit (forget accuracy 0.99 vs the oracles' 0.53 at 100 vs 100), so do-nothing is far above
+    # the floor (10.66 vs 0.75), and the oracles, never trained on them, are at it.
     assert retrain["accuracy"]["forget"] < do_nothing["accuracy"]["forget"] - 0.3
     assert _p95(do_nothing) > 1.5 * _p95(retrain)
     assert _p95(retrain) < 1.5 * max(_p95(retrain, "retain"), _p95(retrain, "val"))
     # Unlike a random set, leaving out points whose neighbours carry other labels changes the models
-    # everywhere (the oracles' mean validation margin is 7.63 against the full models' 7.26), so
-    # do-nothing is far above the floor on validation points too.
+    # everywhere, so do-nothing is far above the floor on validation points too (8.75 vs 0.69).
     assert _p95(do_nothing, "val") > 1.5 * _p95(retrain, "val")
     # Fine-tuning on the retain set lets that memorized fit decay toward the oracles' (forget accuracy
-    # 0.98 -> 0.80, mean margin 2.9 -> 1.9; 80 % of the points move toward the oracles' mean) ...
+    # 0.99 -> 0.83 at 100 vs 100) ...
     assert finetune["accuracy"]["forget"] < do_nothing["accuracy"]["forget"] - 0.1
-    # ... so forget P95 KLoM drops: 10.84 -> 9.93 here (bootstrap intervals [10.72, 11.09] and
-    # [9.79, 10.10]; the drop's 2.5 % bootstrap quantile is 0.59), 11.28 -> 10.32 with
-    # data.split_seed=1. The drop is small beside the distance to the floor: KLoM saturates near
-    # ln(1 / evaluate.floor) = 11.5 once the histograms stop overlapping, and fine-tuning closes only
-    # part of the margin gap, so the worst 5 % of the points still barely overlap the oracles'.
+    # ... so forget P95 KLoM drops: 10.66 -> 9.76 (14.2x [14.15, 14.30] -> 13.0x [12.89, 13.14] the
+    # floor, outside each other's intervals). The drop is small beside the distance to the floor: KLoM
+    # saturates near ln(1 / evaluate.floor) = 11.5 once the histograms stop overlapping, and fine-tuning
+    # closes only part of the margin gap, so the worst 5 % of the points still barely overlap the oracles'.
+    assert _high(finetune) < _low(do_nothing)
     assert _p95(finetune) < _p95(do_nothing) - 0.3
     assert _p95(finetune) > 1.5 * _p95(retrain)
     assert finetune["accuracy"]["forget"] > retrain["accuracy"]["forget"]
