@@ -220,7 +220,7 @@ def imported_rows(plan, forget_name: str, n_u: int, labels: np.ndarray) -> list[
     like any method (KLoM against the eval oracles, MIA); accuracy and compute are unknown (None).
     When more than N_u models were imported the first N_u are scored (equal sample sizes, decision 17)."""
     from pipeline.data.forget_sets import forget_set_id
-    from pipeline.report import score
+    from pipeline.evaluate.oracles import score
 
     fid = forget_set_id(plan.forget_sets[forget_name])
     rows = []

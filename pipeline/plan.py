@@ -288,12 +288,19 @@ def n_unlearned(cfg: Config) -> int:
     return cfg.unlearn.models or cfg.train.full.models
 
 
+# How a method's randomness is drawn; part of every unlearn stage's identity. 2 (issue 14): model i's
+# from (stage, model i) alone, so no two unlearned models share batch order or noise (1: one stream per
+# stage, shared by every model of a block).
+UNLEARN_RNG = 2
+SELECTION_VERSION = 2  # 1: forget P95 alone; 2: decision 27 (mean of forget, retain and val P95)
+
+
 def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
     """Identity: method + its full hyperparameters + the full models, forget set, count and the
     upstream stages the method reads (fit for datamodel methods, oracles for OM)."""
     needs = method_needs(method)
     upstream = {"full": plan.full.id, "forget": forget_set_id(plan.forget_sets[forget_name]),
-                "models": n_unlearned(plan.cfg), "seed": plan.cfg.unlearn.seed}
+                "models": n_unlearned(plan.cfg), "seed": plan.cfg.unlearn.seed, "rng": UNLEARN_RNG}
     if "datamodels" in needs:
         upstream["fit"] = plan.fit.id
     if "target_oracles" in needs:
@@ -330,5 +337,5 @@ def method_grids(cfg: Config) -> dict[str, list]:
 def selection_rel(plan: Plan, method: str, grid: list) -> str:
     payload = json.dumps([method, [g.model_dump(mode="json") for g in grid],
                           unlearn_ref(plan, method, grid[0], plan.cfg.tuning_forget_set.name).id,
-                          plan.oracle(plan.cfg.tuning_forget_set.name).id], sort_keys=True)
+                          plan.oracle(plan.cfg.tuning_forget_set.name).id, SELECTION_VERSION], sort_keys=True)
     return f"selection/{method}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"

@@ -15,77 +15,27 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import runrecord
-from pipeline.evaluate.klom import bootstrap_p95_interval, klom
-from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
+from pipeline.evaluate.oracles import (
+    GROUPS, SELECTION_RULE, all_labels, group_points, logit_accuracy, oracle_margins, score, selection_score,
+)
 from pipeline.stages import FamilySpec, Plan, StageError, family_store
 from pipeline.unlearn import get_method
+from pipeline.unlearn_stage import (
+    method_grids, n_unlearned, select_hyperparameters, selection_records, unlearn_family, unlearn_ref,
+)
 
-GROUPS = ("forget", "retain", "val")
-
-
-def _oracle_margins(plan: Plan, forget_name: str, role: str, array: str = "margins") -> np.ndarray:
-    meta = plan.prepared_meta()
-    n = getattr(plan.cfg.train.oracle, role)
-    family = family_store(plan, FamilySpec(plan.oracle(forget_name), role, n, "oracle"), meta)
-    if n == 0 or not family.done_mask(n).all():
-        raise StageError(f"the {role} oracles of forget set {forget_name!r} are not trained: run `oracle-farm train`")
-    return family.read(array, n)
-
-
-def group_points(plan: Plan, forget_name: str) -> dict[str, np.ndarray]:
-    meta = plan.prepared_meta()
-    n, p = meta["n_train"], meta["n_train"] + meta["n_val"]
-    forget = plan.forget_sets[forget_name]
-    return {"forget": forget, "retain": np.setdiff1d(np.arange(n), forget), "val": np.arange(n, p)}
-
-
-def _klom_kwargs(plan: Plan) -> dict:
-    e = plan.cfg.evaluate
-    return {"bins": e.bins, "clip": e.clip, "floor": e.floor, "compat": e.compat}
-
-
-def forget_p95_against_eval(plan: Plan, forget_name: str, margins: np.ndarray) -> float:
-    forget = plan.forget_sets[forget_name]
-    eval_m = _oracle_margins(plan, forget_name, "eval")
-    return float(np.percentile(klom(margins[:, forget], eval_m[:, forget], **_klom_kwargs(plan)), 95))
-
-
-def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels: np.ndarray) -> dict:
-    """KLoM statistics, accuracies and MIA of unlearned margins (N_u, P) against the eval oracles."""
-    eval_m = _oracle_margins(plan, forget_name, "eval")
-    groups = group_points(plan, forget_name)
-    kw = _klom_kwargs(plan)
-    per_point = klom(margins, eval_m, **kw)
-    row = {"klom": {}, "accuracy": {}, "oracle_accuracy": {}}
-    oracle_accuracy = _logit_accuracy(_oracle_margins(plan, forget_name, "eval", "logits").astype(np.float32), labels)
-    rng_seed = 0
-    for g, pts in groups.items():
-        values = per_point[pts]
-        interval = (bootstrap_p95_interval(margins, eval_m, pts, n_boot=plan.cfg.evaluate.bootstrap, seed=rng_seed, **kw)
-                    if plan.cfg.evaluate.bootstrap else (None, None))
-        row["klom"][g] = {"p95": float(np.percentile(values, 95)), "mean": float(values.mean()),
-                          "p95_low": interval[0], "p95_high": interval[1]}
-        row["accuracy"][g] = accuracy_of(pts)
-        row["oracle_accuracy"][g] = oracle_accuracy(pts)
-    forget = groups["forget"]
-    row["mia"] = mia_balanced_accuracy(loss_from_margin(margins[:, forget]), loss_from_margin(eval_m[:, forget]))
-    row["per_point"], row["_groups"] = per_point, groups
-    return row
-
-
-def _logit_accuracy(logits: np.ndarray, labels: np.ndarray):
-    correct = logits.argmax(-1) == labels
-    return lambda pts: float(correct[:, pts].mean())
+# Kept for callers of the old private names (tests, exchange).
+_oracle_margins = oracle_margins
+_logit_accuracy = logit_accuracy
+__all__ = ["GROUPS", "collect_rows", "group_points", "score", "selection_score", "write_report"]
 
 
 def collect_rows(plan: Plan) -> list[dict]:
     from pipeline.exchange import imported_rows
-    from pipeline.unlearn_stage import method_grids, n_unlearned, select_hyperparameters, unlearn_family, unlearn_ref
 
     plan.store.check_reachable(create=False)
     meta = plan.prepared_meta()
-    labels = np.concatenate([plan.train_labels,
-                             plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")["labels/val"][:]])
+    labels = all_labels(plan)
     n_u = n_unlearned(plan.cfg)
     chosen = select_hyperparameters(plan, method_grids(plan.cfg))
     retrain_cost = _retrain_seconds(plan, meta)
@@ -114,7 +64,55 @@ def collect_rows(plan: Plan) -> list[dict]:
                          "amortized": _amortized(plan, method), "hparams": hp.model_dump(mode="json"),
                          "notes": infos[0].get("notes", {})})
         rows += imported_rows(plan, fs.name, n_u, labels)  # `M (imported)`: margins from import-margins
+    annotate(rows)
     return rows
+
+
+# The bar a selected setting must meet not to count as breaking the model (issue 14, item 3): retain and
+# val accuracy within ACC_SLACK of do-nothing's, retain and val P95 at most max(FLOOR_X x the floor,
+# NOTHING_X x do-nothing's).
+ACC_SLACK, FLOOR_X, NOTHING_X = 0.01, 1.5, 1.2
+
+
+def _overlap(a: dict, b: dict) -> bool | None:
+    if a["p95_low"] is None or b["p95_low"] is None:
+        return None
+    return a["p95_low"] <= b["p95_high"] and b["p95_low"] <= a["p95_high"]
+
+
+def annotate(rows: list[dict]) -> None:
+    """Per row, in place: `vs_floor` (per group, P95 and its interval as multiples of the retrain row's
+    P95; whether the interval overlaps the floor's or do-nothing's) and `bar` (item 3's check of what
+    the setting does to retain and val points against do-nothing and the floor; None where unknown)."""
+    for fs in dict.fromkeys(r["forget_set"] for r in rows):
+        sub = [r for r in rows if r["forget_set"] == fs]
+        floor = next((r for r in sub if r["method"] == "retrain"), None)
+        nothing = next((r for r in sub if r["method"] == "do_nothing"), None)
+        for r in sub:
+            r["vs_floor"] = {}
+            for g in GROUPS:
+                k, f = r["klom"][g], floor["klom"][g] if floor else None
+                scale = f["p95"] if f and f["p95"] > 0 else None
+                r["vs_floor"][g] = {
+                    "x": k["p95"] / scale if scale else None,
+                    "x_low": k["p95_low"] / scale if scale and k["p95_low"] is not None else None,
+                    "x_high": k["p95_high"] / scale if scale and k["p95_high"] is not None else None,
+                    "overlaps_floor": _overlap(k, f) if f else None,
+                    "overlaps_nothing": _overlap(k, nothing["klom"][g]) if nothing else None}
+            r["bar"] = _bar(r, floor, nothing)
+
+
+def _bar(r: dict, floor: dict | None, nothing: dict | None) -> dict | None:
+    if r["method"] in ("retrain", "do_nothing") or floor is None or nothing is None or r["accuracy"]["retain"] is None:
+        return None
+    failures = []
+    for g in ("retain", "val"):
+        if r["accuracy"][g] < nothing["accuracy"][g] - ACC_SLACK:
+            failures.append(f"{g} accuracy {r['accuracy'][g]:.3f} < do-nothing's {nothing['accuracy'][g]:.3f} - {ACC_SLACK}")
+        limit = max(FLOOR_X * floor["klom"][g]["p95"], NOTHING_X * nothing["klom"][g]["p95"])
+        if r["klom"][g]["p95"] > limit:
+            failures.append(f"{g} P95 {r['klom'][g]['p95']:.2f} > {limit:.2f}")
+    return {"ok": not failures, "failures": failures}
 
 
 def _retrain_seconds(plan: Plan, meta: dict) -> float | None:
@@ -144,7 +142,6 @@ def report_key(plan: Plan, chosen: dict) -> str:
     """Identity of a report: what it scores. Every input stage is content-addressed and complete when
     this is asked, so an equal key means an equal report (imported families are listed too)."""
     from pipeline.config import stage_id
-    from pipeline.unlearn_stage import n_unlearned, unlearn_ref
 
     refs = {"full": plan.full.id, "fit": plan.fit.id, "external": plan.store.list("external"),
             "oracle": {fs.name: plan.oracle(fs.name).id for fs in plan.cfg.forget_sets},
@@ -186,37 +183,151 @@ def _fmt(x, digits=3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _markdown(plan: Plan, rows: list[dict], fit: dict | None, plots: list[str]) -> str:
-    from pipeline.unlearn_stage import n_unlearned
+def _ratio(v: dict, g: str) -> str:
+    """'2.31x [2.10, 2.52]' with marks: = where the interval overlaps the floor's, ~ where it overlaps
+    do-nothing's."""
+    x = v["vs_floor"][g]
+    if x["x"] is None:
+        return "–"
+    text = f"{x['x']:.2f}x"
+    if x["x_low"] is not None:
+        text += f" [{x['x_low']:.2f}, {x['x_high']:.2f}]"
+    if v["method"] not in ("retrain", "do_nothing"):
+        if x["overlaps_floor"]:
+            text += " ="
+        if x["overlaps_nothing"]:
+            text += " ~"
+    return text
 
+
+def _markdown(plan: Plan, rows: list[dict], fit: dict | None, plots: list[str]) -> str:
     n_u = n_unlearned(plan.cfg)
     lines = [f"# oracle-farm report: {plan.cfg.name}", "",
              f"KLoM = KL(unlearned ‖ oracle) per point over {n_u} unlearned models vs "
              f"{plan.cfg.train.oracle.eval} eval oracles ({plan.cfg.evaluate.bins} bins, "
-             f"{'compat binning' if plan.cfg.evaluate.compat else 'every sample counted'}); P95 with a "
-             f"bootstrap 95% interval over models. `retrain` = {plan.cfg.train.oracle.reference} reference oracles, "
-             "disjoint from the eval oracles: the oracle floor. Compute: example-passes per request as a fraction "
-             "of one retraining (forward-only passes count 1/3); amortized: one-off retrainings the method relies on.", ""]
-    head = ("| forget set | method | forget P95 [95% CI] | retain P95 | val P95 | forget acc (oracle) | "
-            "retain acc | val acc | MIA | compute | time frac | amortized |")
-    lines += [head, "|" + "---|" * 12]
-    for r in rows:
-        k = r["klom"]
-        ci = f" [{_fmt(k['forget']['p95_low'], 2)}, {_fmt(k['forget']['p95_high'], 2)}]" if k["forget"]["p95_low"] is not None else ""
-        lines.append(
-            f"| {r['forget_set']} | {r['method']} | {_fmt(k['forget']['p95'])}{ci} | {_fmt(k['retain']['p95'])} | "
-            f"{_fmt(k['val']['p95'])} | {_fmt(r['accuracy']['forget'], 2)} ({_fmt(r['oracle_accuracy']['forget'], 2)}) | "
-            f"{_fmt(r['accuracy']['retain'], 2)} | {_fmt(r['accuracy']['val'], 2)} | {_fmt(r['mia'], 2)} | "
-            f"{_fmt(r['compute'], 4)} | {_fmt(r['seconds_fraction'], 3)} | {_fmt(r['amortized'], 0)} |")
+             f"{'compat binning' if plan.cfg.evaluate.compat else 'every sample counted'}). `retrain` = "
+             f"{plan.cfg.train.oracle.reference} reference oracles, disjoint from the eval oracles: the oracle floor "
+             "(what retraining itself scores at these sample sizes). Each P95 is shown as a multiple of the floor's P95 "
+             "on the same points (`retrain` shows its own P95), with the bootstrap 95% interval over models "
+             f"({plan.cfg.evaluate.bootstrap} replicates) divided by the same floor. Marks: `=` the interval overlaps "
+             "the floor's (indistinguishable from retraining at these sample sizes), `~` it overlaps do-nothing's "
+             "(no better than doing nothing). Compute: example-passes per request as a fraction of one retraining "
+             "(forward-only passes count 1/3); amortized: one-off retrainings the method relies on. `bar`: whether the "
+             f"setting keeps retain and val accuracy within {ACC_SLACK:g} of do-nothing's and retain/val P95 at most "
+             f"max({FLOOR_X:g}x the floor, {NOTHING_X:g}x do-nothing's) (✗: it does not; see below).", ""]
+    for fs in dict.fromkeys(r["forget_set"] for r in rows):
+        sub = [r for r in rows if r["forget_set"] == fs]
+        floor = next((r for r in sub if r["method"] == "retrain"), None)
+        lines += [f"## forget set `{fs}`", ""]
+        if floor:
+            fk = floor["klom"]
+            lines.append("Floor (retrain) P95: " + ", ".join(
+                f"{g} {fk[g]['p95']:.3f}" + (f" [{_fmt(fk[g]['p95_low'], 2)}, {_fmt(fk[g]['p95_high'], 2)}]"
+                                             if fk[g]["p95_low"] is not None else "") for g in GROUPS) + ".")
+            lines.append("")
+        lines += ["| method | forget P95 / floor | retain P95 / floor | val P95 / floor | forget acc (oracle) | "
+                  "retain acc | val acc | MIA | compute | time frac | amortized | bar |", "|" + "---|" * 12]
+        for r in sub:
+            bar = "" if r.get("bar") is None else ("✓" if r["bar"]["ok"] else "✗")
+            cells = [_ratio(r, g) if r["method"] != "retrain" else f"{r['klom'][g]['p95']:.3f} (1x)" for g in GROUPS]
+            lines.append(
+                f"| {r['method']} | {cells[0]} | {cells[1]} | {cells[2]} | "
+                f"{_fmt(r['accuracy']['forget'], 2)} ({_fmt(r['oracle_accuracy']['forget'], 2)}) | "
+                f"{_fmt(r['accuracy']['retain'], 3)} | {_fmt(r['accuracy']['val'], 3)} | {_fmt(r['mia'], 2)} | "
+                f"{_fmt(r['compute'], 4)} | {_fmt(r['seconds_fraction'], 3)} | {_fmt(r['amortized'], 0)} | {bar} |")
+        broken = [r for r in sub if r.get("bar") and not r["bar"]["ok"]]
+        if broken:
+            lines += ["", "Settings that do not meet the bar on this set: the point each method's grid gave as best "
+                          "on the tuning set (its other points are run on the tuning set only, so whether one of "
+                          "them would meet the bar here is not known):", ""]
+            lines += [f"- `{r['method']}` {json.dumps(r['hparams'])}: " + "; ".join(r["bar"]["failures"]) for r in broken]
+        lines.append("")
     if fit:
-        lines += ["", f"Datamodels ({fit['estimator']}, {fit['models']} subset models): mean LDS "
-                      f"{_fmt(fit.get('lds_mean'))} (train targets {_fmt(fit.get('lds_train_mean'))}, "
-                      f"val targets {_fmt(fit.get('lds_val_mean'))}) on {fit['heldout']} held-out models."]
-    tuned = {r["method"]: r["hparams"] for r in rows if r["method"] != "retrain"}
-    lines += ["", "Hyperparameters used (grids selected on the tuning forget set against its eval oracles):", ""]
-    lines += [f"- `{m}`: {json.dumps(hp)}" for m, hp in tuned.items()]
+        lines += [f"Datamodels ({fit['estimator']}, {fit['models']} subset models): mean LDS "
+                  f"{_fmt(fit.get('lds_mean'))} (train targets {_fmt(fit.get('lds_train_mean'))}, "
+                  f"val targets {_fmt(fit.get('lds_val_mean'))}) on {fit['heldout']} held-out models.", ""]
+    lines += _selection_section(plan, rows)
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _selection_section(plan: Plan, rows: list[dict]) -> list[str]:
+    grids = method_grids(plan.cfg)
+    records = selection_records(plan, grids)
+    tuning = plan.cfg.tuning_forget_set
+    lines = ["## Hyperparameters", "",
+             f"Selection rule: {SELECTION_RULE}. Tuning forget set: `{tuning.name if tuning else '–'}`; it is never "
+             "a reported set, and its eval oracles are never a reported set's.", ""]
+    used = {r["method"]: r["hparams"] for r in rows if r["method"] != "retrain" and r.get("compute") is not None}
+    for method, grid in grids.items():
+        if method not in records:
+            lines.append(f"- `{method}`: {json.dumps(used.get(method, grid[0].model_dump(mode='json')))} (no grid)")
+            continue
+        rec = records[method]
+        axes = {k: sorted({json.dumps(sc["hparams"][k]) for sc in rec["scores"]}, key=_grid_order)
+                for k in rec["scores"][0]["hparams"]}
+        varied = {k: v for k, v in axes.items() if len(v) > 1}
+        chosen = rec["scores"][rec["chosen"]]
+        searched = "; ".join(k + " in {" + ", ".join(v) + "}" for k, v in varied.items())
+        lines += [f"- `{method}`: searched {searched}; "
+                  f"chose {json.dumps({k: chosen['hparams'][k] for k in varied})}"
+                  + ("" if "p95" in chosen else " (record from an older rule: re-run to rescore)"), ""]
+        if "p95" not in chosen:
+            continue
+        lines += ["  | point | forget P95 | retain P95 | val P95 | mean | retain acc | val acc | compute | bar |",
+                  "  |---|---|---|---|---|---|---|---|---|"]
+        for name in ("floor", "do_nothing"):
+            if name in rec:
+                ref = rec[name]
+                lines.append(f"  | *{name} (tuning set)* | {ref['p95']['forget']:.2f} | {ref['p95']['retain']:.2f} | "
+                             f"{ref['p95']['val']:.2f} | {sum(ref['p95'].values()) / 3:.2f} | "
+                             f"{ref['accuracy']['retain']:.3f} | {ref['accuracy']['val']:.3f} | | |")
+        met = []
+        for i, sc in enumerate(rec["scores"]):
+            mark = " ←" if i == rec["chosen"] else ""
+            point = ", ".join(f"{k}={sc['hparams'][k]}" for k in varied)
+            ok = tuning_bar(sc, rec)
+            met.append(ok)
+            lines.append(f"  | {point}{mark} | {sc['p95']['forget']:.2f} | {sc['p95']['retain']:.2f} | "
+                         f"{sc['p95']['val']:.2f} | {sc['mean_p95']:.2f} | {sc['accuracy']['retain']:.3f} | "
+                         f"{sc['accuracy']['val']:.3f} | {sc['compute_fraction']:.4f} | "
+                         f"{'' if ok is None else ('✓' if ok else '✗')} |")
+        if met and not any(met):
+            lines += ["", f"  No point of `{method}`'s grid meets the bar on the tuning set; the chosen point is the "
+                          "best it found."]
+        lines.append("")
+    return lines
+
+
+def _grid_order(text: str):
+    """Numbers by value, anything else after them by its JSON text."""
+    value = json.loads(text)
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, text)
+
+
+def tuning_bar(sc: dict, rec: dict) -> bool | None:
+    """Item 3's bar for one grid point on the tuning set, against the record's floor and do-nothing."""
+    if "floor" not in rec or "do_nothing" not in rec:
+        return None
+    floor, nothing = rec["floor"], rec["do_nothing"]
+    return all(sc["accuracy"][g] >= nothing["accuracy"][g] - ACC_SLACK and
+               sc["p95"][g] <= max(FLOOR_X * floor["p95"][g], NOTHING_X * nothing["p95"][g]) for g in ("retain", "val"))
+
+
+# One colour and marker per method: no two methods share both (issue 14, item 5).
+STYLES = {
+    "retrain": ("#000000", "*"), "do_nothing": ("#7f7f7f", "X"), "dm_direct": ("#1f77b4", "o"),
+    "dmm": ("#d62728", "s"), "oracle_matching": ("#2ca02c", "D"), "finetune": ("#ff7f0e", "^"),
+    "gradient_ascent": ("#9467bd", "v"), "neggrad_plus": ("#8c564b", "<"), "scrub": ("#e377c2", ">"),
+    "del": ("#17becf", "p"), "sfron": ("#bcbd22", "h"), "camu": ("#393b79", "P"),
+}
+_EXTRA = [("#ad494a", "d"), ("#637939", "8"), ("#8c6d31", "H"), ("#7b4173", "1"), ("#3182bd", "2")]
+
+
+def style(method: str) -> tuple[str, str]:
+    if method in STYLES:
+        return STYLES[method]
+    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
 
 
 def _plots(rows: list[dict], out: Path) -> list[str]:
@@ -226,42 +337,118 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    for fs in sorted({r["forget_set"] for r in rows}):
+    sets = list(dict.fromkeys(r["forget_set"] for r in rows))
+    for fs in sets:
         sub = [r for r in rows if r["forget_set"] == fs]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        floor = next(r for r in sub if r["method"] == "retrain")["klom"]["forget"]
-        if floor["p95_low"] is not None:
-            ax.axhspan(floor["p95_low"], floor["p95_high"], color="grey", alpha=0.3, label="oracle floor (retrain)")
-        ax.axhline(floor["p95"], color="grey", lw=1)
-        for r in sub:
-            if r["method"] == "retrain" or r["compute"] is None:  # imported rows: compute unknown
-                continue
-            ax.scatter(max(r["compute"], 1e-5), r["klom"]["forget"]["p95"], label=r["method"])
-        ax.set_xscale("log")
-        ax.set_xlabel("compute (fraction of one retraining)")
-        ax.set_ylabel("forget-set P95 KLoM")
-        ax.set_title(f"forget set {fs}")
-        ax.legend(fontsize=7)
-        name = f"pareto_{fs}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-        for ax, g in zip(axes, GROUPS):
-            pts = group_points_from_row(sub[0], g)
-            for r in sub:
-                ax.hist(np.clip(r["per_point"][pts], 0, None), bins=30, histtype="step", label=r["method"])
-            ax.set_title(f"{fs}: KLoM on {g} points")
-            ax.set_yscale("log")
-        axes[0].legend(fontsize=6)
-        name = f"klom_hist_{fs}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
+        names.append(_pareto(plt, fs, sub, out))
+        names.append(_ecdfs(plt, fs, sub, out))
+    names.append(_forget_vs_retain(plt, sets, rows, out))
     return names
 
 
-def group_points_from_row(row: dict, group: str) -> np.ndarray:
-    return row["_groups"][group]
+def _pareto(plt, fs: str, sub: list[dict], out: Path) -> str:
+    """Forget P95 as a multiple of the floor against compute; zero-compute methods on their own axis."""
+    fig, (ax0, ax) = plt.subplots(1, 2, figsize=(8, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 6]})
+    floor = next(r for r in sub if r["method"] == "retrain")
+    xf = floor["vs_floor"]["forget"]
+    for a in (ax0, ax):
+        if xf["x_low"] is not None:
+            a.axhspan(xf["x_low"], xf["x_high"], color="grey", alpha=0.25, lw=0)
+        a.axhline(1.0, color="grey", lw=1)
+    nothing = next((r for r in sub if r["method"] == "do_nothing"), None)
+    if nothing is not None:
+        for a in (ax0, ax):
+            a.axhline(nothing["vs_floor"]["forget"]["x"], color=style("do_nothing")[0], lw=1, ls="--")
+    zero = [r for r in sub if r["method"] != "retrain" and r["compute"] is not None and r["compute"] <= 0]
+    positive = [r for r in sub if r["method"] != "retrain" and r["compute"] is not None and r["compute"] > 0]
+    for a, group, xs in ((ax0, zero, lambda i, r: i), (ax, positive, lambda i, r: r["compute"])):
+        for i, r in enumerate(group):
+            v = r["vs_floor"]["forget"]
+            color, marker = style(r["method"])
+            x = xs(i, r)
+            err = None if v["x_low"] is None else [[max(0.0, v["x"] - v["x_low"])], [max(0.0, v["x_high"] - v["x"])]]
+            a.errorbar([x], [v["x"]], yerr=err, color=color, marker=marker, ms=8, capsize=3, ls="none")
+            a.annotate(r["method"], (x, v["x"]), textcoords="offset points", xytext=(6, 3), fontsize=7, color=color)
+    ax0.set_xlim(-0.7, max(1, len(zero)) - 0.3)
+    ax0.set_xticks([])
+    ax0.set_xlabel("no training\n(compute 0)", fontsize=8)
+    ax0.set_ylabel("forget-set P95 KLoM / floor's")
+    ax0.text(-0.6, 1.0, "floor", fontsize=7, color="grey", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute per request (fraction of one retraining)")
+    ax.set_title(f"forget set {fs}: forget P95 (x floor; band: floor's 95% interval; dashed: do-nothing)", fontsize=9)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    name = f"pareto_{fs}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
+    """Small multiples: per method, the ECDF of per-point KLoM on forget, retain and val points, over
+    the retrain row's (grey)."""
+    methods = [r for r in sub if r["method"] != "retrain"]
+    floor = next(r for r in sub if r["method"] == "retrain")
+    cols = max(1, min(4, len(methods)))
+    nrows = max(1, -(-len(methods) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows), sharex=True, sharey=True, squeeze=False)
+    top = max(float(np.max(r["per_point"])) for r in sub) * 1.05 + 1e-9
+    dashes = {"forget": "-", "retain": "--", "val": ":"}
+    for ax, r in zip(axes.flat, methods):
+        color = style(r["method"])[0]
+        for g in GROUPS:
+            for row, c, lw in ((floor, "0.6", 1.0), (r, color, 1.4)):
+                v = np.sort(np.clip(row["per_point"][row["_groups"][g]], 0, None))
+                ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=c, ls=dashes[g], lw=lw)
+        ax.set_title(r["method"], fontsize=9, color=color)
+        ax.set_xlim(0, top)
+        ax.axhline(0.95, color="0.8", lw=0.8)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("fraction of points")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("KLoM")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="k", ls=dashes[g], label=f"{g} points") for g in GROUPS]
+    handles.append(Line2D([], [], color="0.6", label="retrain (floor)"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{fs}: ECDF of per-point KLoM\n(grey: retrain; a curve crosses the 0.95 line at its P95)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    name = f"klom_ecdf_{fs}.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _forget_vs_retain(plt, sets: list[str], rows: list[dict], out: Path) -> str:
+    """Per forget set, forget P95 against retain P95 (both x floor): a method that forgets by breaking
+    the model sits high on the retain axis."""
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
+    for ax, fs in zip(axes[0], sets):
+        top_x = top_y = 2.0
+        for r in (r for r in rows if r["forget_set"] == fs):
+            vf, vr = r["vs_floor"]["forget"], r["vs_floor"]["retain"]
+            if vf["x"] is None or vr["x"] is None:
+                continue
+            color, marker = style(r["method"])
+            ax.scatter([vr["x"]], [vf["x"]], color=color, marker=marker, s=50, zorder=3)
+            top_x, top_y = max(top_x, vr["x"]), max(top_y, vf["x"])
+            ax.annotate(r["method"], (vr["x"], vf["x"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                        color=color)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_xlim(0, top_x * 1.2)
+        ax.set_ylim(0, top_y * 1.1)
+        ax.set_xlabel("retain P95 / floor")
+        ax.set_title(fs, fontsize=9)
+    axes[0][0].set_ylabel("forget P95 / floor")
+    fig.suptitle("forget vs retain P95 KLoM, as multiples of the floor (1 = retraining)", fontsize=9)
+    fig.tight_layout()
+    name = "forget_vs_retain.png"
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name

@@ -1,8 +1,9 @@
 """The unlearn stage: every configured method x forget set x hyperparameter point, applied to the
 first N_u full models, as Ray tasks per block of models, resumable like `train`.
 
-Grids (a list for a hyperparameter) are selected on the tuning forget set by forget-set P95 KLoM
-against that set's eval oracles (ties broken by compute); reported runs use the chosen point.
+Grids (a list for a hyperparameter) are selected on the tuning forget set against that set's eval
+oracles by decision 27: the lowest mean of the forget, retain and val P95 KLoM, ties broken by compute;
+reported runs use the chosen point. Scores come from `pipeline.evaluate.oracles`, not the report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.fit_stage import forget_rows
 from pipeline.models import build_model
 from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
-    method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref,
+    SELECTION_VERSION, method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref,
 )
 from pipeline.stages import (
     FamilySpec, Plan, StageError, check_prepared, family_store, load_device_data, load_full_models,
@@ -131,10 +132,54 @@ def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str,
 
 
 # ---------------------------------------------------------------------------------------- tuning
+def choose(scores: list[dict]) -> int:
+    """Decision 27: the lowest mean of the three P95s, ties (to 1e-9) broken by the lower compute, then
+    by the earlier grid point."""
+    return min(range(len(scores)), key=lambda i: (round(scores[i]["mean_p95"], 9), scores[i]["compute"], i))
+
+
+def score_grid_point(plan: Plan, method: str, hp, forget_name: str, labels: np.ndarray) -> dict:
+    """What the selection record keeps for one grid point: P95 and mean KLoM of forget, retain and val
+    against the tuning set's eval oracles, top-1 accuracies, MIA and compute (example-passes per model)."""
+    from pipeline.evaluate.oracles import GROUPS, logit_accuracy, score, selection_score
+
+    meta = plan.prepared_meta()
+    n = n_unlearned(plan.cfg)
+    family = unlearn_family(plan, unlearn_ref(plan, method, hp, forget_name), meta)
+    acc = logit_accuracy(family.read("logits", n), labels)
+    row = score(plan, forget_name, family.read("margins", n), acc, labels, bootstrap=0)
+    infos = [m["info"] for m in family.markers() if m["start"] < n]
+    return {"hparams": hp.model_dump(mode="json"),
+            "p95": {g: row["klom"][g]["p95"] for g in GROUPS},
+            "mean_klom": {g: row["klom"][g]["mean"] for g in GROUPS},
+            "mean_p95": selection_score(row),
+            "accuracy": row["accuracy"], "oracle_accuracy": row["oracle_accuracy"], "mia": row["mia"],
+            "compute": float(np.mean([i["equivalent_passes"] for i in infos])),
+            "compute_fraction": float(np.mean([i["equivalent_passes"] / i["retrain_example_passes"] for i in infos]))}
+
+
+def tuning_references(plan: Plan, forget_name: str, labels: np.ndarray) -> dict:
+    """The tuning set's own floor (its reference oracles) and do-nothing (the first N_u full models),
+    scored as the grid points are, so the record shows what each point costs the model."""
+    from pipeline.evaluate.oracles import GROUPS, logit_accuracy, oracle_margins, score
+    from pipeline.stages import FamilySpec, family_store
+
+    n = n_unlearned(plan.cfg)
+    full = family_store(plan, FamilySpec(plan.full, "models", plan.cfg.train.full.models, "full"), plan.prepared_meta())
+    out = {}
+    for name, margins, logits in (
+            ("floor", oracle_margins(plan, forget_name, "reference"), oracle_margins(plan, forget_name, "reference", "logits")),
+            ("do_nothing", full.read("margins", n), full.read("logits", n))):
+        row = score(plan, forget_name, margins, logit_accuracy(logits, labels), labels, bootstrap=0)
+        out[name] = {"p95": {g: row["klom"][g]["p95"] for g in GROUPS}, "accuracy": row["accuracy"]}
+    return out
+
+
 def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     """method -> chosen point. Grids run on the tuning forget set and are scored against its eval
-    oracles only (decisions 3 and 16); the choice is recorded in the store."""
-    from pipeline.report import forget_p95_against_eval
+    oracles only (decisions 3 and 16) by decision 27's rule (`choose`); the choice and every grid
+    point's scores are recorded in the store and reused while the record exists."""
+    from pipeline.evaluate.oracles import SELECTION_RULE, all_labels
 
     chosen = {m: g[0] for m, g in grids.items() if len(g) == 1}
     to_tune = {m: g for m, g in grids.items() if len(g) > 1}
@@ -143,23 +188,32 @@ def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     tuning = plan.cfg.tuning_forget_set
     if tuning is None:
         raise StageError("a hyperparameter grid needs a tuning_forget_set in the config")
-    run_unlearn_jobs(plan, [(m, hp, tuning.name) for m, g in to_tune.items() for hp in g], "tune")
-    meta = plan.prepared_meta()
+    missing = {m: g for m, g in to_tune.items() if plan.store.read_json(selection_rel(plan, m, g)) is None}
+    if missing:
+        run_unlearn_jobs(plan, [(m, hp, tuning.name) for m, g in missing.items() for hp in g], "tune")
+        labels = all_labels(plan)
+        references = tuning_references(plan, tuning.name, labels)
     for method, grid in to_tune.items():
         rel = selection_rel(plan, method, grid)
         record = plan.store.read_json(rel)
         if record is None:
-            scores = []
-            for hp in grid:
-                family = unlearn_family(plan, unlearn_ref(plan, method, hp, tuning.name), meta)
-                p95 = forget_p95_against_eval(plan, tuning.name, family.read("margins", n_unlearned(plan.cfg)))
-                compute = float(np.mean([m["info"]["equivalent_passes"] for m in family.markers()]))
-                scores.append({"hparams": hp.model_dump(mode="json"), "forget_p95": p95, "compute": compute})
-            best = min(range(len(grid)), key=lambda i: (scores[i]["forget_p95"], scores[i]["compute"]))
-            record = {"method": method, "tuning_forget_set": tuning.name, "scores": scores, "chosen": best}
+            scores = [score_grid_point(plan, method, hp, tuning.name, labels) for hp in grid]
+            record = {"method": method, "tuning_forget_set": tuning.name, "rule": SELECTION_RULE,
+                      "version": SELECTION_VERSION, "scores": scores, "chosen": choose(scores), **references}
             plan.store.write_json(rel, record)
         chosen[method] = grid[record["chosen"]]
     return chosen
+
+
+def selection_records(plan: Plan, grids: dict) -> dict[str, dict]:
+    """method -> its selection record (methods with a grid of one point have none)."""
+    out = {}
+    for method, grid in grids.items():
+        if len(grid) > 1 and plan.cfg.tuning_forget_set is not None:
+            record = plan.store.read_json(selection_rel(plan, method, grid))
+            if record is not None:
+                out[method] = record
+    return out
 
 
 def run_unlearn(plan: Plan) -> dict:

@@ -18,7 +18,7 @@ from pipeline.train import DeviceData, Member, train_members
 from pipeline.unlearn import get_method
 from pipeline.unlearn import camu, del_, scrub, sfron
 from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows, batch_inputs, member_params
-from pipeline.unlearn.matching import finetune_index_set
+from pipeline.unlearn.matching import finetune_index_set, retain_rng
 
 MODEL = ModelConfig(name="mlp", hidden=16)
 CLASSES = 10
@@ -106,7 +106,7 @@ def _mse(model, s, points, targets):
 
 def test_oracle_matching_reduces_mse_and_counts_passes(s):
     model = s.copy()
-    idx, _ = finetune_index_set(s.forget, s.retain, 5, 20, s.ctx().rng("matching", "retain"))
+    idx, _ = finetune_index_set(s.forget, s.retain, 5, 20, retain_rng())
     points = np.unique(idx)
     target = s.oracle[points][None]
     before = _mse(model, s, points, target)
@@ -118,7 +118,7 @@ def test_oracle_matching_reduces_mse_and_counts_passes(s):
 
 def test_dmm_reduces_mse_to_its_own_dm_direct_targets(s):
     model = s.copy()
-    idx, _ = finetune_index_set(s.forget, s.retain, 5, 20, s.ctx().rng("matching", "retain"))
+    idx, _ = finetune_index_set(s.forget, s.retain, 5, 20, retain_rng())
     points = np.unique(idx)
     base = stacked_logits(s.model, s.data.train_x[torch.as_tensor(points)], s.data.normalize)
     target = base - s.rows.sum(0)[points][None]
@@ -235,7 +235,7 @@ def test_camu_loss_terms_on_a_tiny_case(s):
 
 def test_camu_counterfactuals(s):
     sample = s.retain[:20]
-    pf, ps, x_cf, y_cf = camu.counterfactuals(s.ctx(), s.forget, sample, CLASSES, 1.0)
+    pf, ps, x_cf, y_cf = camu.counterfactuals(np.random.default_rng(0), s.data, s.forget, sample, CLASSES, 1.0)
     assert sorted(pf) == sorted(s.forget) and sorted(ps) == sorted(sample)
     y_f, y_s = s.data.train_y[pf], s.data.train_y[ps]
     assert (y_cf != y_f).all() and (y_cf[y_s != y_f] == y_s[y_s != y_f]).all()
@@ -312,3 +312,46 @@ def test_every_method_under_loop_stacking_is_exact_to_the_member_alone(s, name):
         return
     for n, p in stacked.model.state_dict().items():
         assert torch.equal(p[1:], alone.model.state_dict()[n]), f"{name}: {n}"
+
+
+# ------------------------------------------------------------------------------------------ independent models
+def test_each_member_draws_its_own_batches_from_its_model_index(s):
+    """Model i's randomness comes from (stage, model i) only (issue 14, item 6): two members of one
+    block see different batch orders, and member 2 sees the same order in any block."""
+    ctx = s.ctx((0, 1, 2))
+    batches = ctx.member_batches(s.retain[:200], 64, "finetune", 0)
+    assert [b.shape for b in batches] == [(3, 64)] * 3 + [(3, 8)]
+    first = np.concatenate(batches, axis=1)
+    assert all(sorted(row) == sorted(s.retain[:200]) for row in first)
+    assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[1], first[2])
+    alone = np.concatenate(s.ctx((2,)).member_batches(s.retain[:200], 64, "finetune", 0), axis=1)
+    np.testing.assert_array_equal(alone[0], first[2])
+
+
+@pytest.mark.parametrize("name", ["finetune", "gradient_ascent", "camu", "oracle_matching"])
+def test_identical_members_end_different(s, name):
+    """Two copies of the same full model unlearned side by side end as two different models: the
+    unlearning noise is not shared across the models KLoM compares."""
+    params = {"finetune": {"epochs": 1}, "gradient_ascent": {"epochs": 1, "batch_size": 8},
+              "camu": {"epochs": 1, "kl_lr": 1e-3, "impair_lr": 1e-3},
+              "oracle_matching": {"lr": 1e-3, "epochs": 1, "batch_size": 64}}[name]
+    twins = s.model.select([0, 0])
+    out, _ = run_method(s, name, params, model=twins, idx=(0, 1), retain=s.retain[:400])
+    p = params_of(out.model)
+    assert any(not torch.equal(v[0], v[1]) for v in p.values()), name
+
+
+def test_om_and_dmm_share_the_reference_retain_draw(s, monkeypatch):
+    """OM and DMM fine-tune on the same retain points, drawn once with the reference's seed 42,
+    whatever their hyperparameters and models."""
+    from pipeline.unlearn import dmm, oracle_matching
+
+    seen = []
+    for mod in (dmm, oracle_matching):
+        monkeypatch.setattr(mod, "match_logits", lambda ctx, model, index_set, *a, **k: seen.append(index_set))
+    run_method(s, "oracle_matching", {"lr": 1e-3, "epochs": 1})
+    run_method(s, "dmm", {"lr": 3e-3, "epochs": 2, "multiplier": 0.5}, idx=(1, 2))
+    want, _ = finetune_index_set(s.forget, s.retain, 5, 20, np.random.default_rng(42))
+    assert len(seen) == 2
+    for got in seen:
+        np.testing.assert_array_equal(got, want)

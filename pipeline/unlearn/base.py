@@ -96,7 +96,21 @@ class Context:
         return self._target_oracle_logits()
 
     def rng(self, *parts) -> np.random.Generator:
+        """One stream for the whole block: only for what is the same for every member by design (a
+        method's randomness is per member: `member_rngs`, `member_batches`)."""
         return np.random.default_rng(derive_seed(self.seed, *parts))
+
+    def member_rngs(self, *parts) -> list[np.random.Generator]:
+        """One stream per member, from (stage, model index, parts) only: unlearned model i draws the
+        same numbers whichever block it runs in, and no two models share a draw (as the reference runs
+        each model as its own seeded run)."""
+        return [np.random.default_rng(derive_seed(self.seed, "model", i, *parts)) for i in self.model_indices]
+
+    def member_batches(self, indices, batch_size: int, *parts, drop_last: bool = False) -> list[np.ndarray]:
+        """Each member's own shuffle of indices cut into batches: a list of (M, B) index arrays (every
+        member has the same batch sizes, since each permutes the same indices)."""
+        per = [index_batches(indices, batch_size, rng, drop_last) for rng in self.member_rngs(*parts)]
+        return [np.stack(batches) for batches in zip(*per)]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -109,11 +123,21 @@ def index_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator
 
 
 def batch_inputs(data: DeviceData, idx: np.ndarray, n_models: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized images of train indices idx, the same for every member: ((M, B, C, H, W), (M, B))."""
-    t = torch.as_tensor(idx, device=data.device, dtype=torch.long)
+    """Normalized images of train indices: ((M, B, C, H, W), (M, B)). idx (B,) is the same batch for every
+    member; idx (M, B) gives member k the row idx[k] (`Context.member_batches`)."""
+    t = torch.as_tensor(np.asarray(idx), device=data.device, dtype=torch.long)
+    if t.dim() == 2:
+        if t.shape[0] != n_models:
+            raise ValueError(f"per-member batch of {t.shape[0]} rows for {n_models} members")
+        return data.normalize(data.train_x[t]), data.train_y[t]
     x = data.normalize(data.train_x[t])
     y = data.train_y[t]
     return x.unsqueeze(0).expand(n_models, *x.shape), y.unsqueeze(0).expand(n_models, -1)
+
+
+def batch_len(idx: np.ndarray) -> int:
+    """Examples per member in a batch of `index_batches` (B,) or `Context.member_batches` (M, B)."""
+    return int(np.shape(idx)[-1])
 
 
 def per_model_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ models (`model.features`; the reference uses ResNet-18's 512-d embedding):
 1. Sample set D_s: |F| random retain points (capped at the retain size).
 2. Counterfactuals, once: forget and sample points each in a random order, paired by position;
    x_cf = x_s + U[0, 1) per element, added in the normalized input space; y_cf = y_s, or, where
-   y_s = y_f, a class drawn uniformly from the others. The same draws for every member.
+   y_s = y_f, a class drawn uniformly from the others. Each member draws its own (sample set, pairing,
+   noise, labels), from (stage, model index): the reference runs every model as its own seeded run.
 3. Each epoch, zip(counterfactual batches, sample batches), both reshuffled, batch 32:
    Step A (Adam, lr kl_lr, wd 1e-4):
      0.5 KL_sum(softmax z0(x_s) || softmax z(x_s)) + 0.5 KL_sum(softmax z0(x_cf) || softmax z(x_f)),
@@ -17,7 +18,9 @@ models (`model.features`; the reference uses ResNet-18's 512-d embedding):
      0.9 CE(f(x_s), y_s) + 0.01 CE(f(x_f), y_cf).
    z0 comes from a frozen copy of the original model in eval mode; the student is in train mode.
 Defaults: the reference's CIFAR-10/100 random-removal block (10 epochs, impair lr 1e-4, KL lr 1e-5).
-Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original.
+Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original. The
+gentler digits points (impair lr 5e-5, 2 epochs) cost 0.003-0.017 of a retraining; smaller steps are
+not cheaper, fewer epochs are (issue 14).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Camu as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["camu"]
@@ -55,31 +58,39 @@ def step_b_loss(student, x_s, y_s, x_f, y_cf, cfg: Config) -> torch.Tensor:
     return cfg.ce_retain_weight * ce_retain + cfg.ce_forget_weight * ce_forget
 
 
-def counterfactuals(ctx, forget: np.ndarray, sample: np.ndarray, classes: int, noise: float):
-    """Positional pairs (forget point, sample point) after independent shuffles; returns forget indices
-    (n,), sample indices (n,), x_cf (n, C, H, W) normalized + noise, y_cf (n,) on the device."""
-    rng = ctx.rng("camu", "counterfactual")
+def counterfactuals(rng: np.random.Generator, data, forget: np.ndarray, sample: np.ndarray, classes: int,
+                    noise: float):
+    """One member's positional pairs (forget point, sample point) after independent shuffles; returns
+    forget indices (n,), sample indices (n,), x_cf (n, C, H, W) normalized + noise, y_cf (n,) on the device."""
     pf, ps = rng.permutation(forget), rng.permutation(sample)
     n = min(len(pf), len(ps))
     pf, ps = pf[:n], ps[:n]
-    labels = ctx.data.train_y.cpu().numpy()
+    labels = data.train_y.cpu().numpy()
     y_f, y_s = labels[pf], labels[ps]
     y_cf = y_s.copy()
     for i in np.flatnonzero(y_s == y_f):
         others = [c for c in range(classes) if c != y_f[i]]
         y_cf[i] = others[rng.integers(len(others))]
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    x_s = ctx.data.normalize(ctx.data.train_x[torch.as_tensor(ps, device=ctx.data.device)])
-    u = torch.rand(x_s.shape, generator=gen).to(ctx.data.device)
-    return pf, ps, x_s + noise * u, torch.as_tensor(y_cf, device=ctx.data.device, dtype=torch.long)
+    x_s = data.normalize(data.train_x[torch.as_tensor(ps, device=data.device)])
+    u = torch.rand(x_s.shape, generator=gen).to(data.device)
+    return pf, ps, x_s + noise * u, torch.as_tensor(y_cf, device=data.device, dtype=torch.long)
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     forget, retain = np.asarray(forget), np.asarray(retain)
     m, dev = model.n_models, ctx.data.device
     n_sample = min(len(forget), len(retain))
-    sample = ctx.rng("camu", "sample").choice(retain, size=n_sample, replace=False)
-    pf, ps, x_cf_all, y_cf_all = counterfactuals(ctx, forget, sample, ctx.classes, cfg.noise)
+    # every member its own sample set, pairing, noise and labels (each reference run draws its own)
+    drawn = []
+    for rng in ctx.member_rngs("camu", "counterfactual"):
+        sample = rng.choice(retain, size=n_sample, replace=False)
+        drawn.append((sample, *counterfactuals(rng, ctx.data, forget, sample, ctx.classes, cfg.noise)))
+    samples = np.stack([d[0] for d in drawn])  # (M, n_sample)
+    pf = np.stack([d[1] for d in drawn])  # (M, n)
+    x_cf_all = torch.stack([d[3] for d in drawn])  # (M, n, C, H, W)
+    y_cf_all = torch.stack([d[4] for d in drawn])  # (M, n)
+    member = torch.arange(m, device=dev)[:, None]
     original = model.select(range(m)).eval()
     for p in original.parameters():
         p.requires_grad_(False)
@@ -89,26 +100,26 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     lr_ce = torch.full((m,), cfg.impair_lr, device=dev)
     model.train()
     for epoch in range(cfg.epochs):
-        pair_batches = index_batches(np.arange(len(pf)), cfg.batch_size, ctx.rng("camu", "pairs", epoch))
-        sample_batches = index_batches(sample, cfg.batch_size, ctx.rng("camu", "sample", epoch))
-        for pairs, s_idx in zip(pair_batches, sample_batches):
-            x_f, _ = batch_inputs(ctx.data, pf[pairs], m)
-            x_s, y_s = batch_inputs(ctx.data, s_idx, m)
+        pair_batches = ctx.member_batches(np.arange(pf.shape[1]), cfg.batch_size, "camu", "pairs", epoch)
+        sample_batches = ctx.member_batches(np.arange(n_sample), cfg.batch_size, "camu", "sample", epoch)
+        for pairs, s_pos in zip(pair_batches, sample_batches):  # (M, B) positions
+            x_f, _ = batch_inputs(ctx.data, np.take_along_axis(pf, pairs, 1), m)
+            x_s, y_s = batch_inputs(ctx.data, np.take_along_axis(samples, s_pos, 1), m)
             t = torch.as_tensor(pairs, device=dev)
-            x_cf = x_cf_all[t].unsqueeze(0).expand(m, -1, -1, -1, -1)
-            y_cf = y_cf_all[t].unsqueeze(0).expand(m, -1)
+            x_cf = x_cf_all[member, t]
+            y_cf = y_cf_all[member, t]
 
             loss_a = step_a_loss(model, original, x_s, x_f, x_cf, cfg).sum()
             opt_kl.zero_grad()
             loss_a.backward()
             opt_kl.step(lr_kl)
-            meter.train_pass(len(s_idx) + len(pairs))
-            meter.forward_pass(len(s_idx) + len(pairs))
+            meter.train_pass(batch_len(s_pos) + batch_len(pairs))
+            meter.forward_pass(batch_len(s_pos) + batch_len(pairs))
 
             loss_b = step_b_loss(model, x_s, y_s, x_f, y_cf, cfg).sum()
             opt_ce.zero_grad()
             loss_b.backward()
             opt_ce.step(lr_ce)
-            meter.train_pass(len(s_idx) + len(pairs))
-    notes = {"sample_size": int(n_sample), "pairs": int(len(pf)), "sample_capped": n_sample < len(forget)}
+            meter.train_pass(batch_len(s_pos) + batch_len(pairs))
+    notes = {"sample_size": int(n_sample), "pairs": int(pf.shape[1]), "sample_capped": n_sample < len(forget)}
     return MethodOutput(model=model, notes=notes)

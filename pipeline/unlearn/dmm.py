@@ -16,7 +16,7 @@ passes; the subset models and the datamodel fit are amortized (decision 22).
 import numpy as np
 
 from pipeline.unlearn.base import MethodOutput
-from pipeline.unlearn.matching import dm_direct_logits, finetune_index_set, match_logits
+from pipeline.unlearn.matching import dm_direct_logits, finetune_index_set, match_logits, retain_rng
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Dmm as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["dmm"]
@@ -24,7 +24,7 @@ NEEDS = _NEEDS["dmm"]
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     index_set, notes = finetune_index_set(forget, retain, cfg.forget_multiplier, cfg.retain_multiplier,
-                                          ctx.rng("matching", "retain"))
+                                          retain_rng())
     points = np.unique(index_set)
     targets = dm_direct_logits(ctx, model, np.asarray(forget), points, cfg.multiplier, cfg.diagonal_only,
                                meter)  # (M, K, C), from the model before any update

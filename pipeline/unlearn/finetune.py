@@ -7,7 +7,7 @@ import math
 import torch
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Finetune as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["finetune"]
@@ -20,13 +20,13 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     steps = cfg.epochs * math.ceil(len(retain) / cfg.batch_size)
     step = 0
     for epoch in range(cfg.epochs):
-        for idx in index_batches(retain, cfg.batch_size, ctx.rng("finetune", epoch)):
+        for idx in ctx.member_batches(retain, cfg.batch_size, "finetune", epoch):
             scale = 0.5 * (1 + math.cos(math.pi * step / steps)) if cfg.schedule == "cosine" else 1.0
             x, y = batch_inputs(ctx.data, idx, m)
             loss = per_model_ce(model(x), y).mean(1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(torch.full((m,), cfg.lr * scale, device=ctx.data.device))
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))
             step += 1
     return MethodOutput(model=model)

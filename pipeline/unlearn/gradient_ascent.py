@@ -4,7 +4,7 @@
 import torch
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, GradientAscent as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["gradient_ascent"]
@@ -16,11 +16,11 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     opt = StackedSGD(model.parameters(), cfg.momentum, 0.0)
     lr = torch.full((m,), cfg.lr, device=ctx.data.device)
     for epoch in range(cfg.epochs):
-        for idx in index_batches(forget, cfg.batch_size, ctx.rng("ga", epoch)):
+        for idx in ctx.member_batches(forget, cfg.batch_size, "ga", epoch):
             x, y = batch_inputs(ctx.data, idx, m)
             loss = -per_model_ce(model(x), y).mean(1).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(lr)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))
     return MethodOutput(model=model)

@@ -25,6 +25,10 @@ class MatchingConfig(MethodConfig):
     forget_multiplier: float = Field(5.0, ge=0)  # r_f: copies of the forget set
     retain_multiplier: float = Field(20.0, ge=0)  # r_r: retain points = floor(r_r * |F|), capped at |retain|
     shuffle: bool = True  # reshuffle the index set every epoch (True in the reference's U-LiRA config)
+    # At least this many optimizer steps, whatever |F|: when epochs x batches per epoch falls short, every
+    # epoch makes ceil(min_steps / (epochs x batches)) reshuffled passes over the index set at that epoch's
+    # lr (the x0.95 decay stays per epoch). 0 = the reference, whose step count shrinks with |F|.
+    min_steps: int = Field(0, ge=0)
 
 
 # ---------------------------------------------------------------------------------------- do_nothing

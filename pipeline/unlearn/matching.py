@@ -8,6 +8,18 @@ Datamodel Matching" (ICLR 2025). Reference code: `unlearning/unlearning_algos/or
 The routine fine-tunes every member on an index set made of the forget set repeated r_f times plus
 r_r x |F| retain points, with MSE between the member's logits and its target logits, Adam, lr x 0.95
 per epoch, the model in train mode. Shapes: targets are (M or 1, K, classes) over K sorted unique points.
+
+Randomness: the retain points are the reference's fixed draw (`default_rng(42)`, the same for every model,
+method and setting); each model's batch order is its own, from (stage, model index) (issue 14).
+
+Small forget sets (issue 14, item 4): the fine-tuning set has (r_f + r_r)|F| points, so the reference's
+step count shrinks with |F|: random10 on digits (r_f 5, r_r 10, batch 64, 3 epochs) is 150 points and 9
+Adam steps. Adam's early steps move every weight by about lr whatever its gradient (m / sqrt(v) is +-1 at
+the first step), so 9 steps is all transient, and the model drifts on the points outside the 150 (digits
+MLP, random10, lr 1e-3: retain P95 1.64 against do-nothing's 0.77 at 100 vs 100). The digits MLP has no
+BatchNorm, so train-mode statistics on partial batches are not the cause there (they may add to it on
+the CNNs). `min_steps` keeps the reference's loss, optimizer, index set and per-epoch decay, and only
+repeats each epoch's pass over the index set until the run has at least that many steps.
 """
 
 from __future__ import annotations
@@ -17,14 +29,24 @@ import torch
 
 from pipeline.margins import stacked_logits
 from pipeline.optim import StackedAdam
-from pipeline.unlearn.base import ForgetRows, batch_inputs, index_batches
+from pipeline.unlearn.base import ForgetRows, batch_inputs, batch_len, index_batches
 from pipeline.unlearn.hparams import MatchingConfig  # noqa: F401 - the shared fine-tuning hyperparameters
+
+
+# The reference draws the retain points with `np.random.default_rng(seed=42)` in every run: one draw for
+# every model, method and hyperparameter setting, so OM and DMM fine-tune on the same points.
+RETAIN_SEED = 42
+
+
+def retain_rng() -> np.random.Generator:
+    return np.random.default_rng(RETAIN_SEED)
 
 
 def finetune_index_set(forget: np.ndarray, retain: np.ndarray, forget_multiplier: float,
                        retain_multiplier: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """F repeated floor(r_f) times + the first floor(frac(r_f) |F|) points of F, then floor(r_r |F|)
-    retain points drawn without replacement (capped at |retain|, decision 21). Returns (indices, notes)."""
+    retain points drawn without replacement (capped at |retain|, decision 21) with rng (OM and DMM pass
+    `retain_rng()`, the reference's fixed seed). Returns (indices, notes)."""
     forget, retain = np.asarray(forget, dtype=np.int64), np.asarray(retain, dtype=np.int64)
     whole = int(np.floor(forget_multiplier))
     extra = int(np.floor((forget_multiplier - whole) * len(forget)))
@@ -65,6 +87,12 @@ def dm_direct_logits(ctx, model, forget: np.ndarray, points: np.ndarray, multipl
     return logits - dm_correction(ctx.forget_rows(), forget, points, multiplier, diagonal_only)[None]
 
 
+def passes_per_epoch(n_points: int, cfg: MatchingConfig) -> int:
+    """Passes over the index set per epoch: 1, or enough for cfg.min_steps optimizer steps in all."""
+    per_pass = max(1, -(-n_points // cfg.batch_size))
+    return max(1, -(-cfg.min_steps // (per_pass * cfg.epochs)))
+
+
 def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets: torch.Tensor,
                  cfg: MatchingConfig, meter, tag: str) -> None:
     """Fine-tune every member (in place) so that its logits on index_set match targets.
@@ -74,15 +102,23 @@ def match_logits(ctx, model, index_set: np.ndarray, points: np.ndarray, targets:
     model.train()  # BatchNorm statistics update, as in the reference
     m = model.n_models
     opt = StackedAdam(model.parameters())
+    member = torch.arange(m, device=ctx.data.device)[:, None]
+    passes = passes_per_epoch(len(index_set), cfg)
     for epoch in range(cfg.epochs):
         lr = torch.full((m,), cfg.lr * cfg.lr_decay**epoch, device=ctx.data.device)
-        rng = ctx.rng(tag, "epoch", epoch) if cfg.shuffle else None
-        for idx in index_batches(index_set, cfg.batch_size, rng):
+        batches = []
+        for p in range(passes):
+            if cfg.shuffle:  # each member its own order (issue 14)
+                parts = (tag, "epoch", epoch) if p == 0 else (tag, "epoch", epoch, "pass", p)
+                batches += ctx.member_batches(index_set, cfg.batch_size, *parts)
+            else:
+                batches += [np.broadcast_to(b, (m, len(b))) for b in index_batches(index_set, cfg.batch_size, None)]
+        for idx in batches:
             x, _ = batch_inputs(ctx.data, idx, m)
-            cols = torch.as_tensor(np.searchsorted(points, idx), device=ctx.data.device)
-            target = targets.index_select(1, cols).expand(m, -1, -1)
+            cols = torch.as_tensor(np.searchsorted(points, idx), device=ctx.data.device)  # (M, B)
+            target = targets.expand(m, -1, -1)[member, cols]  # (M, B, C)
             loss = (model(x).float() - target).pow(2).mean(dim=(1, 2)).sum()
             opt.zero_grad()
             loss.backward()
             opt.step(lr)
-            meter.train_pass(len(idx))
+            meter.train_pass(batch_len(idx))

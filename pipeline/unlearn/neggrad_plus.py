@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.optim import StackedSGD
-from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, NeggradPlus as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["neggrad_plus"]
@@ -29,8 +29,8 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     opt = StackedSGD(model.parameters(), cfg.momentum, cfg.weight_decay)
     lr = torch.full((m,), cfg.lr, device=ctx.data.device)
     for epoch in range(cfg.epochs):
-        retain_batches = index_batches(retain, cfg.batch_size, ctx.rng("neggrad_plus", "retain", epoch))
-        forget_batches = index_batches(forget, cfg.forget_batch_size, ctx.rng("neggrad_plus", "forget", epoch))
+        retain_batches = ctx.member_batches(retain, cfg.batch_size, "neggrad_plus", "retain", epoch)
+        forget_batches = ctx.member_batches(forget, cfg.forget_batch_size, "neggrad_plus", "forget", epoch)
         for r_idx, f_idx in zip(retain_batches, itertools.cycle(forget_batches)):
             x_r, y_r = batch_inputs(ctx.data, r_idx, m)
             x_f, y_f = batch_inputs(ctx.data, f_idx, m)
@@ -40,5 +40,5 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
             opt.zero_grad()
             loss.backward()
             opt.step(lr)
-            meter.train_pass(len(r_idx) + len(f_idx))
+            meter.train_pass(batch_len(r_idx) + batch_len(f_idx))
     return MethodOutput(model=model)

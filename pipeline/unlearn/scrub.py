@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.optim import StackedSGD, clip_grad_norm_per_model
-from pipeline.unlearn.base import MethodOutput, batch_inputs, index_batches, per_model_ce
+from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Scrub as Config  # torch-free: see hparams.py
 
 NEEDS = _NEEDS["scrub"]
@@ -53,14 +53,14 @@ def scrub_loop(ctx, student, teacher, forget, retain, cfg: Config, meter) -> Non
         decays = int(np.sum(epoch > np.asarray(cfg.lr_decay_epochs)))
         lr = torch.full((m,), cfg.lr * cfg.lr_decay_rate**decays, device=dev)
         if epoch <= cfg.msteps:
-            for idx in index_batches(forget, cfg.forget_batch_size, ctx.rng("scrub", "forget", epoch)):
+            for idx in ctx.member_batches(forget, cfg.forget_batch_size, "scrub", "forget", epoch):
                 x, _ = batch_inputs(ctx.data, idx, m)
                 with torch.no_grad():
                     t_logits = teacher(x)
                 _step(opt, -distill_kl(student(x), t_logits, cfg.temperature).sum(), lr, cfg.max_grad_norm)
-                meter.train_pass(len(idx))
-                meter.forward_pass(len(idx))
-        for idx in index_batches(retain, cfg.batch_size, ctx.rng("scrub", "retain", epoch)):
+                meter.train_pass(batch_len(idx))
+                meter.forward_pass(batch_len(idx))
+        for idx in ctx.member_batches(retain, cfg.batch_size, "scrub", "retain", epoch):
             x, y = batch_inputs(ctx.data, idx, m)
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -68,8 +68,8 @@ def scrub_loop(ctx, student, teacher, forget, retain, cfg: Config, meter) -> Non
             kl = distill_kl(s_logits, t_logits, cfg.temperature)
             loss = cfg.gamma * per_model_ce(s_logits, y).mean(1) + cfg.alpha * kl
             _step(opt, loss.sum(), lr, cfg.max_grad_norm)
-            meter.train_pass(len(idx))
-            meter.forward_pass(len(idx))
+            meter.train_pass(batch_len(idx))
+            meter.forward_pass(batch_len(idx))
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:

@@ -1,0 +1,87 @@
+"""Scoring a group of models against a forget set's eval oracles, from the store (decisions 2, 3, 16, 17).
+
+One place for what hyperparameter selection (`pipeline.unlearn_stage`) and the report (`pipeline.report`)
+both compute: per-point KLoM of N models' margins against the eval oracles, its P95 and mean over the
+forget, retain and validation points (with a bootstrap interval over models where asked), accuracies,
+and the loss-threshold membership-inference score. Neither caller imports the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.evaluate.klom import bootstrap_p95_interval, klom
+from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
+from pipeline.stages import FamilySpec, Plan, StageError, family_store
+
+GROUPS = ("forget", "retain", "val")
+
+# Decision 27, in words: the report prints it and the selection record stores it.
+SELECTION_RULE = ("per method, the grid point with the lowest mean of the tuning forget set's forget, retain and "
+                  "val P95 KLoM against its eval oracles; ties broken by compute (decision 27)")
+
+
+def oracle_margins(plan: Plan, forget_name: str, role: str, array: str = "margins") -> np.ndarray:
+    """The `role` oracles' margins (or logits) of a forget set: (n_role, P[, classes])."""
+    meta = plan.prepared_meta()
+    n = getattr(plan.cfg.train.oracle, role)
+    family = family_store(plan, FamilySpec(plan.oracle(forget_name), role, n, "oracle"), meta)
+    if n == 0 or not family.done_mask(n).all():
+        raise StageError(f"the {role} oracles of forget set {forget_name!r} are not trained: run `oracle-farm train`")
+    return family.read(array, n)
+
+
+def all_labels(plan: Plan) -> np.ndarray:
+    """Labels of train ++ val, in the order of the margins' point axis."""
+    val = plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")["labels/val"][:]
+    return np.concatenate([plan.train_labels, val])
+
+
+def group_points(plan: Plan, forget_name: str) -> dict[str, np.ndarray]:
+    meta = plan.prepared_meta()
+    n, p = meta["n_train"], meta["n_train"] + meta["n_val"]
+    forget = plan.forget_sets[forget_name]
+    return {"forget": forget, "retain": np.setdiff1d(np.arange(n), forget), "val": np.arange(n, p)}
+
+
+def klom_kwargs(plan: Plan) -> dict:
+    e = plan.cfg.evaluate
+    return {"bins": e.bins, "clip": e.clip, "floor": e.floor, "compat": e.compat}
+
+
+def logit_accuracy(logits: np.ndarray, labels: np.ndarray):
+    """pts -> top-1 accuracy over models and those points."""
+    correct = np.asarray(logits, dtype=np.float32).argmax(-1) == labels
+    return lambda pts: float(correct[:, pts].mean())
+
+
+def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels: np.ndarray,
+          bootstrap: int | None = None) -> dict:
+    """KLoM statistics, accuracies and MIA of margins (N, P) against the forget set's eval oracles.
+
+    accuracy_of: pts -> accuracy, or None when unknown (imported margins). bootstrap: replicates of the
+    P95 interval over models (None: the config's `evaluate.bootstrap`; 0: no interval)."""
+    eval_m = oracle_margins(plan, forget_name, "eval")
+    groups = group_points(plan, forget_name)
+    kw = klom_kwargs(plan)
+    n_boot = plan.cfg.evaluate.bootstrap if bootstrap is None else bootstrap
+    per_point = klom(margins, eval_m, **kw)
+    row = {"klom": {}, "accuracy": {}, "oracle_accuracy": {}}
+    oracle_accuracy = logit_accuracy(oracle_margins(plan, forget_name, "eval", "logits"), labels)
+    for g, pts in groups.items():
+        values = per_point[pts]
+        interval = (bootstrap_p95_interval(margins, eval_m, pts, n_boot=n_boot, seed=0, **kw)
+                    if n_boot else (None, None))
+        row["klom"][g] = {"p95": float(np.percentile(values, 95)), "mean": float(values.mean()),
+                          "p95_low": interval[0], "p95_high": interval[1]}
+        row["accuracy"][g] = accuracy_of(pts) if accuracy_of is not None else None
+        row["oracle_accuracy"][g] = oracle_accuracy(pts)
+    forget = groups["forget"]
+    row["mia"] = mia_balanced_accuracy(loss_from_margin(margins[:, forget]), loss_from_margin(eval_m[:, forget]))
+    row["per_point"], row["_groups"] = per_point, groups
+    return row
+
+
+def selection_score(row: dict) -> float:
+    """Decision 27's criterion: the mean of the forget, retain and val P95."""
+    return float(np.mean([row["klom"][g]["p95"] for g in GROUPS]))
