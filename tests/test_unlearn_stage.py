@@ -94,9 +94,13 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
         p = tiny_plan(copy, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_set=null")
         n = getattr(p.cfg.train.oracle, role)
         fam = family_store(p, FamilySpec(p.oracle("atypical20"), role, n, "oracle"), meta)
-        for name in ("logits", "margins"):
-            arr = fam.array(name, mode="a")
-            arr[:n] = np.random.default_rng(0).normal(0, 50, size=(n, *arr.shape[1:])).astype(arr.dtype)
+        rng = np.random.default_rng(0)
+        for marker in fam.markers():  # rewritten through the family, so their checksums hold
+            a, b = marker["start"], marker["end"]
+            rows = {spec.name: fam.array(spec.name, mode="a")[a:b] for spec in fam.specs}
+            for name in ("logits", "margins"):
+                rows[name] = rng.normal(0, 50, size=rows[name].shape).astype(rows[name].dtype)
+            fam.write_block(a, rows, marker["info"])
         for m, hp, fs in jobs:  # drop the results computed before the scramble
             p.store.remove(unlearn_ref(p, m, hp, fs).rel)
         run_unlearn_jobs(p, jobs, "unlearn")
