@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from pipeline.data.beton import ffcv_loader
-from pipeline.train import DeviceData, Member, block_steps
+from pipeline.batches import Member, block_steps
+from pipeline.data.device import DeviceData
 
 
 class StreamedData(DeviceData):

@@ -220,7 +220,7 @@ class FamilySpec:
     save_weights: bool = False
 
     def member(self, i: int, n_train: int) -> tuple[Member, np.ndarray | None]:
-        from pipeline.train import Member, derive_seed
+        from pipeline.batches import Member, derive_seed
 
         seed = derive_seed(self.ref.id, self.role, i)
         if self.kind == "subset":
