@@ -269,7 +269,7 @@ def test_later_stage_settings_do_not_re_identify_training(tmp_path):
 
 
 def test_cifar_folder_location_is_not_part_of_the_prepare_identity(tmp_path):
-    from pipeline.stages.plan import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     def prepare_id(root: str) -> str:

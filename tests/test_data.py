@@ -111,7 +111,7 @@ def test_write_beton_round_trip_odd_shapes(tmp_path):
 
 
 def test_cifar_data_root_argument_overrides_the_config(tmp_path, cifar_root):
-    from pipeline.stages.plan import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     plan = tiny_plan(tmp_path / "s", "data.dataset=cifar10")  # no data.root in the config

@@ -22,7 +22,7 @@ SETTINGS = ("execution.num_cpus=1", "execution.lease_ttl=2")
 
 
 def subset_arrays(plan) -> dict:
-    from pipeline.stages.plan import family_store, train_families
+    from pipeline.plan import family_store, train_families
 
     meta = plan.prepared_meta()
     out = {}

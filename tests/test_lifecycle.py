@@ -34,7 +34,7 @@ def fake_stages(plan, partial_subset: bool = False) -> None:
     """Stage records and small arrays + markers for every stage a config reaches except prepare (which
     is real): gc and ls see stages exactly as the stage modules would leave them, at no training cost."""
     from pipeline.maintenance.lifecycle import reached_by
-    from pipeline.stages.plan import FamilySpec, stage_section
+    from pipeline.plan import FamilySpec, stage_section
     from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
     from pipeline.stages.unlearn import method_grids, selection_rel, unlearn_ref
 
@@ -293,7 +293,7 @@ def test_two_drivers_at_once_one_trains_the_other_exits_2_and_a_stale_lease_is_t
     """A dead driver (another host, expired heartbeat) left the full stage leased with its block half
     written and unmarked. Two `train` drivers start at once: one takes the stale lease over and redoes
     the block, the other exits 2 naming it; a third, told to wait, waits and finds nothing left to do."""
-    from pipeline.stages.plan import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
 
     ref_plan = tiny_store.plan
     root = tmp_path / "store"

@@ -31,7 +31,7 @@ def test_fit_equals_the_estimator_on_all_subset_models(fitted):
 
     from pipeline.datamodels import diff_in_means
     from pipeline.stages.fit import _subset_family
-    from pipeline.stages.plan import family_store
+    from pipeline.plan import family_store
 
     _, plan, summary = fitted
     meta = plan.prepared_meta()
@@ -66,7 +66,8 @@ def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
 def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path, monkeypatch):
     # the subset family's outputs are chunked by points, so a fit task reads every model's chunk of
     # its own target band and nothing else: with every other chunk unreadable it gives the same fit
-    from pipeline.stages import plan as plan_module, prepare, train
+    from pipeline import plan as plan_module
+    from pipeline.stages import prepare, train
     from pipeline.stages.fit import _create_arrays, _subset_family, fit_block_task
 
     _, plan, _ = fitted

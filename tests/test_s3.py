@@ -122,7 +122,7 @@ def _sha(data: bytes) -> str:
 def test_console_script_trains_on_s3(moto, tiny_store, run_env, tmp_path):
     """prepare + the full family through the real `oracle-farm`, store on s3://: same bits as the local
     store, .beton files verified into the local cache, no credential anywhere."""
-    from pipeline.stages.plan import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
     from pipeline.stages.status import stage_status
 
     bucket = moto.bucket("fast")

@@ -20,7 +20,7 @@ from helpers import (
 )
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
-from pipeline.stages.plan import FamilySpec, family_store, train_families
+from pipeline.plan import FamilySpec, family_store, train_families
 from pipeline.stages.prepare import run_prepare
 from pipeline.stages.train import load_full_models, run_train
 from pipeline.store import StageRef

@@ -79,7 +79,7 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
     import torch
 
     from pipeline.stages.fit import forget_rows
-    from pipeline.stages.plan import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
     from pipeline.stages.train import load_device_data
     from pipeline.unlearn import get_method
     from pipeline.stages.unlearn import build_context, method_grids, run_unlearn_jobs, unlearn_ref

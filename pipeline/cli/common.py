@@ -23,7 +23,7 @@ def _bad_input_errors() -> tuple[type, ...]:
     from pipeline.config import ConfigError
     from pipeline.data.datasets import DataError
     from pipeline.data.forget_sets import ForgetSetError
-    from pipeline.stages.plan import StageError
+    from pipeline.plan import StageError
     from pipeline.store import StoreError
 
     from pipeline.maintenance.exchange import ExchangeError
@@ -41,7 +41,7 @@ def _bad_input_errors() -> tuple[type, ...]:
 
 def _plan(config: str, overrides: Optional[list[str]], data_root: Optional[str] = None):
     from pipeline.config import load_config
-    from pipeline.stages.plan import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     cfg = load_config(config, overrides or [])

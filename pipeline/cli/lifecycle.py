@@ -28,7 +28,7 @@ def _store(root: str):
 
 def _config_plan(config: str, overrides: Optional[list[str]], store):
     from pipeline.config import load_config
-    from pipeline.stages.plan import Plan
+    from pipeline.plan import Plan
 
     return Plan(load_config(config, overrides or []), store)
 

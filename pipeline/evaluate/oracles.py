@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.evaluate.klom import bootstrap_p95_interval, klom
 from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
-from pipeline.stages.plan import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 
 GROUPS = ("forget", "retain", "val")
 

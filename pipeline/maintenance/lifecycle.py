@@ -123,7 +123,7 @@ def section_diff(stored: dict, wanted: dict, limit: int = 4) -> list[str]:
 
 def _config_sections(plan) -> dict:
     """kind -> (section, upstream) of a config's stage of that kind, as stage.json stores them."""
-    from pipeline.stages.plan import FamilySpec, stage_section
+    from pipeline.plan import FamilySpec, stage_section
 
     recipe = plan._recipe()
     sub = plan.cfg.train.subset
@@ -173,7 +173,7 @@ def list_stages(store: Store, plan=None) -> list[dict]:
     now = time.time()
     reached = sections = grids = None
     if plan is not None:
-        from pipeline.stages.unlearn import method_grids
+        from pipeline.plan import method_grids
 
         reached, _ = reached_by(plan)
         sections = _config_sections(plan)
@@ -235,7 +235,7 @@ def reached_by(plan) -> tuple[set[str], set[str]]:
     """(stage rels, other rels) a config reaches (see the module docstring)."""
     from pipeline.maintenance.exchange import external_reached
     from pipeline.store.runrecord import report_dir
-    from pipeline.stages.unlearn import method_grids, selection_rel, unlearn_ref
+    from pipeline.plan import method_grids, selection_rel, unlearn_ref
 
     stages = {ref.rel for _, ref in plan.all_stage_refs()}
     others = {report_dir(plan.cfg)}

@@ -22,8 +22,8 @@ import torch
 from pipeline.config import Config
 from pipeline.datamodels import get_estimator, lasso_design, lds
 from pipeline.execution import init_ray, run_streaming_tasks, task_options
-from pipeline.stages.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
-from pipeline.stages.plan import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.store import Store, ensure_stage, is_complete, mark_complete
 
 TRAIN_CHUNK = 4096

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.data.beton import write_beton
 from pipeline.data.datasets import load_dataset
-from pipeline.stages.plan import PREPARED_SPLITS, Plan, prepared_file
+from pipeline.plan import PREPARED_SPLITS, Plan, prepared_file
 from pipeline.store import CorruptFile, ensure_stage, file_sha256, is_complete, mark_complete
 
 

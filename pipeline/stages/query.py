@@ -121,7 +121,7 @@ def _extremes(values: np.ndarray, k: int, make) -> dict[str, list[Point]]:
 def open_attribution(config_path: str, overrides: list[str] = ()) -> AttributionMatrix:
     """The attribution matrix of a config's finished fit stage."""
     from pipeline.config import load_config
-    from pipeline.stages.plan import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store, is_complete
 
     cfg = load_config(config_path, list(overrides))

@@ -18,7 +18,7 @@ from pipeline.store import runrecord
 from pipeline.evaluate.oracles import (
     GROUPS, SELECTION_RULE, all_labels, group_points, logit_accuracy, oracle_margins, score, selection_score,
 )
-from pipeline.stages.plan import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.unlearn import get_method
 from pipeline.stages.unlearn import (
     method_grids, n_unlearned, select_hyperparameters, selection_records, unlearn_family, unlearn_ref,

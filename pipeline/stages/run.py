@@ -10,7 +10,7 @@ from pipeline.stages.fit import run_fit
 from pipeline.maintenance.lifecycle import reached_by
 from pipeline.stages.report import is_current, report_key, write_report
 from pipeline.store.runrecord import report_dir, report_path, write_record
-from pipeline.stages.plan import Plan
+from pipeline.plan import Plan
 from pipeline.stages.prepare import run_prepare
 from pipeline.stages.train import run_train
 from pipeline.unlearn import get_method

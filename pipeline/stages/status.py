@@ -14,7 +14,7 @@ asked (`sizes`, which walks every stage's files).
 
 from __future__ import annotations
 
-from pipeline.stages.plan import (
+from pipeline.plan import (
     Plan, done_targets, family_store, method_grids, n_unlearned, selection_rel, target_blocks, train_families,
     unlearn_family, unlearn_ref,
 )

@@ -15,7 +15,7 @@ from pipeline.data.device import DeviceData
 from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.execution.gate import pass_gate
 from pipeline.models import resolve_stacking
-from pipeline.stages.plan import (
+from pipeline.plan import (
     PREPARED_SPLITS, FamilySpec, Plan, StageError, check_prepared, family_store, pending_blocks, prepared_file,
     stage_section, train_families,
 )

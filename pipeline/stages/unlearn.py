@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.models import build_model
 from pipeline.stages.fit import forget_rows
-from pipeline.stages.plan import (  # noqa: F401 - re-exported: callers name them from here
+from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
     SELECTION_VERSION, FamilySpec, Plan, StageError, check_prepared, family_store, method_grids, n_unlearned,
     pending_blocks, selection_rel, unlearn_family, unlearn_ref,
 )
@@ -161,7 +161,7 @@ def tuning_references(plan: Plan, forget_name: str, labels: np.ndarray) -> dict:
     """The tuning set's own floor (its reference oracles) and do-nothing (the first N_u full models),
     scored as the grid points are, so the record shows what each point costs the model."""
     from pipeline.evaluate.oracles import GROUPS, logit_accuracy, oracle_margins, score
-    from pipeline.stages.plan import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
 
     n = n_unlearned(plan.cfg)
     full = family_store(plan, FamilySpec(plan.full, "models", plan.cfg.train.full.models, "full"), plan.prepared_meta())
