@@ -1,6 +1,6 @@
 """Training recipe for a block of M models as one stacked computation. Knows no paths and no Ray: data
-comes from a `pipeline.data.device.DeviceData` (resident) or `pipeline.data.stream.StreamedData` (FFCV Loader), which give
-the same batches for the same members (decision 12).
+comes from a `pipeline.data.device.DeviceData` (resident) or `pipeline.data.stream.StreamedData` (FFCV
+Loader), which give the same batches for the same members (decision 12).
 
 Each member has its own init seed, its own subset of the training set and its own seeded order; a
 member trained in a block ends with the same weights (to float tolerance) as trained alone.
