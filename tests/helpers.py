@@ -24,7 +24,7 @@ RAY = str(BIN / "ray")
 @dataclass
 class TinyStore:
     root: Path
-    plan: object  # pipeline.stages.Plan
+    plan: object  # pipeline.plan.Plan
 
 
 def tiny_plan(root, *overrides: str, config: Path = TINY):

@@ -35,8 +35,8 @@ def fake_stages(plan, partial_subset: bool = False) -> None:
     is real): gc and ls see stages exactly as the stage modules would leave them, at no training cost."""
     from pipeline.maintenance.lifecycle import reached_by
     from pipeline.plan import FamilySpec, stage_section
-    from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
     from pipeline.stages.unlearn import method_grids, selection_rel, unlearn_ref
+    from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
 
     store, specs = plan.store, [ArraySpec("margins", (4,), "float32")]
 
@@ -163,8 +163,8 @@ def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_
 
 # ------------------------------------------------------------------------------------------ leases in process
 def test_lease_protocol(tmp_path, capfd):
-    from pipeline.store.lease import Lease, LeaseHeld, owner_identity, read_lease
     from pipeline.store import Store
+    from pipeline.store.lease import Lease, LeaseHeld, owner_identity, read_lease
 
     store = Store(str(tmp_path / "store"))
     # ttl 30: a loaded machine's late heartbeat must not make this live lease look stale
@@ -231,8 +231,8 @@ def test_two_takeovers_of_a_stale_lease_take_turns_however_long_one_stalls(tmp_p
     import fcntl
     import threading
 
-    from pipeline.store.lease import Lease, LeaseHeld, read_lease
     from pipeline.store import Store
+    from pipeline.store.lease import Lease, LeaseHeld, read_lease
 
     class Stalling(Store):
         """A store whose first read of a lease returns only once the test says so."""

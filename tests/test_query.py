@@ -30,8 +30,8 @@ def test_fit_equals_the_estimator_on_all_subset_models(fitted):
     import torch
 
     from pipeline.datamodels import diff_in_means
-    from pipeline.stages.fit import _subset_family
     from pipeline.plan import family_store
+    from pipeline.stages.fit import _subset_family
 
     _, plan, summary = fitted
     meta = plan.prepared_meta()

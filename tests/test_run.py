@@ -15,8 +15,8 @@ import zarr
 from helpers import TINY, copy_store, tiny_plan
 
 from pipeline.config import load_config
-from pipeline.store.runrecord import RECORD, finished_run
 from pipeline.store import Store
+from pipeline.store.runrecord import RECORD, finished_run
 
 NO_OP_RUN = """
 import sys

@@ -11,9 +11,9 @@ import os
 import pytest
 
 from pipeline.config import load_config
+from pipeline.plan import Plan
 from pipeline.stages.report import collect_rows
 from pipeline.stages.run import run_all
-from pipeline.plan import Plan
 from pipeline.store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,14 +18,14 @@ from helpers import (
     CLI, TINY, assert_same_arrays, cli, copy_store, descendants, family_arrays, full_weights, kill_tree,
     marker_files, n_blocks, start_session, store_snapshot, tiny_plan, total_models, wait_for,
 )
+from pipeline.batches import Member
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
+from pipeline.data.device import DeviceData
 from pipeline.plan import FamilySpec, family_store, train_families
 from pipeline.stages.prepare import run_prepare
 from pipeline.stages.train import load_full_models, run_train
 from pipeline.store import StageRef
-from pipeline.batches import Member
-from pipeline.data.device import DeviceData
 from pipeline.training.recipe import autocast_for, evaluate_members, train_members
 
 

@@ -45,8 +45,8 @@ def unlearned(tiny_store, tmp_path_factory):
 
 
 def _margins(plan, method: str) -> np.ndarray:
-    from pipeline.unlearn import get_method
     from pipeline.stages.unlearn import method_grids, n_unlearned, unlearn_family, unlearn_ref
+    from pipeline.unlearn import get_method
 
     hp = method_grids(plan.cfg)[method][0]
     assert get_method(method)  # a known method
@@ -78,11 +78,11 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
     targets. The context serves exactly the forget set's datamodel rows and the target oracles' mean."""
     import torch
 
-    from pipeline.stages.fit import forget_rows
     from pipeline.plan import FamilySpec, family_store
+    from pipeline.stages.fit import forget_rows
     from pipeline.stages.train import load_device_data
-    from pipeline.unlearn import get_method
     from pipeline.stages.unlearn import build_context, method_grids, run_unlearn_jobs, unlearn_ref
+    from pipeline.unlearn import get_method
 
     root, plan = unlearned
     meta = plan.prepared_meta()

@@ -294,8 +294,8 @@ def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set
                   model: int = typer.Option(0, "--model", help="which full model"),
                   set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """dm-direct's predicted margins after removing a forget set from full model --model."""
-    from pipeline.stages.query import QueryError, open_attribution
     from pipeline.plan import FamilySpec, family_store
+    from pipeline.stages.query import QueryError, open_attribution
 
     def go():
         am = open_attribution(config, set_ or [])

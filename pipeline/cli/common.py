@@ -50,8 +50,8 @@ def _plan(config: str, overrides: Optional[list[str]], data_root: Optional[str] 
 
 def _finished(config: str, overrides: Optional[list[str]], out: Optional[str]):
     from pipeline.config import load_config
-    from pipeline.store.runrecord import finished_run
     from pipeline.store import Store
+    from pipeline.store.runrecord import finished_run
 
     cfg = load_config(config, overrides or [])
     return finished_run(cfg, Store(cfg.store), out)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.beton import ffcv_loader
 from pipeline.batches import Member, block_steps
+from pipeline.data.beton import ffcv_loader
 from pipeline.data.device import DeviceData
 
 

@@ -10,7 +10,7 @@ LEASE.json names the driver writing it.
 A config reaches: its prepare, full, subset and fit stages, the oracle stage of every forget set
 (tuning set included), the unlearn stage of every method x grid point x forget set, the external
 stages made on its prepared dataset and forget sets, the `selection/` records of its grids and
-`reports/<config name>`. Only `pipeline.stages.Plan` and `pipeline.stages.unlearn` compute these ids.
+`reports/<config name>`. Only `pipeline.plan` computes these ids.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.store.lease import Lease, LeaseHeld, holder_gone, is_stale, lease_rel
 from pipeline.store import Store
+from pipeline.store.lease import Lease, LeaseHeld, holder_gone, is_stale, lease_rel
 
 KINDS = ("prepare", "full", "subset", "oracle", "fit", "unlearn", "external")
 FAMILY_KINDS = ("full", "subset", "oracle", "unlearn", "external")
@@ -234,8 +234,8 @@ def human_age(seconds: float | None) -> str:
 def reached_by(plan) -> tuple[set[str], set[str]]:
     """(stage rels, other rels) a config reaches (see the module docstring)."""
     from pipeline.maintenance.exchange import external_reached
-    from pipeline.store.runrecord import report_dir
     from pipeline.plan import method_grids, selection_rel, unlearn_ref
+    from pipeline.store.runrecord import report_dir
 
     stages = {ref.rel for _, ref in plan.all_stage_refs()}
     others = {report_dir(plan.cfg)}

@@ -6,15 +6,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.stages.fit import run_fit
 from pipeline.maintenance.lifecycle import reached_by
-from pipeline.stages.report import is_current, report_key, write_report
-from pipeline.store.runrecord import report_dir, report_path, write_record
 from pipeline.plan import Plan
+from pipeline.stages.fit import run_fit
 from pipeline.stages.prepare import run_prepare
+from pipeline.stages.report import is_current, report_key, write_report
 from pipeline.stages.train import run_train
-from pipeline.unlearn import get_method
 from pipeline.stages.unlearn import check_needs, method_grids, run_unlearn
+from pipeline.store.runrecord import report_dir, report_path, write_record
+from pipeline.unlearn import get_method
 
 
 def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | None = None) -> Path:
