@@ -108,8 +108,10 @@ def digits_family(config: str, store: str | None) -> dict:
     """The subset family of a config (trained into a scratch store unless store holds it): masks and
     outputs of the fitting models and of the held-out models, and the config's LASSO settings."""
     from pipeline.config import load_config
-    from pipeline.fit_stage import _subset_family
-    from pipeline.stages import Plan, family_store, run_prepare, run_train
+    from pipeline.plan import Plan, family_store
+    from pipeline.stages.fit import _subset_family
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.train import run_train
     from pipeline.store import Store
 
     store = store or str(ROOT / "bench/out/fit-speed-store")

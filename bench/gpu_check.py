@@ -40,11 +40,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.batches import Member, derive_seed  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data.datasets import load_dataset  # noqa: E402
+from pipeline.data.device import DeviceData  # noqa: E402
 from pipeline.margins import stacked_logits  # noqa: E402
 from pipeline.models import STACKINGS, build_model  # noqa: E402
-from pipeline.train import DeviceData, Member, autocast_for, derive_seed, stacked_loss, train_members  # noqa: E402
+from pipeline.training.recipe import autocast_for, stacked_loss, train_members  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 CIFAR_STEPS_PER_EPOCH = 50000 // 512

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys
 from pipeline.cli import _plan, _stages
-from pipeline.run import run_all
+from pipeline.stages.run import run_all
 config, timings_path, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 _stages()
 timings = {}

@@ -19,8 +19,8 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.fit_stage import TARGET_CHUNK, TRAIN_CHUNK  # noqa: E402
-from pipeline.query import _extremes  # noqa: E402
+from pipeline.stages.fit import TARGET_CHUNK, TRAIN_CHUNK  # noqa: E402
+from pipeline.stages.query import _extremes  # noqa: E402
 
 
 def build(root: Path, n: int, t: int) -> tuple[zarr.Array, zarr.Array]:

@@ -28,13 +28,13 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.batches import Member, derive_seed, epoch_batches  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, SyntheticSpec, TrainConfig  # noqa: E402
 from pipeline.data.beton import ffcv_loader, write_beton  # noqa: E402
 from pipeline.data.datasets import load_dataset  # noqa: E402
+from pipeline.data.device import DeviceData  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import (  # noqa: E402
-    DeviceData, Member, autocast_for, derive_seed, epoch_batches, train_members, triangle_lr,
-)
+from pipeline.training.recipe import autocast_for, train_members, triangle_lr  # noqa: E402
 
 
 def members_for(n: int, n_train: int, alpha: float = 0.5) -> list[Member]:

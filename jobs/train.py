@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.data.datasets import DataError
     from pipeline.data.forget_sets import ForgetSetError
-    from pipeline.stages import Plan, StageError, run_prepare, run_train
+    from pipeline.plan import Plan, StageError
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.train import run_train
     from pipeline.store import Store, StoreError
 
     start = time.perf_counter()

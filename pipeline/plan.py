@@ -1,6 +1,6 @@
 """What a config's stages are and where they live, without torch or Ray: stage identities (the plan),
 the model families of the training stages, the unlearn stages' identities and the fit's target blocks.
-`oracle-farm status` and the stages read these; the stages (pipeline.stages, fit_stage, unlearn_stage)
+`oracle-farm status` and the stages read these; the stages (pipeline.stages: prepare, train, fit, unlearn)
 run them.
 
 Identities (decision 15): a stage's own config section with defaults + upstream ids + schema version.
@@ -220,7 +220,7 @@ class FamilySpec:
     save_weights: bool = False
 
     def member(self, i: int, n_train: int) -> tuple[Member, np.ndarray | None]:
-        from pipeline.train import Member, derive_seed
+        from pipeline.batches import Member, derive_seed
 
         seed = derive_seed(self.ref.id, self.role, i)
         if self.kind == "subset":

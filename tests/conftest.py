@@ -39,7 +39,8 @@ def ray_session():
 def tiny_store(tmp_path_factory, ray_session) -> TinyStore:
     """configs/tiny.yaml prepared and trained (every family) once, in a store shared by the whole run.
     Read-only for tests: copy it (`helpers.copy_store`) before changing anything."""
-    from pipeline.stages import run_prepare, run_train
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.train import run_train
 
     root = tmp_path_factory.mktemp("tiny-store")
     plan = tiny_plan(root)
@@ -53,7 +54,7 @@ def tiny_finished(tiny_store, tmp_path_factory) -> dict:
     """configs/tiny.yaml through every stage (`run_all`: fit, unlearn with its grid selection, report),
     on a copy of `tiny_store`: {"root", "plan", "out" (the report folder)}. Read-only for tests that
     do not restore what they change."""
-    from pipeline.run import run_all
+    from pipeline.stages.run import run_all
 
     root = copy_store(tiny_store.root, tmp_path_factory.mktemp("run") / "store")
     plan = tiny_plan(root)

@@ -24,12 +24,12 @@ RAY = str(BIN / "ray")
 @dataclass
 class TinyStore:
     root: Path
-    plan: object  # pipeline.stages.Plan
+    plan: object  # pipeline.plan.Plan
 
 
 def tiny_plan(root, *overrides: str, config: Path = TINY):
     from pipeline.config import load_config
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     cfg = load_config(config, [f"store={root}", *overrides])
@@ -44,7 +44,7 @@ def copy_store(src: Path, dst: Path) -> Path:
 # ------------------------------------------------------------------------------------------ arrays
 def family_arrays(plan, n_models: dict | None = None) -> dict[str, np.ndarray]:
     """Every stored output array of every training family: '<stage rel>/<role>/<name>' -> rows 0..N."""
-    from pipeline.stages import family_store, train_families
+    from pipeline.plan import family_store, train_families
 
     meta = plan.prepared_meta()
     out = {}
@@ -82,13 +82,13 @@ def assert_same_arrays(got: dict, want: dict, exact: bool = True, rtol=1e-4, ato
 
 
 def total_models(plan) -> int:
-    from pipeline.stages import train_families
+    from pipeline.plan import train_families
 
     return sum(f.n_models for f in train_families(plan))
 
 
 def n_blocks(plan) -> int:
-    from pipeline.stages import train_families
+    from pipeline.plan import train_families
 
     block = plan.cfg.execution.block_size
     return sum(-(-f.n_models // block) for f in train_families(plan))

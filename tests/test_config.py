@@ -269,7 +269,7 @@ def test_later_stage_settings_do_not_re_identify_training(tmp_path):
 
 
 def test_cifar_folder_location_is_not_part_of_the_prepare_identity(tmp_path):
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     def prepare_id(root: str) -> str:
@@ -325,7 +325,7 @@ def test_cifar10_smoke_config_runs_every_method_on_the_cpu(tmp_path):
 
 # ------------------------------------------------------------------------------------------ method hyperparameters
 def method_error(*items: str) -> str:
-    from pipeline.unlearn_stage import method_grids
+    from pipeline.stages.unlearn import method_grids
 
     with pytest.raises(ConfigError) as info:
         method_grids(load_config(TINY, list(items)))

@@ -17,7 +17,7 @@ from pipeline.data.beton import ffcv_loader, read_beton, write_beton
 from pipeline.data.datasets import (
     CIFAR_DIR, CIFAR_FILES, DataError, load_dataset, restricted_load, verify_cifar_md5, write_cifar_folder,
 )
-from pipeline.stages import run_prepare
+from pipeline.stages.prepare import run_prepare
 from pipeline.store import is_complete
 
 CIFAR_PER_BATCH, CIFAR_TEST = 20, 12
@@ -111,7 +111,7 @@ def test_write_beton_round_trip_odd_shapes(tmp_path):
 
 
 def test_cifar_data_root_argument_overrides_the_config(tmp_path, cifar_root):
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store
 
     plan = tiny_plan(tmp_path / "s", "data.dataset=cifar10")  # no data.root in the config

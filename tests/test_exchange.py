@@ -25,7 +25,7 @@ def store(tiny_store, tmp_path_factory):
 
 
 def reference_margins(plan) -> np.ndarray:
-    from pipeline.report import _oracle_margins
+    from pipeline.stages.report import _oracle_margins
 
     return _oracle_margins(plan, "random10", "reference")
 
@@ -56,7 +56,7 @@ def test_bad_files_are_refused_with_a_clear_message_and_leave_the_store_unchange
 
 
 def test_validation_of_dtypes_and_npz(tmp_path):
-    from pipeline.exchange import ExchangeError, load_margins_file
+    from pipeline.maintenance.exchange import ExchangeError, load_margins_file
 
     np.save(tmp_path / "ints.npy", np.zeros((2, 5), np.int32))
     with pytest.raises(ExchangeError, match=r"ints.npy: dtype int32; margins must be float32"):
@@ -95,8 +95,8 @@ def test_imported_unlearned_margins_are_scored_as_an_imported_row(store, tmp_pat
     snapshot = store_snapshot(root)
     evaluate = run_many(["evaluate", str(TINY), "--json", "--set", f"store={root}", *SOLO])[0]
 
-    from pipeline.exchange import import_margins
-    from pipeline.lifecycle import list_stages
+    from pipeline.maintenance.exchange import import_margins
+    from pipeline.maintenance.lifecycle import list_stages
 
     again = import_margins(plan, path, "unlearned", "random10", "ext")  # the same file: nothing written
     assert again["written"] == 0 and store_snapshot(root) == snapshot
@@ -118,7 +118,7 @@ def test_imported_unlearned_margins_are_scored_as_an_imported_row(store, tmp_pat
 def test_export_round_trips_through_npy_and_parquet(store, tmp_path):
     import pyarrow.parquet as pq
 
-    from pipeline.exchange import read_parquet_array
+    from pipeline.maintenance.exchange import read_parquet_array
 
     root, plan = store
     group = plan.store.open_group(f"{plan.full.rel}/arrays.zarr", mode="r")
@@ -136,7 +136,7 @@ def test_export_round_trips_through_npy_and_parquet(store, tmp_path):
     assert results[2].returncode == 2 and "the fit stage" in results[2].stderr and "not complete" in results[2].stderr
     assert not (tmp_path / "t.npy").exists()
 
-    from pipeline.exchange import export_array, resolve_array
+    from pipeline.maintenance.exchange import export_array, resolve_array
 
     for spec, path in (("oracle/random10/eval/logits", out["l.parquet"]), ("subset/heldout/masks", out["mask.npy"])):
         arr, rows, _ = resolve_array(plan, spec)

@@ -272,7 +272,7 @@ def test_a_plan_resolves_atypical_sets_and_caches_their_scores_beside_the_prepar
 
     from pipeline.data.datasets import load_dataset
     from pipeline.data.forget_sets import neighbour_disagreement
-    from pipeline.stages import run_prepare
+    from pipeline.stages.prepare import run_prepare
 
     sets = "forget_sets=[{name: odd, kind: atypical, size: 12, neighbours: 5}]"
     before = tiny_plan(tmp_path, sets).forget_sets["odd"]

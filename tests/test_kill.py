@@ -2,7 +2,7 @@
 marked and the next task held at its start, then re-run: only the unfinished blocks are trained and
 the arrays are bit-identical to an uninterrupted run's (the session's tiny store, same block size).
 
-The moment to kill is an event, not a delay: the run passes through `pipeline/gate.py` with one ticket,
+The moment to kill is an event, not a delay: the run passes through `pipeline/execution/gate.py` with one ticket,
 so once a marker exists and a task has written its `waiting-*` file, exactly one block is done and the
 run can go no further, on a fast machine or a loaded one. One CPU (`execution.num_cpus=1`, not part of
 any identity) makes the tasks run one at a time; a short lease ttl keeps the re-run's wait for the dead
@@ -22,7 +22,7 @@ SETTINGS = ("execution.num_cpus=1", "execution.lease_ttl=2")
 
 
 def subset_arrays(plan) -> dict:
-    from pipeline.stages import family_store, train_families
+    from pipeline.plan import family_store, train_families
 
     meta = plan.prepared_meta()
     out = {}

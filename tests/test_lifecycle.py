@@ -33,10 +33,10 @@ def dead_pid() -> int:
 def fake_stages(plan, partial_subset: bool = False) -> None:
     """Stage records and small arrays + markers for every stage a config reaches except prepare (which
     is real): gc and ls see stages exactly as the stage modules would leave them, at no training cost."""
-    from pipeline.lifecycle import reached_by
-    from pipeline.stages import FamilySpec, stage_section
+    from pipeline.maintenance.lifecycle import reached_by
+    from pipeline.plan import FamilySpec, stage_section
+    from pipeline.stages.unlearn import method_grids, selection_rel, unlearn_ref
     from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
-    from pipeline.unlearn_stage import method_grids, selection_rel, unlearn_ref
 
     store, specs = plan.store, [ArraySpec("margins", (4,), "float32")]
 
@@ -83,7 +83,7 @@ def two_configs(tiny_store, tmp_path_factory):
     b = tiny_plan(root, config=tmp / "tiny-b.yaml")
     fake_stages(a)
     fake_stages(b, partial_subset=True)
-    from pipeline.lease import Lease
+    from pipeline.store.lease import Lease
 
     lease = Lease(b.store, [b.full.rel], ttl=3600).acquire()  # refreshed by its thread while the module runs
     (root / "notes").mkdir()
@@ -99,7 +99,7 @@ def test_ls_lists_every_stage_with_state_size_lease_and_config_diff(two_configs)
                                       ["ls", str(root / "nowhere")])
     assert result.returncode == 0, result.stderr
     rows = {r["rel"]: r for r in json.loads(result.stdout)}
-    from pipeline.lifecycle import reached_by
+    from pipeline.maintenance.lifecycle import reached_by
 
     reach_a, _ = reached_by(a)
     reach_b, _ = reached_by(b)
@@ -125,7 +125,7 @@ def test_ls_lists_every_stage_with_state_size_lease_and_config_diff(two_configs)
 
 def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_configs):
     root, a, b = two_configs["root"], two_configs["a"], two_configs["b"]
-    from pipeline.lifecycle import reached_by
+    from pipeline.maintenance.lifecycle import reached_by
 
     reach_a, others_a = reached_by(a)
     reach_b, others_b = reached_by(b)
@@ -156,15 +156,15 @@ def test_gc_dry_run_lists_then_yes_removes_exactly_the_other_configs_stages(two_
             assert after.get(path) == (size, mtime), path
     assert f"removed {len(expected)} entries" in done.stdout
 
-    from pipeline.lifecycle import plan_gc
+    from pipeline.maintenance.lifecycle import plan_gc
 
     assert plan_gc(a.store, [a, b]).remove == []  # what is left, both configs reach
 
 
 # ------------------------------------------------------------------------------------------ leases in process
 def test_lease_protocol(tmp_path, capfd):
-    from pipeline.lease import Lease, LeaseHeld, owner_identity, read_lease
     from pipeline.store import Store
+    from pipeline.store.lease import Lease, LeaseHeld, owner_identity, read_lease
 
     store = Store(str(tmp_path / "store"))
     # ttl 30: a loaded machine's late heartbeat must not make this live lease look stale
@@ -211,7 +211,7 @@ def test_lease_protocol(tmp_path, capfd):
     # ... but not while that pid runs the process that wrote the lease
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        from pipeline.lease import _proc_start
+        from pipeline.store.lease import _proc_start
 
         store.write_json("fit/fit-4/LEASE.json", {**owner_identity(), "pid": sleeper.pid, "token": "t",
                                                   "pid_start": _proc_start(sleeper.pid), "started": time.time(),
@@ -231,8 +231,8 @@ def test_two_takeovers_of_a_stale_lease_take_turns_however_long_one_stalls(tmp_p
     import fcntl
     import threading
 
-    from pipeline.lease import Lease, LeaseHeld, read_lease
     from pipeline.store import Store
+    from pipeline.store.lease import Lease, LeaseHeld, read_lease
 
     class Stalling(Store):
         """A store whose first read of a lease returns only once the test says so."""
@@ -293,7 +293,7 @@ def test_two_drivers_at_once_one_trains_the_other_exits_2_and_a_stale_lease_is_t
     """A dead driver (another host, expired heartbeat) left the full stage leased with its block half
     written and unmarked. Two `train` drivers start at once: one takes the stale lease over and redoes
     the block, the other exits 2 naming it; a third, told to wait, waits and finds nothing left to do."""
-    from pipeline.stages import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
 
     ref_plan = tiny_store.plan
     root = tmp_path / "store"

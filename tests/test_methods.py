@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.batches import Member
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
+from pipeline.data.device import DeviceData
 from pipeline.margins import stacked_logits
 from pipeline.models import build_model
-from pipeline.optim import StackedSGD
-from pipeline.train import DeviceData, Member, train_members
+from pipeline.training.optim import StackedSGD
+from pipeline.training.recipe import train_members
 from pipeline.unlearn import get_method
 from pipeline.unlearn import camu, del_, scrub, sfron
 from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows, batch_inputs, member_params

@@ -14,7 +14,7 @@ from helpers import TINY, cli, copy_store, tiny_plan
 @pytest.fixture(scope="module")
 def fitted(tiny_store, tmp_path_factory):
     """A copy of the tiny store with its fit stage run (per-margin and per-logit diff-in-means)."""
-    from pipeline.fit_stage import run_fit
+    from pipeline.stages.fit import run_fit
 
     root = copy_store(tiny_store.root, tmp_path_factory.mktemp("fitted") / "store")
     plan = tiny_plan(root)
@@ -30,8 +30,8 @@ def test_fit_equals_the_estimator_on_all_subset_models(fitted):
     import torch
 
     from pipeline.datamodels import diff_in_means
-    from pipeline.fit_stage import _subset_family
-    from pipeline.stages import family_store
+    from pipeline.plan import family_store
+    from pipeline.stages.fit import _subset_family
 
     _, plan, summary = fitted
     meta = plan.prepared_meta()
@@ -44,7 +44,7 @@ def test_fit_equals_the_estimator_on_all_subset_models(fitted):
 
 
 def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
-    from pipeline.fit_stage import run_fit
+    from pipeline.stages.fit import run_fit
 
     root, _, _ = fitted
     copy = copy_store(root, tmp_path / "store")
@@ -66,18 +66,19 @@ def test_a_killed_fit_redoes_only_its_unmarked_blocks(fitted, tmp_path):
 def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path, monkeypatch):
     # the subset family's outputs are chunked by points, so a fit task reads every model's chunk of
     # its own target band and nothing else: with every other chunk unreadable it gives the same fit
-    from pipeline import plan as plan_module, stages
-    from pipeline.fit_stage import _create_arrays, _subset_family, fit_block_task
+    from pipeline import plan as plan_module
+    from pipeline.stages import prepare, train
+    from pipeline.stages.fit import _create_arrays, _subset_family, fit_block_task
 
     _, plan, _ = fitted
     monkeypatch.setattr(plan_module, "SUBSET_POINT_CHUNK", 256)  # the arrays are created in this process
     mine = tiny_plan(tmp_path / "store")
-    stages.run_prepare(mine)
-    stages.run_train(mine, ("subset",))
+    prepare.run_prepare(mine)
+    train.run_train(mine, ("subset",))
     meta = mine.prepared_meta()
     for role in ("fit", "heldout"):
-        ours = stages.family_store(mine, _subset_family(mine, role), meta)
-        theirs = stages.family_store(plan, _subset_family(plan, role), meta)
+        ours = plan_module.family_store(mine, _subset_family(mine, role), meta)
+        theirs = plan_module.family_store(plan, _subset_family(plan, role), meta)
         assert ours.array("margins").chunks == (1, 256) and ours.array("logits").chunks == (1, 256, 10)
         for name in ("margins", "logits", "masks"):  # the same training, another layout
             np.testing.assert_array_equal(ours.array(name)[:], theirs.array(name)[:])
@@ -97,11 +98,11 @@ def test_a_fit_task_reads_only_the_subset_chunks_of_its_targets(fitted, tmp_path
         np.testing.assert_allclose(_matrix(mine, name)[:, 256:512].astype(np.float32),
                                    _matrix(plan, name)[:, 256:512].astype(np.float32), rtol=1e-5, atol=atol)
     with pytest.raises(Exception):  # the spoiled chunks were real: reading them fails
-        stages.family_store(mine, _subset_family(mine, "fit"), meta).array("margins")[:, :256]
+        plan_module.family_store(mine, _subset_family(mine, "fit"), meta).array("margins")[:, :256]
 
 
 def test_queries_equal_numpy_on_the_whole_matrix(fitted):
-    from pipeline.query import open_attribution
+    from pipeline.stages.query import open_attribution
 
     root, plan, _ = fitted
     am = open_attribution(str(TINY), [f"store={root}"])
@@ -124,7 +125,7 @@ def test_queries_equal_numpy_on_the_whole_matrix(fitted):
 def test_forget_rows_are_summed_by_column_slabs_once_and_kept(fitted, tmp_path, monkeypatch):
     # what dm-direct and DMM read: sum_{i in F} theta_logit[i] and theta_logit[i, i], computed once by
     # slabs of columns (each chunk holding forget rows read once), kept under the fit stage, re-read
-    from pipeline import fit_stage
+    from pipeline.stages import fit as fit_stage
 
     root, _, _ = fitted
     plan = tiny_plan(copy_store(root, tmp_path / "store"))

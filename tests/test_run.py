@@ -15,8 +15,8 @@ import zarr
 from helpers import TINY, copy_store, tiny_plan
 
 from pipeline.config import load_config
-from pipeline.runrecord import RECORD, finished_run
 from pipeline.store import Store
+from pipeline.store.runrecord import RECORD, finished_run
 
 NO_OP_RUN = """
 import sys
@@ -84,7 +84,7 @@ def test_a_changed_store_or_a_missing_report_is_not_finished(finished, what):
 
 
 def test_a_rerun_after_a_lost_block_redoes_it_and_rewrites_the_record(finished, tmp_path):
-    from pipeline.run import run_all
+    from pipeline.stages.run import run_all
 
     root = copy_store(finished["root"], tmp_path / "store")  # another store: a new record
     plan = tiny_plan(root)
@@ -101,7 +101,7 @@ def test_a_rerun_after_a_lost_block_redoes_it_and_rewrites_the_record(finished, 
 def test_an_unlearn_block_lost_is_redone_identically_and_nothing_else(finished, tmp_path):
     """Unlearn stages resume like train: a block without a marker (rows of garbage) is redone, bit for
     bit; every other block and stage is left alone (their markers are not rewritten)."""
-    from pipeline.run import run_all
+    from pipeline.stages.run import run_all
 
     root = copy_store(finished["root"], tmp_path / "store")
     plan = tiny_plan(root)

@@ -122,7 +122,8 @@ def _sha(data: bytes) -> str:
 def test_console_script_trains_on_s3(moto, tiny_store, run_env, tmp_path):
     """prepare + the full family through the real `oracle-farm`, store on s3://: same bits as the local
     store, .beton files verified into the local cache, no credential anywhere."""
-    from pipeline.stages import FamilySpec, family_store, stage_status
+    from pipeline.plan import FamilySpec, family_store
+    from pipeline.stages.status import stage_status
 
     bucket = moto.bucket("fast")
     root = f"s3://{bucket}/farm"
@@ -305,7 +306,7 @@ def test_s3_prepare_train_killed_resumed_fit_query(moto, tiny_store, run_env, tm
     process group) after some blocks and resumed, fit, query top-k --json, status, then `run` (unlearn
     and the report); arrays equal to the local store's bit for bit; no credential in any object, output,
     report or log."""
-    from pipeline.stages import stage_status
+    from pipeline.stages.status import stage_status
 
     bucket = moto.bucket("slow")
     root = f"s3://{bucket}/farm"

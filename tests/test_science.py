@@ -11,9 +11,9 @@ import os
 import pytest
 
 from pipeline.config import load_config
-from pipeline.report import collect_rows
-from pipeline.run import run_all
-from pipeline.stages import Plan
+from pipeline.plan import Plan
+from pipeline.stages.report import collect_rows
+from pipeline.stages.run import run_all
 from pipeline.store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_finetune_lowers_forget_klom_on_memorized_points(baseline_rows):
 @pytest.fixture(scope="module")
 def default_report(tmp_path_factory):
     """The digits default as `make demo` runs it (every method with its grid), and its report."""
-    from pipeline.report import write_report
+    from pipeline.stages.report import write_report
 
     store = tmp_path_factory.mktemp("digits-default")
     plan = Plan(load_config(DIGITS, [f"store={store}"]), Store(str(store)))
@@ -167,7 +167,7 @@ def test_selection_rule_and_its_record(default_report):
     """Item 2: per method, the grid point with the lowest mean of the tuning set's three P95s (ties by
     compute); the record keeps every point's P95s and accuracies; the report states rule, grid, choice."""
     from pipeline.evaluate.oracles import GROUPS, SELECTION_RULE
-    from pipeline.unlearn_stage import choose, method_grids, selection_records
+    from pipeline.stages.unlearn import choose, method_grids, selection_records
 
     plan, rows, md = default_report
     grids = method_grids(plan.cfg)

@@ -18,11 +18,15 @@ from helpers import (
     CLI, TINY, assert_same_arrays, cli, copy_store, descendants, family_arrays, full_weights, kill_tree,
     marker_files, n_blocks, start_session, store_snapshot, tiny_plan, total_models, wait_for,
 )
+from pipeline.batches import Member
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
-from pipeline.stages import FamilySpec, family_store, load_full_models, run_prepare, run_train, train_families
+from pipeline.data.device import DeviceData
+from pipeline.plan import FamilySpec, family_store, train_families
+from pipeline.stages.prepare import run_prepare
+from pipeline.stages.train import load_full_models, run_train
 from pipeline.store import StageRef
-from pipeline.train import DeviceData, Member, autocast_for, evaluate_members, train_members
+from pipeline.training.recipe import autocast_for, evaluate_members, train_members
 
 
 # ------------------------------------------------------------------------------------------ batched == alone
@@ -300,7 +304,7 @@ def test_a_conflicting_later_stage_leaves_a_fresh_store_untouched(tiny_store, tm
 # ------------------------------------------------------------------------------------------ kills (slow)
 # ~20 s of training on 2 cores, 17 blocks; a short lease ttl, so that the re-run after a SIGKILL waits
 # little for the dead driver's lease to expire. The moment to kill is an event, whatever the machine's
-# speed: the run passes through pipeline/gate.py with k tickets, so once k markers and a `waiting-*` file
+# speed: the run passes through pipeline/execution/gate.py with k tickets, so once k markers and a `waiting-*` file
 # exist, k blocks are done and the next task is held at its start (tests/test_kill.py does the same in
 # the default suite).
 LONG = ("train.epochs=60", "execution.block_size=4", "execution.lease_ttl=3")
@@ -400,7 +404,7 @@ def test_flat_optimizer_is_bit_identical_to_one_step_per_tensor(digits, one_thre
 def test_flat_optimizer_gather_path_is_bit_identical(digits, one_thread):
     """The GPU's path of FlatStackedSGD (per-model values gathered to every element), run on the CPU."""
     from pipeline.models import build_model
-    from pipeline.optim import FlatStackedSGD, StackedSGD
+    from pipeline.training.optim import FlatStackedSGD, StackedSGD
 
     models = [build_model(ModelConfig(name="cnn", hidden=4), [1, 2, 3], digits.shape, 10) for _ in range(2)]
     opts = [FlatStackedSGD(models[0].parameters(), 0.9, 5e-4, gather=True),

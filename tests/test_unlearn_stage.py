@@ -32,9 +32,9 @@ FORGET = "forget_sets=[{name: atypical20, kind: atypical, size: 20}]"
 
 @pytest.fixture(scope="module")
 def unlearned(tiny_store, tmp_path_factory):
-    from pipeline.fit_stage import run_fit
-    from pipeline.stages import run_train
-    from pipeline.unlearn_stage import run_unlearn
+    from pipeline.stages.fit import run_fit
+    from pipeline.stages.train import run_train
+    from pipeline.stages.unlearn import run_unlearn
 
     root = copy_store(tiny_store.root, tmp_path_factory.mktemp("unlearn-stage") / "store")
     plan = tiny_plan(root, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_set=null")
@@ -45,8 +45,8 @@ def unlearned(tiny_store, tmp_path_factory):
 
 
 def _margins(plan, method: str) -> np.ndarray:
+    from pipeline.stages.unlearn import method_grids, n_unlearned, unlearn_family, unlearn_ref
     from pipeline.unlearn import get_method
-    from pipeline.unlearn_stage import method_grids, n_unlearned, unlearn_family, unlearn_ref
 
     hp = method_grids(plan.cfg)[method][0]
     assert get_method(method)  # a known method
@@ -78,10 +78,11 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
     targets. The context serves exactly the forget set's datamodel rows and the target oracles' mean."""
     import torch
 
-    from pipeline.fit_stage import forget_rows
-    from pipeline.stages import FamilySpec, family_store, load_device_data
+    from pipeline.plan import FamilySpec, family_store
+    from pipeline.stages.fit import forget_rows
+    from pipeline.stages.train import load_device_data
+    from pipeline.stages.unlearn import build_context, method_grids, run_unlearn_jobs, unlearn_ref
     from pipeline.unlearn import get_method
-    from pipeline.unlearn_stage import build_context, method_grids, run_unlearn_jobs, unlearn_ref
 
     root, plan = unlearned
     meta = plan.prepared_meta()
@@ -108,7 +109,7 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
 
     def outputs(p, method):
         hp = grids[method][0]
-        from pipeline.unlearn_stage import n_unlearned, unlearn_family
+        from pipeline.stages.unlearn import n_unlearned, unlearn_family
 
         return unlearn_family(p, unlearn_ref(p, method, hp, "atypical20"), meta).read("logits", n_unlearned(p.cfg))
 
@@ -136,7 +137,7 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
 
 
 def test_choose_lowest_mean_p95_then_lowest_compute():
-    from pipeline.unlearn_stage import choose
+    from pipeline.stages.unlearn import choose
 
     def sc(f, r, v, c):
         return {"p95": {"forget": f, "retain": r, "val": v}, "mean_p95": (f + r + v) / 3, "compute": c}
@@ -148,7 +149,7 @@ def test_choose_lowest_mean_p95_then_lowest_compute():
 
 
 def test_selection_follows_the_rule_records_every_point_and_reuses_its_record(tiny_store, tmp_path, monkeypatch):
-    import pipeline.unlearn_stage as us
+    import pipeline.stages.unlearn as us
     from pipeline.evaluate.oracles import GROUPS, all_labels, logit_accuracy, score, selection_score
 
     root = copy_store(tiny_store.root, tmp_path / "store")

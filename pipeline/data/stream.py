@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.batches import Member, block_steps
 from pipeline.data.beton import ffcv_loader
-from pipeline.train import DeviceData, Member, block_steps
+from pipeline.data.device import DeviceData
 
 
 class StreamedData(DeviceData):

@@ -1,6 +1,6 @@
 """Scoring a group of models against a forget set's eval oracles, from the store (decisions 2, 3, 16, 17).
 
-One place for what hyperparameter selection (`pipeline.unlearn_stage`) and the report (`pipeline.report`)
+One place for what hyperparameter selection (`pipeline.stages.unlearn`) and the report (`pipeline.stages.report`)
 both compute: per-point KLoM of N models' margins against the eval oracles, its P95 and mean over the
 forget, retain and validation points (with a bootstrap interval over models where asked), accuracies,
 and the loss-threshold membership-inference score. Neither caller imports the other.
@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.evaluate.klom import bootstrap_p95_interval, klom
 from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
-from pipeline.stages import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 
 GROUPS = ("forget", "retain", "val")
 

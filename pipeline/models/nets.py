@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import StackedModel
+from pipeline.models.stacked import StackedModel
 from pipeline.models.layers import (
     StackedBatchNorm2d, StackedConv2d, StackedLinear, to_channels,
 )

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.train import DeviceData, derive_seed
+from pipeline.batches import derive_seed
+from pipeline.data.device import DeviceData
 from pipeline.unlearn.hparams import MethodConfig  # noqa: F401 - every method's Config derives from it
 
 

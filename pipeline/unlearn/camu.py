@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.optim import StackedAdam
+from pipeline.training.optim import StackedAdam
 from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Camu as Config  # torch-free: see hparams.py
 

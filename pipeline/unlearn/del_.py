@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.optim import StackedSGD
+from pipeline.training.optim import StackedSGD
 from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, index_batches, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Del as Config  # torch-free: see hparams.py
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.optim import StackedSGD
+from pipeline.training.optim import StackedSGD
 from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Finetune as Config  # torch-free: see hparams.py
 

@@ -3,7 +3,7 @@
 
 import torch
 
-from pipeline.optim import StackedSGD
+from pipeline.training.optim import StackedSGD
 from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, GradientAscent as Config  # torch-free: see hparams.py
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.margins import stacked_logits
-from pipeline.optim import StackedAdam
+from pipeline.training.optim import StackedAdam
 from pipeline.unlearn.base import ForgetRows, batch_inputs, batch_len, index_batches
 from pipeline.unlearn.hparams import MatchingConfig  # noqa: F401 - the shared fine-tuning hyperparameters
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.optim import StackedSGD, clip_grad_norm_per_model
+from pipeline.training.optim import StackedSGD, clip_grad_norm_per_model
 from pipeline.unlearn.base import MethodOutput, batch_inputs, batch_len, per_model_ce
 from pipeline.unlearn.hparams import NEEDS as _NEEDS, Scrub as Config  # torch-free: see hparams.py
 

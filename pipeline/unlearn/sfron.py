@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.optim import StackedSGD, clip_grad_norm_per_model
+from pipeline.training.optim import StackedSGD, clip_grad_norm_per_model
 from pipeline.unlearn.base import (
     MethodOutput, batch_inputs, batch_len, member_params, per_model_ce,
 )

@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.datamodels import get_estimator, lasso_design, lds
 from pipeline.execution import init_ray, run_streaming_tasks, task_options
 from pipeline.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
-from pipeline.stages import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.store import Store, ensure_stage, is_complete, mark_complete
 
 TRAIN_CHUNK = 4096
@@ -68,8 +68,8 @@ def _create_arrays(plan: Plan, meta: dict) -> None:
 
 
 def run_fit(plan: Plan) -> dict:
-    """The fit, written under the fit stage's lease (pipeline.lease) unless already complete."""
-    from pipeline.lease import hold
+    """The fit, written under the fit stage's lease (pipeline.store.lease) unless already complete."""
+    from pipeline.store.lease import hold
 
     plan.store.check_reachable()
     meta = plan.prepared_meta()

@@ -1,104 +1,28 @@
 """Training recipe for a block of M models as one stacked computation. Knows no paths and no Ray: data
-comes from a `DeviceData` (resident) or `pipeline.data.stream.StreamedData` (FFCV Loader), which give
-the same batches for the same members (decision 12).
+comes from a `pipeline.data.device.DeviceData` (resident) or `pipeline.data.stream.StreamedData` (FFCV
+Loader), which give the same batches for the same members (decision 12).
 
 Each member has its own init seed, its own subset of the training set and its own seeded order; a
 member trained in a block ends with the same weights (to float tolerance) as trained alone.
 Batches are full (the last partial batch of an epoch is dropped, as fast CIFAR trainers do); a member
-whose subset is smaller than another's sits out the extra steps of the epoch, untouched.
+whose subset is smaller than another's sits out the extra steps of the epoch, untouched. The batch order
+itself (members, seeds, epoch batches) is `pipeline.batches`, which the data layer shares.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.batches import Member, derive_seed
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.data.device import DeviceData
 from pipeline.margins import logits_over_chunks, margins_from_logits
 from pipeline.models import StackedModel, build_model
-from pipeline.optim import FlatStackedSGD, StackedSGD
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stage id, role, model index, ...): stable across runs and machines."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-@dataclass(frozen=True)
-class Member:
-    """One model of a block: init seed, data-order seed, and its training indices."""
-
-    seed: int
-    indices: np.ndarray
-
-
-class DeviceData:
-    """A dataset resident on one device as uint8 (decision 12), with its normalization."""
-
-    def __init__(self, train_x, train_y, val_x, val_y, mean, std, device="cpu"):
-        self.device = torch.device(device)
-        self.train_x = torch.as_tensor(train_x, device=self.device)
-        self.val_x = torch.as_tensor(val_x, device=self.device)
-        self._set_labels_and_stats(train_y, val_y, mean, std)
-
-    def _set_labels_and_stats(self, train_y, val_y, mean, std) -> None:
-        self.train_y = torch.as_tensor(train_y, device=self.device, dtype=torch.long)
-        self.val_y = torch.as_tensor(val_y, device=self.device, dtype=torch.long)
-        self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(-1, 1, 1)
-
-    @property
-    def shape(self):
-        return tuple(self.train_x.shape[1:])
-
-    @property
-    def n_train(self) -> int:
-        return self.train_y.shape[0]
-
-    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return (x_uint8.float() - self.mean) / self.std
-
-    def all_images(self) -> torch.Tensor:
-        return torch.cat([self.train_x, self.val_x])
-
-    def all_labels(self) -> torch.Tensor:
-        return torch.cat([self.train_y, self.val_y])
-
-    def image_chunks(self, batch: int):
-        """Every image, train then val, in order, as uint8 chunks of at most `batch` on the device."""
-        images = self.all_images()
-        return (images[start : start + batch] for start in range(0, images.shape[0], batch))
-
-    def training_steps(self, members: list[Member], epochs: int, batch_size: int):
-        """Per step of training: (epoch, step, images uint8 (M, B, ...), labels (M, B), active (M,) bool)."""
-        for epoch in range(epochs):
-            for step, idx, active in block_steps(members, epoch, batch_size):
-                idx = idx.to(self.device)
-                yield epoch, step, self.train_x[idx], self.train_y[idx], active
-
-
-def block_steps(members: list[Member], epoch: int, batch_size: int):
-    """Per step of one epoch: (step, training indices (M, B), active (M,) bool). A member whose epoch
-    is over sits out (inactive) on a repeat of its last batch."""
-    batches = [torch.as_tensor(epoch_batches(m, epoch, batch_size)) for m in members]
-    for step in range(max(len(b) for b in batches)):
-        active = torch.tensor([step < len(b) for b in batches])
-        yield step, torch.stack([b[min(step, len(b) - 1)] for b in batches]), active
-
-
-def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:
-    """The member's batches for one epoch: a seeded permutation of its indices, cut into full batches.
-    Returns (steps, batch_size) training indices. The same on every data path (decision 12)."""
-    gen = torch.Generator().manual_seed(derive_seed(member.seed, "order", epoch))
-    perm = torch.randperm(len(member.indices), generator=gen).numpy()
-    steps = len(perm) // batch_size
-    return member.indices[perm[: steps * batch_size]].reshape(steps, batch_size)
+from pipeline.training.optim import FlatStackedSGD, StackedSGD
 
 
 def triangle_lr(cfg: TrainConfig, progress: torch.Tensor) -> torch.Tensor:

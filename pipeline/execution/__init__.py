@@ -1,4 +1,5 @@
-"""Ray, kept thin: start or join a cluster, run a list of tasks, report progress."""
+"""The orchestration layer: Ray, kept thin: start or join a cluster, run a list of tasks, report progress.
+The stages run their work through it; `pipeline.execution.gate` lets tests hold a task at its start."""
 
 from __future__ import annotations
 

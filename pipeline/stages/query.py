@@ -1,6 +1,6 @@
 """Read precomputed attribution matrices lazily: only the chunks a query needs are read.
 
-    from pipeline.query import open_attribution
+    from pipeline.stages.query import open_attribution
     am = open_attribution("configs/digits.yaml")           # or open_attribution(store_url, fit_id=...)
     am.top_k(target=1500, k=10)                              # most positive / negative training points
     am.row(train_index=3)                                    # which targets a training point moves most
@@ -99,7 +99,7 @@ class AttributionMatrix:
         forget = np.asarray(forget)
         for i in forget:
             self._train(int(i))
-        from pipeline.fit_stage import sum_forget_rows
+        from pipeline.stages.fit import sum_forget_rows
 
         logits = full_logits.astype(np.float32) - sum_forget_rows(self.theta_logit, forget)[0]
         correct = logits[np.arange(len(labels)), labels]
@@ -121,7 +121,7 @@ def _extremes(values: np.ndarray, k: int, make) -> dict[str, list[Point]]:
 def open_attribution(config_path: str, overrides: list[str] = ()) -> AttributionMatrix:
     """The attribution matrix of a config's finished fit stage."""
     from pipeline.config import load_config
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
     from pipeline.store import Store, is_complete
 
     cfg = load_config(config_path, list(overrides))

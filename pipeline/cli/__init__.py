@@ -1,4 +1,7 @@
-"""`oracle-farm` command line. Exit codes: 0 ok, 2 bad input, 1 failure."""
+"""`oracle-farm` command line: the typer app's stage commands (config, prepare, status, train, fit, unlearn,
+evaluate, report, run) and the `query` group; the store commands (ls, gc, import-margins, export) are
+`pipeline.cli.lifecycle`, the app and the helpers both share `pipeline.cli.common`.
+Exit codes: 0 ok, 2 bad input, 1 failure."""
 
 from __future__ import annotations
 
@@ -7,69 +10,12 @@ import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="oracle-farm: model farms, datamodels, unlearning, KLoM.")
-console = Console()
-err = Console(stderr=True)
-
-SetOpt = typer.Option(None, "--set", help="override a config field, e.g. --set train.epochs=3 (repeatable)")
-DataRootOpt = typer.Option(None, "--data-root", help="local folder holding the dataset (cifar10)")
-
-
-def _bad_input_errors() -> tuple[type, ...]:
-    from pipeline.config import ConfigError
-    from pipeline.data.datasets import DataError
-    from pipeline.data.forget_sets import ForgetSetError
-    from pipeline.plan import StageError
-    from pipeline.store import StoreError
-
-    from pipeline.exchange import ExchangeError
-    from pipeline.lease import LeaseHeld
-
-    errors = [ConfigError, DataError, ForgetSetError, StageError, StoreError, LeaseHeld, ExchangeError]
-    try:
-        from pipeline.query import QueryError
-
-        errors.append(QueryError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _plan(config: str, overrides: Optional[list[str]], data_root: Optional[str] = None):
-    from pipeline.config import load_config
-    from pipeline.plan import Plan
-    from pipeline.store import Store
-
-    cfg = load_config(config, overrides or [])
-    return Plan(cfg, Store(cfg.store), data_root)
-
-
-def _finished(config: str, overrides: Optional[list[str]], out: Optional[str]):
-    from pipeline.config import load_config
-    from pipeline.runrecord import finished_run
-    from pipeline.store import Store
-
-    cfg = load_config(config, overrides or [])
-    return finished_run(cfg, Store(cfg.store), out)
-
-
-def _guard(fn):
-    """Run fn; bad input exits 2 with its message, any other failure exits 1."""
-    try:
-        return fn()
-    except _bad_input_errors() as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2)
-    except typer.Exit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        err.print(f"[red]failed:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1)
-
+from pipeline.cli.common import (  # noqa: F401 - app, console, err, _plan: named from pipeline.cli too
+    DataRootOpt, SetOpt, _finished, _guard, _human, _plan, app, console, err,
+)
 
 @app.command()
 def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt):
@@ -96,7 +42,7 @@ def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional
                                                                   "their recorded size or sha256")):
     """Write the dataset as FFCV files and validate the forget sets. On a prepared store, check the
     files against their recorded size and sha256: a missing one is written again, a damaged one with --repair."""
-    from pipeline.stages import run_prepare
+    from pipeline.stages.prepare import run_prepare
 
     def go():
         plan = _plan(config, set_, data_root)
@@ -112,7 +58,7 @@ def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typ
            wide: bool = typer.Option(False, "--wide", help="also each stage's id and bytes")):
     """What the store holds for this config: stages done / partial / missing, unlearning as a method x
     forget-set grid. Reads the store only (no torch, no Ray)."""
-    from pipeline.status import stage_status
+    from pipeline.stages.status import stage_status
 
     def go():
         plan = _plan(config, set_)
@@ -193,7 +139,8 @@ def _hparams_diff(row: dict, rows: list[dict]) -> str:
 def train(config: str, set_: Optional[list[str]] = SetOpt,
           family: Optional[list[str]] = typer.Option(None, "--family", help="full, subset, oracle (repeatable)")):
     """Train the model families (pending blocks only) as Ray tasks."""
-    from pipeline.stages import run_prepare, run_train
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.train import run_train
 
     def go():
         plan = _plan(config, set_)
@@ -213,7 +160,7 @@ def train(config: str, set_: Optional[list[str]] = SetOpt,
 @app.command()
 def fit(config: str, set_: Optional[list[str]] = SetOpt):
     """Fit datamodels (attribution matrices) from the subset models."""
-    from pipeline.fit_stage import run_fit
+    from pipeline.stages.fit import run_fit
 
     def go():
         summary = run_fit(_plan(config, set_))
@@ -226,7 +173,7 @@ def fit(config: str, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
     """Run every configured unlearning method on the full models, for each forget set."""
-    from pipeline.unlearn_stage import run_unlearn
+    from pipeline.stages.unlearn import run_unlearn
 
     def go():
         chosen = run_unlearn(_plan(config, set_))
@@ -239,7 +186,7 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
-    from pipeline.report import collect_rows
+    from pipeline.stages.report import collect_rows
 
     def go():
         rows = collect_rows(_plan(config, set_))
@@ -264,7 +211,7 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
 def report(config: str, set_: Optional[list[str]] = SetOpt,
            out: Optional[str] = typer.Option(None, "--out", help="folder for report.md/json and plots")):
     """Write report.md, report.json and plots, from the store alone."""
-    from pipeline.report import write_report
+    from pipeline.stages.report import write_report
 
     def go():
         path = write_report(_plan(config, set_), out)
@@ -281,7 +228,7 @@ def run(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str
     def go():
         path = _finished(config, set_, out)  # before importing torch and Ray: a finished run answers at once
         if path is None:
-            from pipeline.run import run_all
+            from pipeline.stages.run import run_all
 
             path = run_all(_plan(config, set_, data_root), out)
         console.print(f"report: {path / 'report.md'}", highlight=False)
@@ -314,7 +261,7 @@ def _emit(result, json_out: bool, title: str) -> None:
 def query_top_k(config: str, target: int = typer.Option(..., "--target"), k: int = typer.Option(10, "--k"),
                 set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """Training points with the most positive / negative effect on a target's margin."""
-    from pipeline.query import open_attribution
+    from pipeline.stages.query import open_attribution
 
     _guard(lambda: _emit(open_attribution(config, set_ or []).top_k(target, k), json_out, f"target {target}"))
 
@@ -323,7 +270,7 @@ def query_top_k(config: str, target: int = typer.Option(..., "--target"), k: int
 def query_row(config: str, train_index: int = typer.Option(..., "--index"), k: int = typer.Option(10, "--k"),
               set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """Targets a training point moves most."""
-    from pipeline.query import open_attribution
+    from pipeline.stages.query import open_attribution
 
     _guard(lambda: _emit(open_attribution(config, set_ or []).row_top_k(train_index, k), json_out,
                          f"training point {train_index}"))
@@ -333,7 +280,7 @@ def query_row(config: str, train_index: int = typer.Option(..., "--index"), k: i
 def query_self_influence(config: str, k: int = typer.Option(10, "--k"), set_: Optional[list[str]] = SetOpt,
                          json_out: bool = typer.Option(False, "--json")):
     """Self-influence theta[i, i] of every training point (the k highest and lowest shown)."""
-    from pipeline.query import _extremes, open_attribution
+    from pipeline.stages.query import _extremes, open_attribution
 
     def go():
         am = open_attribution(config, set_ or [])
@@ -347,8 +294,8 @@ def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set
                   model: int = typer.Option(0, "--model", help="which full model"),
                   set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """dm-direct's predicted margins after removing a forget set from full model --model."""
-    from pipeline.query import QueryError, open_attribution
-    from pipeline.stages import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
+    from pipeline.stages.query import QueryError, open_attribution
 
     def go():
         am = open_attribution(config, set_ or [])
@@ -378,19 +325,11 @@ def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set
     _guard(go)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.0f} PiB"
-
-
 def _num(x, digits: int) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-import pipeline.cli_lifecycle  # noqa: E402,F401 - registers ls, gc, import-margins, export
+import pipeline.cli.lifecycle  # noqa: E402,F401 - registers ls, gc, import-margins, export on the app
 
 
 def main() -> None:  # pragma: no cover

@@ -135,7 +135,7 @@ def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = N
                    name: str | None = None) -> dict:
     """Validate the file whole, then write it as an external family (rows, then markers)."""
     from pipeline.data.forget_sets import forget_set_id
-    from pipeline.lease import hold
+    from pipeline.store.lease import hold
 
     path = Path(path)
     if kind not in IMPORT_KINDS:
@@ -260,7 +260,7 @@ ARRAY_FORMS = (
 
 def resolve_array(plan, spec: str):
     """(zarr array, rows to export, source description) for an --array spec (see ARRAY_FORMS)."""
-    from pipeline.stages import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
 
     parts = [p for p in spec.strip("/").split("/") if p]
     if len(parts) < 2:
@@ -323,7 +323,7 @@ def _forget(plan, fs: str, spec: str) -> None:
 
 
 def _unlearn_array(plan, method: str, fs: str, name: str, spec: str, meta: dict):
-    from pipeline.unlearn_stage import method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref
+    from pipeline.plan import method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref
 
     grids = method_grids(plan.cfg)
     if method not in grids:

@@ -1,5 +1,5 @@
 """`oracle-farm ls | gc | import-margins | export`: store lifecycle and exchange (registered on
-pipeline.cli's app; exit codes as everywhere: 0 ok, 2 bad input, 1 failure)."""
+the app of pipeline.cli.common; exit codes as everywhere: 0 ok, 2 bad input, 1 failure)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli import SetOpt, _guard, _human, app, console, err
+from pipeline.cli.common import SetOpt, _guard, _human, _plan, app, console, err
 
 
 def _store(root: str):
@@ -28,7 +28,7 @@ def _store(root: str):
 
 def _config_plan(config: str, overrides: Optional[list[str]], store):
     from pipeline.config import load_config
-    from pipeline.stages import Plan
+    from pipeline.plan import Plan
 
     return Plan(load_config(config, overrides or []), store)
 
@@ -40,7 +40,7 @@ def ls(root: Optional[str] = typer.Argument(None, help="store root (default: the
     """Every stage in a store root: kind, id, config, state, models, bytes, age (and, with --config,
     whether that config reaches it and how its config section differs)."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.lifecycle import human_age, list_stages, state_text
+    from pipeline.maintenance.lifecycle import human_age, list_stages, state_text
 
     def go():
         if root is None and config is None:
@@ -77,7 +77,7 @@ def gc(root: str = typer.Argument(..., help="store root"),
        json_out: bool = typer.Option(False, "--json")):
     """Remove the stages (and selection records, reports) no --keep config reaches. Dry run unless --yes;
     a stage a live driver holds the lease of is never removed."""
-    from pipeline.lifecycle import plan_gc, run_gc
+    from pipeline.maintenance.lifecycle import plan_gc, run_gc
 
     def go():
         store = _store(root)
@@ -95,7 +95,7 @@ def gc(root: str = typer.Argument(..., help="store root"),
             if r in skipped:
                 continue
             console.print(f"{verb}  {r['rel']}  ({r['config'] or 'no config'}, {_human(r['bytes'])})", highlight=False)
-        from pipeline.lease import describe_holder
+        from pipeline.store.lease import describe_holder
 
         for r in found.leased + [{**s, "lease": None} for s in skipped]:
             held = describe_holder(r["lease"]) if r.get("lease") else "a driver took its lease meanwhile"
@@ -120,8 +120,7 @@ def import_margins(config: str, file: str,
                    set_: Optional[list[str]] = SetOpt):
     """Bring externally produced margins (.npy/.npz, models x points, float32) into the store as an external
     family; imported `unlearned` margins appear in evaluate/report as `METHOD (imported)`."""
-    from pipeline import exchange
-    from pipeline.cli import _plan
+    from pipeline.maintenance import exchange
 
     def go():
         out = exchange.import_margins(_plan(config, set_), file, kind, forget_set, method, name)
@@ -142,8 +141,7 @@ def export(config: str, array: str = typer.Option(..., "--array", help="fit/thet
     --array forms: prepare/labels/train; fit/<theta|theta_rows|bias|lds|lam|theta_logit|bias_logit>;
     full/<margins|logits|accuracy>; subset/[fit|heldout/]<name>; oracle/<forget set>/<role>/<name>;
     unlearn/<method>/<forget set>/<name>; <kind>/<kind>-<id>/<path in arrays.zarr> (any stage)."""
-    from pipeline import exchange
-    from pipeline.cli import _plan
+    from pipeline.maintenance import exchange
 
     def go():
         plan = _plan(config, set_)

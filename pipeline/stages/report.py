@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import runrecord
+from pipeline.store import runrecord
 from pipeline.evaluate.oracles import (
     GROUPS, SELECTION_RULE, all_labels, group_points, logit_accuracy, oracle_margins, score, selection_score,
 )
-from pipeline.stages import FamilySpec, Plan, StageError, family_store
+from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.unlearn import get_method
-from pipeline.unlearn_stage import (
+from pipeline.stages.unlearn import (
     method_grids, n_unlearned, select_hyperparameters, selection_records, unlearn_family, unlearn_ref,
 )
 
@@ -31,7 +31,7 @@ __all__ = ["GROUPS", "collect_rows", "group_points", "score", "selection_score",
 
 
 def collect_rows(plan: Plan) -> list[dict]:
-    from pipeline.exchange import imported_rows
+    from pipeline.maintenance.exchange import imported_rows
 
     plan.store.check_reachable(create=False)
     meta = plan.prepared_meta()

@@ -6,13 +6,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.fit_stage import run_fit
-from pipeline.lifecycle import reached_by
-from pipeline.report import is_current, report_key, write_report
-from pipeline.runrecord import report_dir, report_path, write_record
-from pipeline.stages import Plan, run_prepare, run_train
+from pipeline.maintenance.lifecycle import reached_by
+from pipeline.plan import Plan
+from pipeline.stages.fit import run_fit
+from pipeline.stages.prepare import run_prepare
+from pipeline.stages.report import is_current, report_key, write_report
+from pipeline.stages.train import run_train
+from pipeline.stages.unlearn import check_needs, method_grids, run_unlearn
+from pipeline.store.runrecord import report_dir, report_path, write_record
 from pipeline.unlearn import get_method
-from pipeline.unlearn_stage import check_needs, method_grids, run_unlearn
 
 
 def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | None = None) -> Path:

@@ -10,7 +10,7 @@ LEASE.json names the driver writing it.
 A config reaches: its prepare, full, subset and fit stages, the oracle stage of every forget set
 (tuning set included), the unlearn stage of every method x grid point x forget set, the external
 stages made on its prepared dataset and forget sets, the `selection/` records of its grids and
-`reports/<config name>`. Only `pipeline.stages.Plan` and `pipeline.unlearn_stage` compute these ids.
+`reports/<config name>`. Only `pipeline.plan` computes these ids.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.lease import Lease, LeaseHeld, holder_gone, is_stale, lease_rel
 from pipeline.store import Store
+from pipeline.store.lease import Lease, LeaseHeld, holder_gone, is_stale, lease_rel
 
 KINDS = ("prepare", "full", "subset", "oracle", "fit", "unlearn", "external")
 FAMILY_KINDS = ("full", "subset", "oracle", "unlearn", "external")
@@ -123,7 +123,7 @@ def section_diff(stored: dict, wanted: dict, limit: int = 4) -> list[str]:
 
 def _config_sections(plan) -> dict:
     """kind -> (section, upstream) of a config's stage of that kind, as stage.json stores them."""
-    from pipeline.stages import FamilySpec, stage_section
+    from pipeline.plan import FamilySpec, stage_section
 
     recipe = plan._recipe()
     sub = plan.cfg.train.subset
@@ -173,7 +173,7 @@ def list_stages(store: Store, plan=None) -> list[dict]:
     now = time.time()
     reached = sections = grids = None
     if plan is not None:
-        from pipeline.unlearn_stage import method_grids
+        from pipeline.plan import method_grids
 
         reached, _ = reached_by(plan)
         sections = _config_sections(plan)
@@ -233,9 +233,9 @@ def human_age(seconds: float | None) -> str:
 # ---------------------------------------------------------------------------------------- reach
 def reached_by(plan) -> tuple[set[str], set[str]]:
     """(stage rels, other rels) a config reaches (see the module docstring)."""
-    from pipeline.exchange import external_reached
-    from pipeline.runrecord import report_dir
-    from pipeline.unlearn_stage import method_grids, selection_rel, unlearn_ref
+    from pipeline.maintenance.exchange import external_reached
+    from pipeline.plan import method_grids, selection_rel, unlearn_ref
+    from pipeline.store.runrecord import report_dir
 
     stages = {ref.rel for _, ref in plan.all_stage_refs()}
     others = {report_dir(plan.cfg)}

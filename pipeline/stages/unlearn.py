@@ -12,19 +12,18 @@ import numpy as np
 import ray
 import torch
 
+from pipeline.batches import derive_seed
 from pipeline.config import Config
 from pipeline.execution import init_ray, run_tasks, task_options
-from pipeline.fit_stage import forget_rows
 from pipeline.models import build_model
+from pipeline.stages.fit import forget_rows
 from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
-    SELECTION_VERSION, method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref,
+    SELECTION_VERSION, FamilySpec, Plan, StageError, check_prepared, family_store, method_grids, n_unlearned,
+    pending_blocks, selection_rel, unlearn_family, unlearn_ref,
 )
-from pipeline.stages import (
-    FamilySpec, Plan, StageError, check_prepared, family_store, load_device_data, load_full_models,
-    pending_blocks,
-)
+from pipeline.stages.train import load_device_data, load_full_models
 from pipeline.store import StageRef, Store, ensure_stage
-from pipeline.train import derive_seed, evaluate_members, outputs_from_logits, retrain_example_passes
+from pipeline.training.recipe import evaluate_members, outputs_from_logits, retrain_example_passes
 from pipeline.unlearn import get_method
 from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows
 
@@ -42,8 +41,8 @@ def check_needs(plan: Plan, grids: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- running
 def run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: str) -> None:
-    """Run the jobs holding the lease of each job's stage (pipeline.lease)."""
-    from pipeline.lease import hold
+    """Run the jobs holding the lease of each job's stage (pipeline.store.lease)."""
+    from pipeline.store.lease import hold
 
     plan.prepared_meta()
     with hold(plan.store, [unlearn_ref(plan, m, hp, fs).rel for m, hp, fs in jobs], plan.cfg.execution):
@@ -162,7 +161,7 @@ def tuning_references(plan: Plan, forget_name: str, labels: np.ndarray) -> dict:
     """The tuning set's own floor (its reference oracles) and do-nothing (the first N_u full models),
     scored as the grid points are, so the record shows what each point costs the model."""
     from pipeline.evaluate.oracles import GROUPS, logit_accuracy, oracle_margins, score
-    from pipeline.stages import FamilySpec, family_store
+    from pipeline.plan import FamilySpec, family_store
 
     n = n_unlearned(plan.cfg)
     full = family_store(plan, FamilySpec(plan.full, "models", plan.cfg.train.full.models, "full"), plan.prepared_meta())

@@ -1,0 +1,54 @@
+"""A dataset resident on one device (decision 12): `DeviceData`, the uint8 tensors and normalization the
+trainer and the unlearning methods read; `pipeline.data.stream.StreamedData` serves the same batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.batches import Member, block_steps
+
+
+class DeviceData:
+    """A dataset resident on one device as uint8 (decision 12), with its normalization."""
+
+    def __init__(self, train_x, train_y, val_x, val_y, mean, std, device="cpu"):
+        self.device = torch.device(device)
+        self.train_x = torch.as_tensor(train_x, device=self.device)
+        self.val_x = torch.as_tensor(val_x, device=self.device)
+        self._set_labels_and_stats(train_y, val_y, mean, std)
+
+    def _set_labels_and_stats(self, train_y, val_y, mean, std) -> None:
+        self.train_y = torch.as_tensor(train_y, device=self.device, dtype=torch.long)
+        self.val_y = torch.as_tensor(val_y, device=self.device, dtype=torch.long)
+        self.mean = torch.tensor(mean, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+
+    @property
+    def shape(self):
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return self.train_y.shape[0]
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return (x_uint8.float() - self.mean) / self.std
+
+    def all_images(self) -> torch.Tensor:
+        return torch.cat([self.train_x, self.val_x])
+
+    def all_labels(self) -> torch.Tensor:
+        return torch.cat([self.train_y, self.val_y])
+
+    def image_chunks(self, batch: int):
+        """Every image, train then val, in order, as uint8 chunks of at most `batch` on the device."""
+        images = self.all_images()
+        return (images[start : start + batch] for start in range(0, images.shape[0], batch))
+
+    def training_steps(self, members: list[Member], epochs: int, batch_size: int):
+        """Per step of training: (epoch, step, images uint8 (M, B, ...), labels (M, B), active (M,) bool)."""
+        for epoch in range(epochs):
+            for step, idx, active in block_steps(members, epoch, batch_size):
+                idx = idx.to(self.device)
+                yield epoch, step, self.train_x[idx], self.train_y[idx], active
