@@ -74,8 +74,8 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
     """Train a block of members from scratch; returns the stacked model (eval mode) and counters.
     `stacking` (decision 28) changes how the block is computed, not what each member learns; `fused`
     steps the optimizer over one flat buffer (the same arithmetic, fewer kernels; default on a GPU,
-    where it was 1.14x and 1.53x on one H100 ResNet-9 in two runs: on a CPU the in-place gradient accumulation it needs costs
-    what it saves)."""
+    where it was 1.14x and 1.53x on one H100 ResNet-9 in two runs: on a CPU the in-place gradient
+    accumulation it needs costs what it saves)."""
     fused = data.device.type == "cuda" if fused is None else fused
     model = build_model(model_cfg, [m.seed for m in members], data.shape, classes, stacking).to(data.device)
     model.train()
