@@ -15,10 +15,10 @@ from pipeline.store import CorruptFile, ensure_stage, file_sha256, is_complete, 
 
 # ---------------------------------------------------------------------------------------- prepare
 def run_prepare(plan: Plan, repair: bool = False) -> dict:
-    """The prepare stage, written under its lease (pipeline.lease) unless already complete. A complete
+    """The prepare stage, written under its lease (pipeline.store.lease) unless already complete. A complete
     stage's files are checked against their recorded size and sha256: a missing one is written again;
     a damaged or foreign one stops it (CorruptFile), or is written again with `repair`."""
-    from pipeline.lease import hold
+    from pipeline.store.lease import hold
 
     plan.store.check_reachable()
     _ = plan.forget_sets  # validate forget sets before any work
