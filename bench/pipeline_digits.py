@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the child: `oracle-farm run` with its per-stage timings kept (the same steps the CLI runs)
 CHILD = """
 import json, sys
-from pipeline.cli import _plan, _stages
+from pipeline.cli.common import _plan
 from pipeline.stages.run import run_all
 config, timings_path, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-_stages()
 timings = {}
 try:
     run_all(_plan(config, overrides), None, timings)
