@@ -127,7 +127,7 @@ def _unlearn_row(plan: Plan, meta: dict | None, section: str, method: str, hp, f
     ref = unlearn_ref(plan, method, hp, forget)
     done = 0
     if meta is not None and plan.store.exists(ref.rel):
-        done = int(unlearn_family(plan, ref, meta).done_mask(n).sum())
+        done = unlearn_family(plan, ref, meta).listed_done(n)
     label = f"{section}[{method},{forget}" + (f",#{extra['point']}]" if "point" in extra else "]")
     return _row(label, section, ref.id, done, n, "", ref.rel, method=method, forget_set=forget,
                 hparams=hp.model_dump(mode="json"), **extra)

@@ -372,6 +372,17 @@ class Family:
                     out.append(marker)
         return out
 
+    def listed_done(self, n_models: int) -> int:
+        """Models 0..n_models whose block has a marker, from the markers' names alone (start-end.json):
+        one listing instead of reading every marker, for `status`. A marker being written counts here
+        already; the stages decide from `done_mask`, which reads them."""
+        done = np.zeros(n_models, dtype=bool)
+        for name in self.store.list(self.marker_rel):
+            start, _, end = name.removesuffix(".json").partition("-")
+            if name.endswith(".json") and start.isdigit() and end.isdigit():
+                done[int(start) : min(int(end), n_models)] = True
+        return int(done.sum())
+
     def done_mask(self, n_models: int) -> np.ndarray:
         done = np.zeros(n_models, dtype=bool)
         for m in self.markers():
