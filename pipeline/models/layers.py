@@ -30,9 +30,37 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([uniform_init((d_out,), d_in, g) for g in gens])) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
+        return _StackedAffine.apply(x, self.weight, self.bias)
+
+
+class _StackedAffine(torch.autograd.Function):
+    """x (M, B, in) @ weight (M, out, in)^T + bias (M, out), with the weight gradient computed as
+    g^T x, already in the weight's (M, out, in) layout. Autograd's own bmm backward gives x^T g, the
+    transposed layout, and copies it into place: 17 % of a digits MLP step on a CPU. Under autocast
+    the inputs are cast as autocast casts bmm's, and the gradients cast back to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        device = x.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        xc, wc = (x, weight) if low is None else (x.to(low), weight.to(low))
+        bc = None if bias is None else (bias if low is None else bias.to(low))
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(device, enabled=False):
+            if bc is None:
+                return torch.bmm(xc, wc.transpose(1, 2))
+            return torch.baddbmm(bc.unsqueeze(1), xc, wc.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, wc = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = g.to(wc.dtype)
+        gx = torch.bmm(g, wc).to(x_dtype) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), xc).to(w_dtype) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 class StackedConv2d(nn.Module):
