@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluate import klom as klom_module
-from pipeline.evaluate.klom import bootstrap_p95_interval, klom, percentile95, summarize
+from pipeline.evaluate.klom import bootstrap_p95_interval, bootstrap_p95_intervals, klom, percentile95, summarize
 
 
 def _col(*values: float) -> np.ndarray:
@@ -299,3 +299,17 @@ def test_bootstrap_of_identical_models_is_a_point():
     o = np.repeat(rng.normal(size=(1, 40)), 4, axis=0)
     p95 = percentile95(klom(u, o))
     assert bootstrap_p95_interval(u, o, np.ones(40, bool), n_boot=10) == pytest.approx((p95, p95))
+
+
+def test_bootstrap_of_several_groups_equals_one_group_at_a_time(monkeypatch):
+    """The report scores forget, retain and val in one pass of replicates, several replicates to a klom
+    call and the calls over threads: each group's interval is bit for bit the single-group one."""
+    rng = np.random.default_rng(8)
+    u = rng.normal(0, 1, size=(30, 300)).astype(np.float32)
+    o = rng.normal(0.4, 1.3, size=(25, 300)).astype(np.float32)
+    groups = [np.arange(0, 20), np.arange(20, 250), np.arange(250, 300)]
+    alone = [bootstrap_p95_interval(u, o, g, n_boot=50, seed=0) for g in groups]
+    monkeypatch.setattr("pipeline.evaluate.klom._CHUNK_SAMPLES", 7 * 300 * 30)  # 7 replicates a call: 8 calls
+    assert bootstrap_p95_intervals(u, o, groups, n_boot=50, seed=0, threads=2) == alone
+    assert bootstrap_p95_intervals(u, o, groups, n_boot=50, seed=0, threads=1, compat=True) == [
+        bootstrap_p95_interval(u, o, g, n_boot=50, seed=0, compat=True) for g in groups]

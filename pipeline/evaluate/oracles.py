@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluate.klom import bootstrap_p95_interval, klom
+from pipeline.evaluate.klom import bootstrap_p95_intervals, klom
 from pipeline.evaluate.metrics import loss_from_margin, mia_balanced_accuracy
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
 
@@ -21,14 +21,29 @@ SELECTION_RULE = ("per method, the grid point with the lowest mean of the tuning
                   "val P95 KLoM against its eval oracles; ties broken by compute (decision 27)")
 
 
+# Finished oracle arrays, by (store, stage, role, count, array): a stage's identity fixes its content, and
+# the report and selection read each forget set's oracles once per row otherwise (about 100 reads).
+_FINISHED: dict[tuple, np.ndarray] = {}
+_FINISHED_MAX = 16
+
+
 def oracle_margins(plan: Plan, forget_name: str, role: str, array: str = "margins") -> np.ndarray:
-    """The `role` oracles' margins (or logits) of a forget set: (n_role, P[, classes])."""
+    """The `role` oracles' margins (or logits) of a forget set: (n_role, P[, classes]), read-only."""
     meta = plan.prepared_meta()
     n = getattr(plan.cfg.train.oracle, role)
-    family = family_store(plan, FamilySpec(plan.oracle(forget_name), role, n, "oracle"), meta)
+    ref = plan.oracle(forget_name)
+    key = (plan.store.root, ref.rel, role, n, array)
+    if key in _FINISHED:
+        return _FINISHED[key]
+    family = family_store(plan, FamilySpec(ref, role, n, "oracle"), meta)
     if n == 0 or not family.done_mask(n).all():
         raise StageError(f"the {role} oracles of forget set {forget_name!r} are not trained: run `oracle-farm train`")
-    return family.read(array, n)
+    values = family.read(array, n)
+    values.flags.writeable = False
+    while len(_FINISHED) >= _FINISHED_MAX:
+        _FINISHED.pop(next(iter(_FINISHED)))
+    _FINISHED[key] = values
+    return values
 
 
 def all_labels(plan: Plan) -> np.ndarray:
@@ -68,10 +83,10 @@ def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels
     per_point = klom(margins, eval_m, **kw)
     row = {"klom": {}, "accuracy": {}, "oracle_accuracy": {}}
     oracle_accuracy = logit_accuracy(oracle_margins(plan, forget_name, "eval", "logits"), labels)
-    for g, pts in groups.items():
+    intervals = (bootstrap_p95_intervals(margins, eval_m, list(groups.values()), n_boot=n_boot, seed=0, **kw)
+                 if n_boot else [(None, None)] * len(groups))
+    for (g, pts), interval in zip(groups.items(), intervals):
         values = per_point[pts]
-        interval = (bootstrap_p95_interval(margins, eval_m, pts, n_boot=n_boot, seed=0, **kw)
-                    if n_boot else (None, None))
         row["klom"][g] = {"p95": float(np.percentile(values, 95)), "mean": float(values.mean()),
                           "p95_low": interval[0], "p95_high": interval[1]}
         row["accuracy"][g] = accuracy_of(pts) if accuracy_of is not None else None

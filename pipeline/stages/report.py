@@ -400,7 +400,8 @@ def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
         for g in GROUPS:
             for row, c, lw in ((floor, "0.6", 1.0), (r, color, 1.4)):
                 v = np.sort(np.clip(row["per_point"][row["_groups"][g]], 0, None))
-                ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", color=c, ls=dashes[g], lw=lw)
+                at = np.unique(np.linspace(0, len(v) - 1, min(len(v), 400)).round().astype(int))  # looks the same
+                ax.step(v[at], (at + 1) / len(v), where="post", color=c, ls=dashes[g], lw=lw)
         ax.set_title(r["method"], fontsize=9, color=color)
         ax.set_xlim(0, top)
         ax.axhline(0.95, color="0.8", lw=0.8)
