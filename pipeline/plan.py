@@ -264,6 +264,17 @@ def pending_blocks(done: np.ndarray, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, n)) for s in range(0, n, block) if not done[s : s + block].all()]
 
 
+def contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs [a, b) of sorted indices: the rows a block task writes under one marker each."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
 # ---------------------------------------------------------------------------------------- fit
 TARGET_CHUNK = 16  # targets per chunk of the fit's column-read arrays (theta, bias, lds, lam)
 

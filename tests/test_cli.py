@@ -180,13 +180,17 @@ print(f"SECONDS {time.perf_counter() - t0:.2f}")
 
 @pytest.fixture(scope="module")
 def mixed_store(tiny_finished, tmp_path_factory):
-    """A finished tiny store, then: finetune on random10 lost one model's marker (partial), do_nothing
+    """A finished tiny store, then: finetune on random10 lost its last model (partial), do_nothing
     on random10 removed (missing), gradient_ascent (a grid) kept as selected."""
     plan = tiny_finished["plan"]
     root = copy_store(tiny_finished["root"], tmp_path_factory.mktemp("mixed") / "store")
     rows = {r["stage"]: r for r in json.loads(cli("status", str(TINY), "--set", f"store={root}", "--json").stdout)}
     finetune = root / "unlearn" / f"unlearn-{rows['unlearn[finetune,random10]']['id']}"
-    sorted((finetune / "markers").rglob("*.json"))[0].unlink()
+    marker = sorted((finetune / "markers").rglob("*.json"))[-1]  # the run ending at the last model: end it before
+    record = json.loads(marker.read_text())
+    record["end"] -= 1
+    marker.unlink()
+    (marker.parent / f"{record['start']:07d}-{record['end']:07d}.json").write_text(json.dumps(record))
     import shutil
 
     shutil.rmtree(root / "unlearn" / f"unlearn-{rows['unlearn[do_nothing,random10]']['id']}")

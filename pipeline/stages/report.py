@@ -55,7 +55,7 @@ def collect_rows(plan: Plan) -> list[dict]:
                 raise StageError(f"unlearn[{method},{fs.name}] is not complete: run `oracle-farm unlearn`")
             margins = family.read("margins", n_u)
             acc = _logit_accuracy(family.read("logits", n_u).astype(np.float32), labels)
-            infos = [m["info"] for m in family.markers() if m["start"] < n_u]
+            infos = family.model_infos(n_u)
             passes = float(np.mean([i["equivalent_passes"] for i in infos]))
             seconds = float(np.mean([i["seconds"] / max(1, i["block"][1] - i["block"][0]) for i in infos]))
             rows.append({"method": method, "forget_set": fs.name, **score(plan, fs.name, margins, acc, labels),

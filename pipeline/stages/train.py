@@ -16,8 +16,8 @@ from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.execution.gate import pass_gate
 from pipeline.models import resolve_stacking
 from pipeline.plan import (
-    PREPARED_SPLITS, FamilySpec, Plan, StageError, check_prepared, family_store, pending_blocks, prepared_file,
-    stage_section, train_families,
+    PREPARED_SPLITS, FamilySpec, Plan, StageError, check_prepared, contiguous_runs, family_store, pending_blocks,
+    prepared_file, stage_section, train_families,
 )
 from pipeline.store import Store, ensure_stage
 from pipeline.training.recipe import evaluate_members, retrain_example_passes, train_members
@@ -108,23 +108,12 @@ def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, 
     family = family_store(plan, fam, meta)
     info = {**counters, "threads": torch.get_num_threads(), "block": [start, end], "stacking": stacking,
             "retrain_example_passes": retrain_example_passes(cfg.train, meta["n_train"])}
-    for run_start, run_end in _runs(todo):
+    for run_start, run_end in contiguous_runs(todo):
         rows = slice(run_start - start, run_end - start)
         if fam.save_weights:
             save_weights(store, fam, model.select(list(range(rows.start, rows.stop))), run_start, run_end)
         family.write_block(run_start, {k: v[rows] for k, v in outputs.items()}, info)
     return len(todo)
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Contiguous runs [a, b) of sorted indices."""
-    runs = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1])
-    return [tuple(r) for r in runs]
 
 
 def weights_rel(fam: FamilySpec, start: int, end: int) -> str:

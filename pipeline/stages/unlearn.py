@@ -18,8 +18,8 @@ from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.models import build_model
 from pipeline.stages.fit import forget_rows
 from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
-    SELECTION_VERSION, FamilySpec, Plan, StageError, check_prepared, family_store, method_grids, n_unlearned,
-    pending_blocks, selection_rel, unlearn_family, unlearn_ref,
+    SELECTION_VERSION, FamilySpec, Plan, StageError, check_prepared, contiguous_runs, family_store, method_grids,
+    n_unlearned, pending_blocks, selection_rel, unlearn_family, unlearn_ref,
 )
 from pipeline.stages.train import load_device_data, load_full_models
 from pipeline.store import StageRef, Store, ensure_stage
@@ -99,9 +99,9 @@ def unlearn_block_task(store_root: str, cfg: Config, method: str, hparams: dict,
     info = {**meter.summary(), "retrain_example_passes": retrain_example_passes(cfg.train, meta["n_train"]),
             "notes": {**ctx.notes, **out.notes}, "threads": torch.get_num_threads(), "block": [start, end]}
     family = unlearn_family(plan, ref, meta)
-    for i in todo:  # rows of one block are contiguous runs; one marker per model keeps it simple
-        row = i - start
-        family.write_block(i, {k: v[row : row + 1] for k, v in outputs.items()}, info)
+    for run_start, run_end in contiguous_runs(todo):  # one marker per run: per model, writes cost more than the work
+        rows = slice(run_start - start, run_end - start)
+        family.write_block(run_start, {k: v[rows] for k, v in outputs.items()}, info)
     return len(todo)
 
 
@@ -147,7 +147,7 @@ def score_grid_point(plan: Plan, method: str, hp, forget_name: str, labels: np.n
     family = unlearn_family(plan, unlearn_ref(plan, method, hp, forget_name), meta)
     acc = logit_accuracy(family.read("logits", n), labels)
     row = score(plan, forget_name, family.read("margins", n), acc, labels, bootstrap=0)
-    infos = [m["info"] for m in family.markers() if m["start"] < n]
+    infos = family.model_infos(n)
     return {"hparams": hp.model_dump(mode="json"),
             "p95": {g: row["klom"][g]["p95"] for g in GROUPS},
             "mean_klom": {g: row["klom"][g]["mean"] for g in GROUPS},

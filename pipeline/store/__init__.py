@@ -372,6 +372,11 @@ class Family:
                     out.append(marker)
         return out
 
+    def model_infos(self, n_models: int) -> list[dict]:
+        """The `info` of each model 0..n_models that has a marker, once per model (a marker of rows a..b
+        counts b - a times), so that means over it are means over models."""
+        return [m["info"] for m in self.markers() for _ in range(m["start"], min(m["end"], n_models))]
+
     def listed_done(self, n_models: int) -> int:
         """Models 0..n_models whose block has a marker, from the markers' names alone (start-end.json):
         one listing instead of reading every marker, for `status`. A marker being written counts here
