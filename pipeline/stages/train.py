@@ -82,6 +82,9 @@ def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")
             jobs.append((fam, start, end, np.flatnonzero(~done[start:end]) + start))
     if not jobs:
         return {"trained": 0}
+    # the longest blocks first (a subset model sees alpha of the data), so no worker starts a long block
+    # when the others are done: the order of the tasks, not what they compute
+    jobs.sort(key=lambda job: -len(job[3]) * (job[0].alpha if job[0].kind == "subset" else 1.0))
     init_ray(ex)
     remote = ray.remote(train_block_task).options(**task_options(ex))
     refs = [(remote.remote(plan.store.root, plan.cfg, fam, start, end, todo.tolist()), len(todo))
