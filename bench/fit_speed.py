@@ -11,7 +11,8 @@ few strong effects per target on top of a small dense same-class effect, Gaussia
 
 Both fits use the same split of the models, the same lambda path (lam_max * eps^(j / (k - 1)) on
 standardised features), the same per-target lambda selection by validation MSE, the same refit on
-all models and the same stopping rule (sklearn's duality gap, ``tol``). sklearn gets its fastest
+all models and the same stopping rules (sklearn's duality gap: ``tol`` for the refit, the config's
+``path_tol`` for the path's solutions, which only choose lambda). sklearn gets its fastest
 route: one warm-started ``lasso_path`` call per lambda without input checks, with BLAS held to one
 thread (``--sklearn-blas-threads``; with BLAS's default threads its serial solver runs ~3x slower on
 2 cores). Ours (``--solver``: compiled coordinate descent on working sets, the CPU default, or the
@@ -57,7 +58,7 @@ def planted(models: int, features: int, targets: int, *, classes: int = 10, seed
 
 def sklearn_lasso(
     masks: np.ndarray, outputs: np.ndarray, *, n_lambdas, eps, val_fraction, seed, min_lambdas, tol, max_iter,
-    dtype=np.float64,
+    path_tol=None, dtype=np.float64,
 ):
     """The procedure of pipeline.datamodels.lasso, one target at a time with sklearn's coordinate descent.
 
@@ -87,7 +88,8 @@ def sklearn_lasso(
         alphas = lam_max * eps ** (np.arange(n_lambdas) / max(n_lambdas - 1, 1))
         coef, best_mse, last_mse, best = np.zeros(n, dtype), np.inf, np.inf, None
         for k, alpha in enumerate(alphas):  # warm-started path, stopped by the same rule as ours
-            _, c, _ = lasso_path(xf, yf, alphas=[alpha], coef_init=coef, tol=tol, max_iter=max_iter, check_input=False)
+            _, c, _ = lasso_path(xf, yf, alphas=[alpha], coef_init=coef, tol=path_tol or tol, max_iter=max_iter,
+                                 check_input=False)
             coef = c[:, 0]
             mse = np.mean((outputs[val, j] - outputs[fit, j].mean() - xv @ coef) ** 2)
             if mse < best_mse:
@@ -132,14 +134,14 @@ def digits_family(config: str, store: str | None) -> dict:
 def workloads(a) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
     """[(name, fit masks, fit outputs, held-out masks, held-out outputs)], LASSO settings."""
     opts = dict(n_lambdas=a.n_lambdas, eps=a.eps, val_fraction=a.val_fraction, seed=a.seed,
-                min_lambdas=a.min_lambdas or None, tol=a.tol, max_iter=a.max_iter)
+                min_lambdas=a.min_lambdas or None, tol=a.tol, max_iter=a.max_iter, path_tol=a.path_tol or None)
     if a.workload == "planted":
         masks, outputs, _ = planted(a.models + a.heldout, a.features, a.targets, seed=a.seed)
         return [("planted", masks[: a.models], outputs[: a.models], masks[a.models :], outputs[a.models :])], opts
     fam = digits_family(a.config, a.store)
     lc = fam["lasso"]  # the config's settings, unless given on the command line
     for key, value in (("n_lambdas", lc.n_lambdas), ("eps", lc.eps), ("val_fraction", lc.val_fraction),
-                       ("tol", lc.tol), ("max_iter", lc.max_iter)):
+                       ("tol", lc.tol), ("max_iter", lc.max_iter), ("path_tol", lc.path_tol)):
         if getattr(a, key) is None:
             opts[key] = value
     fit, held = fam["fit"], fam["heldout"]
@@ -174,6 +176,8 @@ def main() -> None:
     p.add_argument("--val-fraction", type=float, default=None, help="default: the config's (digits), 0.1 (planted)")
     p.add_argument("--min-lambdas", type=int, default=10, help="early stop of the path; 0 = full path")
     p.add_argument("--tol", type=float, default=None, help="default: the config's (digits), 1e-4 (planted)")
+    p.add_argument("--path-tol", type=float, default=None,
+                   help="the path's gap, for both fits (default: the config's (digits), tol (planted); 0 = tol)")
     p.add_argument("--max-iter", type=int, default=None, help="default: the config's (digits), 5000 (planted)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 = core for core with sklearn's serial solver (on the shared 2-vCPU VM a "
@@ -197,7 +201,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     runs, opts = workloads(a)
     print(f"{a.workload}: {opts['n_lambdas']} lambdas, eps {opts['eps']}, min_lambdas {a.min_lambdas or 'all'}, "
-          f"tol {opts['tol']}, max_iter {opts['max_iter']}; {a.threads} threads, device {a.device}, solver "
+          f"tol {opts['tol']}, path_tol {opts['path_tol'] or opts['tol']}, max_iter {opts['max_iter']}; {a.threads} threads, device {a.device}, solver "
           f"{a.solver}; load average {os.getloadavg()[0]:.1f}")
     failed = []
     for name, fit_m, fit_y, ho_m, ho_y in runs:

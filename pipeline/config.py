@@ -156,6 +156,9 @@ class LassoConfig(Frozen):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     max_iter: int = Field(500, gt=0)
     tol: float = Field(1e-4, gt=0)  # duality gap relative to ||y - ybar||^2 / m (sklearn)
+    # the path's gap, which only chooses lambda (the refit is solved to tol); None: tol. Left out of the
+    # fit's identity when None, so that stores fitted before it existed keep theirs
+    path_tol: float | None = Field(None, gt=0)
 
 
 class FitConfig(Frozen):
@@ -163,6 +166,10 @@ class FitConfig(Frozen):
     per_logit: bool = True  # also fit train x targets x classes (dm-direct, DMM)
     ridge_lambda: float = Field(1.0, gt=0)
     lasso: LassoConfig = LassoConfig()
+
+    def section(self) -> dict:
+        """The fit stage's recorded config section and identity: unset optional fields left out."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 # ----------------------------------------------------------------------------------------- unlearn

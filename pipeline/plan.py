@@ -113,7 +113,7 @@ class Plan:
     def fit(self) -> StageRef:
         sub = self.cfg.train.subset
         upstream = {"subset": self.subset.id, "models": sub.models, "heldout": sub.heldout}
-        return StageRef("fit", stage_id("fit", self.cfg.fit.model_dump(mode="json"), upstream))
+        return StageRef("fit", stage_id("fit", self.cfg.fit.section(), upstream))
 
     def all_stage_refs(self) -> list[tuple[str, StageRef]]:
         refs = [("prepare", self.prepare), ("full", self.full), ("subset", self.subset)]

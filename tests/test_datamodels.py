@@ -397,6 +397,26 @@ def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda(solver):
     torch.testing.assert_close(lasso(masks, outputs, n_lambdas=12, solver=solver).weight, again.weight)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_path_tol_only_loosens_the_path(solver):
+    """path_tol loosens the path's solutions, which only choose lambda: path_tol = tol is the default bit
+    for bit, and with a looser path every returned model still meets the gap over all features at its
+    lambda, on all the models (the refit is solved to tol)."""
+    masks, outputs, _ = planted(200, 120, 6, active=30, noise=0.8, seed=5)
+    tol = 1e-6
+    base = lasso(masks, outputs, n_lambdas=10, tol=tol, dtype=torch.float64, solver=solver)
+    same = lasso(masks, outputs, n_lambdas=10, tol=tol, path_tol=tol, dtype=torch.float64, solver=solver)
+    assert torch.equal(base.weight, same.weight) and torch.equal(base.lam, same.lam)
+    loose = lasso(masks, outputs, n_lambdas=10, tol=tol, path_tol=1e-2, dtype=torch.float64, solver=solver)
+    x = masks.double().numpy()
+    xs = StandardScaler().fit_transform(x)
+    for j in range(6):
+        y = outputs[:, j].double().numpy()
+        yc = y - y.mean()
+        theta = loose.weight[:, j].numpy() * x.std(0)
+        assert _sk_gap(xs, y, theta, loose.lam[j].item()) <= tol * (yc @ yc) / len(y) * (1 + 1e-9)
+
+
 @pytest.mark.parametrize("name", ["diff_in_means", "ridge", "lasso"])
 def test_recovers_planted_weights(name):
     # With i.i.d. Bernoulli(1/2) masks, E[y | i in] - E[y | i out] = w_i exactly, so difference in

@@ -53,7 +53,7 @@ def fake_stages(plan, partial_subset: bool = False) -> None:
         ensure_stage(store, ref, section, upstream, plan.cfg.name)
         for role in roles:
             family(ref, role, 3, 2 if partial_subset and kind == "subset" else 3)
-    ensure_stage(store, plan.fit, plan.cfg.fit.model_dump(mode="json"),
+    ensure_stage(store, plan.fit, plan.cfg.fit.section(),
                  {"subset": plan.subset.id, "models": sub.models, "heldout": sub.heldout}, plan.cfg.name)
     mark_complete(store, plan.fit, {"fake": True})
     for method, grid in method_grids(plan.cfg).items():

@@ -263,7 +263,7 @@ def _validation_mse(theta, xv_t, yv):
 
 @numba.njit(cache=True, nogil=True)
 def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_all, Q_all, C0_all, ratio,
-                         tol, max_sweeps, lo, hi, out_theta, out_lam):
+                         tol, max_sweeps, lo, hi, out_theta, out_lam, path_tol=-1.0):
     """Per target lo..hi: the path on the fitting models, lambda by validation MSE, refit on all.
 
     grid (k, t) the fitting path; xv_t (n, v) the validation models' standardised design (fitting
@@ -283,7 +283,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
         best[:] = 0
         best_lam, best_mse, last_mse = grid[0, i], np.inf, np.inf
         for j in range(grid.shape[0]):
-            done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, tol, max_sweeps, path, idx, pos, G, w)
+            done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, tol if path_tol < 0 else path_tol,
+                                    max_sweeps, path, idx, pos, G, w)
             sweeps[i - lo] += done
             mse = _validation_mse(theta, xv_t, yv[:, i])
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)

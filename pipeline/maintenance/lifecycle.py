@@ -133,7 +133,7 @@ def _config_sections(plan) -> dict:
     return {"prepare": (plan.cfg.data.model_dump(mode="json", exclude={"root"}), {}),
             "full": (full_sec, full_up), "subset": (sub_sec, sub_up),
             "oracle": (recipe, {"prepare": plan.prepare.id}),
-            "fit": (plan.cfg.fit.model_dump(mode="json"),
+            "fit": (plan.cfg.fit.section(),
                     {"subset": plan.subset.id, "models": sub.models, "heldout": sub.heldout})}
 
 

@@ -90,7 +90,7 @@ def _run_fit(plan: Plan) -> dict:
     _check_inputs(plan, meta)
     upstream = {"subset": plan.subset.id, "models": plan.cfg.train.subset.models,
                 "heldout": plan.cfg.train.subset.heldout}
-    ensure_stage(plan.store, ref, plan.cfg.fit.model_dump(mode="json"), upstream, plan.cfg.name)
+    ensure_stage(plan.store, ref, plan.cfg.fit.section(), upstream, plan.cfg.name)
     _create_arrays(plan, meta)
     n_points = meta["n_train"] + meta["n_val"]
     done = _done_targets(plan.store, ref.rel, n_points)
@@ -122,7 +122,8 @@ def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor, design=No
     if est == "lasso":
         lc = cfg.fit.lasso
         return get_estimator("lasso")(masks, outputs, n_lambdas=lc.n_lambdas, eps=lc.eps,
-                                      val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol, design=design)
+                                      val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol, path_tol=lc.path_tol,
+                                      design=design)
     if est == "ridge":
         return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda)
     return get_estimator(est)(masks, outputs)
