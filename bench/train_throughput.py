@@ -185,6 +185,29 @@ def main() -> None:
     achieved = flops / batched / 1e12
     mfu = f"; MFU {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else " (no peak known: --peak-tflops)"
     print(f"model FLOPs: {flops / 1e12:.3f} TFLOP per model; batched {achieved:.3f} TFLOP/s{mfu}")
+    if args.model == "mlp":
+        matmul_ceiling(model_cfg, cfg, data, args.models, achieved * 1e12)
+
+
+def matmul_ceiling(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, m: int, achieved: float) -> None:
+    """The MLP step's matmuls alone, each timed as the batched trainer calls it (forward, input gradient
+    but for the first layer, weight gradient as g^T x): the rate a step would reach were everything else
+    free, i.e. this machine's ceiling for the batched trainer."""
+    dims = [int(np.prod(data.shape)), model_cfg.hidden, model_cfg.hidden, 10]
+    b, total_s, total_flop = cfg.batch_size, 0.0, 0.0
+    for layer, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        x, w, g = torch.randn(m, b, d_in), torch.randn(m, d_out, d_in), torch.randn(m, b, d_out)
+        calls = [lambda: torch.bmm(x, w.transpose(1, 2)), lambda: torch.bmm(g.transpose(1, 2), x)]
+        if layer:
+            calls.append(lambda: torch.bmm(g, w))
+        for call in calls:
+            for _ in range(5):
+                call()
+            total_s += timed(lambda: [call() for _ in range(50)]) / 50
+            total_flop += 2 * m * b * d_in * d_out
+    rate = total_flop / total_s
+    print(f"the step's matmuls alone: {rate / 1e9:.0f} GFLOP/s; the batched trainer runs at "
+          f"{100 * achieved / rate:.0f}% of that ceiling")
 
 
 if __name__ == "__main__":
