@@ -272,3 +272,20 @@ def test_a_bad_method_hyperparameter_exits_2_worded_as_a_config_error(tmp_path):
     assert_bad_input(result, "unlearn.methods.finetune.lr: must be > 0, got -1")
     assert "errors.pydantic.dev" not in result.stderr and "validation error" not in result.stderr
     assert not store.exists()
+
+
+def test_evaluate_prints_p95_as_multiples_of_the_floor(tiny_finished):
+    """`evaluate` reads like the report: the retrain row's own P95 (the floor), every other row's as a
+    multiple of it with its bootstrap interval and the overlap marks."""
+    from pipeline.stages.report import collect_rows, p95_cell
+
+    root, plan = tiny_finished["root"], tiny_finished["plan"]
+    result = cli("evaluate", str(TINY), "--set", f"store={root}", env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    assert "[bootstrap 95% interval]" in result.stdout
+    rows = collect_rows(plan)
+    floor = next(r for r in rows if r["method"] == "retrain")
+    nothing = next(r for r in rows if r["method"] == "do_nothing")
+    assert p95_cell(floor, "forget") == f"{floor['klom']['forget']['p95']:.3f} (1x)"
+    assert p95_cell(floor, "forget") in result.stdout and p95_cell(nothing, "retain") in result.stdout
+    assert p95_cell(nothing, "forget").startswith(f"{nothing['vs_floor']['forget']['x']:.2f}x [")

@@ -186,7 +186,7 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 @app.command()
 def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
-    from pipeline.stages.report import collect_rows
+    from pipeline.stages.report import collect_rows, p95_cell
 
     def go():
         rows = collect_rows(_plan(config, set_))
@@ -194,14 +194,16 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
             print(json.dumps([{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows],
                              indent=1, default=float))
             return
-        table = Table(title="KLoM P95 against the eval oracles")
+        from rich.markup import escape
+
+        table = Table(title=escape("KLoM P95 against the eval oracles: the retrain row's own (the floor), the others "
+                                   "as multiples of it [bootstrap 95% interval]; = overlaps the floor, ~ overlaps "
+                                   "do-nothing"))
         for col in ("forget set", "method", "forget", "retain", "val", "forget acc", "MIA", "compute"):
             table.add_column(col)
         for r in rows:
-            k = r["klom"]
-            table.add_row(r["forget_set"], r["method"], f"{k['forget']['p95']:.3f}", f"{k['retain']['p95']:.3f}",
-                          f"{k['val']['p95']:.3f}", _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}",
-                          _num(r['compute'], 4))
+            table.add_row(r["forget_set"], r["method"], *(escape(p95_cell(r, g)) for g in ("forget", "retain", "val")),
+                          _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}", _num(r['compute'], 4))
         console.print(table)
 
     _guard(go)

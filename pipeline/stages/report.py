@@ -183,6 +183,12 @@ def _fmt(x, digits=3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def p95_cell(r: dict, g: str) -> str:
+    """A row's P95 on group g as the report prints it: the floor's own P95 on the retrain row, else
+    `_ratio`."""
+    return f"{r['klom'][g]['p95']:.3f} (1x)" if r["method"] == "retrain" else _ratio(r, g)
+
+
 def _ratio(v: dict, g: str) -> str:
     """'2.31x [2.10, 2.52]' with marks: = where the interval overlaps the floor's, ~ where it overlaps
     do-nothing's."""
@@ -229,7 +235,7 @@ def _markdown(plan: Plan, rows: list[dict], fit: dict | None, plots: list[str]) 
                   "retain acc | val acc | MIA | compute | time frac | amortized | bar |", "|" + "---|" * 12]
         for r in sub:
             bar = "" if r.get("bar") is None else ("✓" if r["bar"]["ok"] else "✗")
-            cells = [_ratio(r, g) if r["method"] != "retrain" else f"{r['klom'][g]['p95']:.3f} (1x)" for g in GROUPS]
+            cells = [p95_cell(r, g) for g in GROUPS]
             lines.append(
                 f"| {r['method']} | {cells[0]} | {cells[1]} | {cells[2]} | "
                 f"{_fmt(r['accuracy']['forget'], 2)} ({_fmt(r['oracle_accuracy']['forget'], 2)}) | "
