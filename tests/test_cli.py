@@ -272,6 +272,9 @@ def test_a_bad_method_hyperparameter_exits_2_worded_as_a_config_error(tmp_path):
     assert_bad_input(result, "unlearn.methods.finetune.lr: must be > 0, got -1")
     assert "errors.pydantic.dev" not in result.stderr and "validation error" not in result.stderr
     assert not store.exists()
+    result = cli("config", str(TINY), "--set", f"store={store}", "--set", "unlearn.methods.finetune.lr=-1")
+    assert_bad_input(result, "unlearn.methods.finetune.lr: must be > 0, got -1")  # `config` checks them too
+    assert not store.exists()
 
 
 def test_evaluate_prints_p95_as_multiples_of_the_floor(tiny_finished):

@@ -21,9 +21,11 @@ from pipeline.cli.common import (  # noqa: F401 - app, console, err, _plan: name
 def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt):
     """Print the resolved config and every stage identity."""
     from pipeline.config import to_yaml
+    from pipeline.plan import method_grids
 
     def go():
         plan = _plan(config, set_, data_root)
+        method_grids(plan.cfg)  # the methods' hyperparameters too, as the stages check them
         console.print(to_yaml(plan.cfg), highlight=False)
         table = Table(title="stage identities")
         table.add_column("stage")
