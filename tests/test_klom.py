@@ -309,7 +309,7 @@ def test_bootstrap_of_several_groups_equals_one_group_at_a_time(monkeypatch):
     o = rng.normal(0.4, 1.3, size=(25, 300)).astype(np.float32)
     groups = [np.arange(0, 20), np.arange(20, 250), np.arange(250, 300)]
     alone = [bootstrap_p95_interval(u, o, g, n_boot=50, seed=0) for g in groups]
-    monkeypatch.setattr("pipeline.evaluate.klom._CHUNK_SAMPLES", 7 * 300 * 30)  # 7 replicates a call: 8 calls
+    monkeypatch.setattr("pipeline.evaluate.klom._BOOTSTRAP_CALL_SAMPLES", 7 * 300 * 30)  # 7 replicates a call
     assert bootstrap_p95_intervals(u, o, groups, n_boot=50, seed=0, threads=2) == alone
     assert bootstrap_p95_intervals(u, o, groups, n_boot=50, seed=0, threads=1, compat=True) == [
         bootstrap_p95_interval(u, o, g, n_boot=50, seed=0, compat=True) for g in groups]
