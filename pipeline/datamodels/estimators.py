@@ -809,7 +809,7 @@ def _select_and_refit_cd(
         return lasso_cd.select_refit_targets(
             H_fit, q_fit, c0_fit, grid_np, xv_t, yv, -1 if min_lambdas is None else min_lambdas, H_all, q_all,
             c0_all, ratio,
-            tol, max_iter, lo, hi, theta, lam, path_tol,
+            tol, path_tol, max_iter, lo, hi, theta, lam,
         )
 
     lasso_cd.over_targets(run, t, threads or torch.get_num_threads())

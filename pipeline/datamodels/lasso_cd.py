@@ -263,13 +263,14 @@ def _validation_mse(theta, xv_t, yv):
 
 @numba.njit(cache=True, nogil=True)
 def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_all, Q_all, C0_all, ratio,
-                         tol, max_sweeps, lo, hi, out_theta, out_lam, path_tol=-1.0):
+                         tol, path_tol, max_sweeps, lo, hi, out_theta, out_lam):
     """Per target lo..hi: the path on the fitting models, lambda by validation MSE, refit on all.
 
     grid (k, t) the fitting path; xv_t (n, v) the validation models' standardised design (fitting
     standardisation), transposed; yv (v, t) their outputs less the fitting mean; min_lambdas: after
     that many lambdas a path stops at the first rise of its validation MSE (-1: never). The refit
-    starts from the chosen solution times ratio (n,) = sigma_all / sigma_fit. Writes the refitted
+    starts from the chosen solution times ratio (n,) = sigma_all / sigma_fit. The path's solutions stop
+    at the relative gap path_tol (they only choose lambda), the refit at tol. Writes the refitted
     theta (all-model standardisation) to out_theta (t, n) and the chosen lambda to out_lam (t,);
     returns the sweeps per target."""
     n = H_fit.shape[0]
@@ -283,8 +284,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
         best[:] = 0
         best_lam, best_mse, last_mse = grid[0, i], np.inf, np.inf
         for j in range(grid.shape[0]):
-            done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, tol if path_tol < 0 else path_tol,
-                                    max_sweeps, path, idx, pos, G, w)
+            done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path, idx, pos,
+                                    G, w)
             sweeps[i - lo] += done
             mse = _validation_mse(theta, xv_t, yv[:, i])
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)
