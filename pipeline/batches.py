@@ -29,9 +29,11 @@ def block_steps(members: list[Member], epoch: int, batch_size: int):
     """Per step of one epoch: (step, training indices (M, B), active (M,) bool). A member whose epoch
     is over sits out (inactive) on a repeat of its last batch."""
     batches = [torch.as_tensor(epoch_batches(m, epoch, batch_size)) for m in members]
-    for step in range(max(len(b) for b in batches)):
-        active = torch.tensor([step < len(b) for b in batches])
-        yield step, torch.stack([b[min(step, len(b) - 1)] for b in batches]), active
+    lengths = torch.tensor([len(b) for b in batches])
+    steps = torch.arange(int(lengths.max()))
+    order = torch.stack([b[steps.clamp(max=len(b) - 1)] for b in batches], dim=1)  # (steps, M, B), built once
+    for step in range(len(steps)):
+        yield step, order[step], step < lengths
 
 
 def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:

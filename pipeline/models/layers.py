@@ -22,45 +22,56 @@ def uniform_init(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> t
 
 
 class StackedLinear(nn.Module):
-    """x (M, B, in) -> (M, B, out)."""
+    """x (M, B, in) -> (M, B, out); relu=True applies a ReLU in the same autograd node (the values and
+    gradients F.relu gives, without a second pass over a fresh tensor on each side)."""
 
-    def __init__(self, gens: list[torch.Generator], d_in: int, d_out: int, bias: bool = True):
+    def __init__(self, gens: list[torch.Generator], d_in: int, d_out: int, bias: bool = True, relu: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.stack([uniform_init((d_out, d_in), d_in, g) for g in gens]))
         self.bias = nn.Parameter(torch.stack([uniform_init((d_out,), d_in, g) for g in gens])) if bias else None
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _StackedAffine.apply(x, self.weight, self.bias)
+        return _StackedAffine.apply(x, self.weight, self.bias, self.relu)
 
 
 class _StackedAffine(torch.autograd.Function):
-    """x (M, B, in) @ weight (M, out, in)^T + bias (M, out), with the weight gradient computed as
-    g^T x, already in the weight's (M, out, in) layout. Autograd's own bmm backward gives x^T g, the
-    transposed layout, and copies it into place: 19 % of a digits MLP step on a CPU. Under autocast
-    the inputs are cast as autocast casts bmm's, and the gradients cast back to the inputs' dtypes."""
+    """x (M, B, in) @ weight (M, out, in)^T + bias (M, out), then a ReLU in place when asked, with the
+    weight gradient computed as g^T x, already in the weight's (M, out, in) layout. Autograd's own bmm
+    backward gives x^T g, the transposed layout, and copies it into place: 19 % of a digits MLP step on
+    a CPU. The ReLU's backward is autograd's own (threshold_backward on the output). Under autocast the
+    inputs are cast as autocast casts bmm's, and the gradients cast back to the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, relu=False):
         device = x.device.type
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         xc, wc = (x, weight) if low is None else (x.to(low), weight.to(low))
         bc = None if bias is None else (bias if low is None else bias.to(low))
-        ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.autocast(device, enabled=False):
             if bc is None:
-                return torch.bmm(xc, wc.transpose(1, 2))
-            return torch.baddbmm(bc.unsqueeze(1), xc, wc.transpose(1, 2))
+                out = torch.bmm(xc, wc.transpose(1, 2))
+            else:
+                out = torch.baddbmm(bc.unsqueeze(1), xc, wc.transpose(1, 2))
+        if relu:
+            out.relu_()
+            ctx.save_for_backward(xc, wc, out)
+        else:
+            ctx.save_for_backward(xc, wc)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        xc, wc = ctx.saved_tensors
+        xc, wc, *out = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
+        if out:
+            g = torch.ops.aten.threshold_backward(g, out[0], 0)
         g = g.to(wc.dtype)
         gx = torch.bmm(g, wc).to(x_dtype) if ctx.needs_input_grad[0] else None
         gw = torch.bmm(g.transpose(1, 2), xc).to(w_dtype) if ctx.needs_input_grad[1] else None
         gb = g.sum(1).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 class StackedConv2d(nn.Module):

@@ -20,13 +20,12 @@ class MLP(StackedModel):
     def __init__(self, gens, in_shape, classes: int, hidden: int):
         super().__init__()
         d_in = math.prod(in_shape)
-        self.fc1 = StackedLinear(gens, d_in, hidden)
-        self.fc2 = StackedLinear(gens, hidden, hidden)
+        self.fc1 = StackedLinear(gens, d_in, hidden, relu=True)
+        self.fc2 = StackedLinear(gens, hidden, hidden, relu=True)
         self.fc = StackedLinear(gens, hidden, classes)
 
     def stacked_features(self, x):
-        h = F.relu(self.fc1(x.flatten(2)))
-        return F.relu(self.fc2(h))
+        return self.fc2(self.fc1(x.flatten(2)))
 
     def stacked_head(self, z):
         return self.fc(z)

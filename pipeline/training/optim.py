@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -99,7 +101,9 @@ class FlatStackedSGD(StackedSGD):
 
 
 class StackedAdam:
-    """torch.optim.Adam semantics (bias-corrected, L2 weight decay added to the gradient), per model."""
+    """torch.optim.Adam semantics (bias-corrected, L2 weight decay added to the gradient), per model, in
+    torch's own arithmetic (lerp for the first moment, the bias corrections folded into the step size and
+    the denominator): a handful of passes over each parameter and one temporary."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.params = [p for p in params if p.requires_grad]
@@ -116,18 +120,18 @@ class StackedAdam:
     def step(self, lr: torch.Tensor, grad_mask: list | None = None) -> None:
         self.t += 1
         b1, b2 = self.betas
+        correction2 = math.sqrt(1 - b2**self.t)
+        step = -lr / (1 - b1**self.t)  # (M,)
         for i, (p, m, v) in enumerate(zip(self.params, self.m, self.v)):
             if p.grad is None:
                 continue
-            g = p.grad + self.weight_decay * p
+            g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
             if grad_mask is not None and grad_mask[i] is not None:
                 g = g * grad_mask[i]
-            m.mul_(b1).add_(g, alpha=1 - b1)
+            m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = m / (1 - b1**self.t)
-            v_hat = v / (1 - b2**self.t)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            p.sub_(lr.view(shape) * m_hat / (v_hat.sqrt() + self.eps))
+            denom = v.sqrt().div_(correction2).add_(self.eps)
+            p.addcmul_(step.view((-1,) + (1,) * (p.dim() - 1)), torch.div(m, denom, out=denom))
 
 
 def per_model_grad_norm(params) -> torch.Tensor:
