@@ -168,3 +168,37 @@ def test_cli_query_json_and_errors(fitted):
 def test_query_without_a_finished_fit_is_exit_2(tiny_store):
     res = cli("query", "top-k", str(TINY), "--target", "1", "--set", f"store={tiny_store.root}")
     assert res.returncode == 2 and "not finished" in res.stderr
+
+
+def test_a_worker_decodes_a_subset_band_once_and_again_after_a_block_is_rewritten(fitted, tmp_path):
+    # fit tasks in one worker share the decoded chunks of their band (digits: one chunk of every point
+    # per model); the copy is reused while the family's markers are unchanged and renewed when one is
+    from pipeline.plan import family_store
+    from pipeline.stages import fit as fit_stage
+
+    root, _, _ = fitted
+    plan = tiny_plan(copy_store(root, tmp_path / "store"))
+    meta = plan.prepared_meta()
+    family = family_store(plan, fit_stage._subset_family(plan, "fit"), meta)
+    n = plan.cfg.train.subset.models
+    want = family.array("margins")[:n]
+    np.testing.assert_array_equal(fit_stage._subset_columns(plan, meta, "fit", "margins", n, 32, 48), want[:, 32:48])
+    chunks = tmp_path / "store" / plan.subset.rel / "arrays.zarr" / "fit" / "margins" / "c"
+    saved = {path: path.read_bytes() for path in chunks.rglob("*") if path.is_file()}
+    for path in saved:
+        path.write_bytes(b"not a chunk")
+    got = fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16)  # from the decoded band
+    np.testing.assert_array_equal(got, want[:, :16])
+    got[:] = 0  # a copy: the kept band is not the caller's to change
+    np.testing.assert_array_equal(fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16), want[:, :16])
+    for path, data in saved.items():
+        path.write_bytes(data)
+    marker = min(family.markers(), key=lambda m: m["start"])
+    rows = {name: family.array(name)[marker["start"] : marker["end"]] for name in ("masks", "accuracy")}
+    logits = family.array("logits")
+    rows["logits"] = logits[marker["start"] : marker["end"]] if logits.shape[0] else None
+    fresh = want[marker["start"] : marker["end"]] + 1.0
+    family.write_block(marker["start"], {**{k: v for k, v in rows.items() if v is not None}, "margins": fresh},
+                       marker["info"])
+    renewed = fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16)
+    np.testing.assert_array_equal(renewed[: len(fresh)], fresh[:, :16])
