@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 bad input, 1 failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Optional
@@ -191,7 +192,9 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
     from pipeline.stages.report import collect_rows, p95_cell
 
     def go():
-        rows = collect_rows(_plan(config, set_))
+        # with --json stdout is the JSON alone: the rows' progress goes to stderr
+        with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+            rows = collect_rows(_plan(config, set_))
         if json_out:
             print(json.dumps([{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows],
                              indent=1, default=float))

@@ -71,11 +71,12 @@ def logit_accuracy(logits: np.ndarray, labels: np.ndarray):
 
 
 def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels: np.ndarray,
-          bootstrap: int | None = None) -> dict:
+          bootstrap: int | None = None, threads: int | None = None) -> dict:
     """KLoM statistics, accuracies and MIA of margins (N, P) against the forget set's eval oracles.
 
     accuracy_of: pts -> accuracy, or None when unknown (imported margins). bootstrap: replicates of the
-    P95 interval over models (None: the config's `evaluate.bootstrap`; 0: no interval)."""
+    P95 interval over models (None: the config's `evaluate.bootstrap`; 0: no interval); threads: the
+    bootstrap's (None: every core)."""
     eval_m = oracle_margins(plan, forget_name, "eval")
     groups = group_points(plan, forget_name)
     kw = klom_kwargs(plan)
@@ -83,7 +84,8 @@ def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels
     per_point = klom(margins, eval_m, **kw)
     row = {"klom": {}, "accuracy": {}, "oracle_accuracy": {}}
     oracle_accuracy = logit_accuracy(oracle_margins(plan, forget_name, "eval", "logits"), labels)
-    intervals = (bootstrap_p95_intervals(margins, eval_m, list(groups.values()), n_boot=n_boot, seed=0, **kw)
+    intervals = (bootstrap_p95_intervals(margins, eval_m, list(groups.values()), n_boot=n_boot, seed=0,
+                                         threads=threads, **kw)
                  if n_boot else [(None, None)] * len(groups))
     for (g, pts), interval in zip(groups.items(), intervals):
         values = per_point[pts]

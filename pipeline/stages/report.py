@@ -9,12 +9,15 @@ of one retraining (per request, and the amortized one-off costs in their own col
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import ray
 
-from pipeline.store import runrecord
+from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.store import Store, runrecord
 from pipeline.evaluate.oracles import (
     GROUPS, SELECTION_RULE, all_labels, group_points, logit_accuracy, oracle_margins, score, selection_score,
 )
@@ -31,41 +34,67 @@ __all__ = ["GROUPS", "collect_rows", "group_points", "score", "selection_score",
 
 
 def collect_rows(plan: Plan) -> list[dict]:
+    """Every row of the report, in order: per forget set the floor (`retrain`), each method's chosen
+    setting, then imported rows. Rows are scored in Ray tasks, one per row (reading 100 models' margins
+    and logits and bootstrapping their P95s is the report's work; on a cluster it spreads out)."""
     from pipeline.maintenance.exchange import imported_rows
 
     plan.store.check_reachable(create=False)
     meta = plan.prepared_meta()
     labels = all_labels(plan)
     n_u = n_unlearned(plan.cfg)
+    if plan.cfg.train.oracle.reference != n_u:
+        raise StageError(f"train.oracle.reference ({plan.cfg.train.oracle.reference}) must equal the number of "
+                         f"unlearned models ({n_u}) so every row compares the same number of models (decision 17)")
     chosen = select_hyperparameters(plan, method_grids(plan.cfg))
+    jobs = []
+    for fs in plan.cfg.forget_sets:
+        _oracle_margins(plan, fs.name, "reference")  # not trained: named here, before any task
+        jobs.append(("retrain", {}, fs.name))
+        for method, hp in chosen.items():
+            if not unlearn_family(plan, unlearn_ref(plan, method, hp, fs.name), meta).done_mask(n_u).all():
+                raise StageError(f"unlearn[{method},{fs.name}] is not complete: run `oracle-farm unlearn`")
+            jobs.append((method, hp.model_dump(mode="json"), fs.name))
+    ex = plan.cfg.execution
+    init_ray(ex)
+    remote = ray.remote(score_row_task).options(**task_options(ex))
     retrain_cost = _retrain_seconds(plan, meta)
+    refs = [(remote.remote(plan.store.root, plan.cfg, m, hp, fs, retrain_cost), 1) for m, hp, fs in jobs]
+    scored = run_tasks("report", refs, len(refs), unit="rows")
     rows = []
     for fs in plan.cfg.forget_sets:
-        ref_m = _oracle_margins(plan, fs.name, "reference")
-        if len(ref_m) != n_u:
-            raise StageError(f"train.oracle.reference ({len(ref_m)}) must equal the number of unlearned models ({n_u}) "
-                             "so every row compares the same number of models (decision 17)")
-        ref_acc = _logit_accuracy(_oracle_margins(plan, fs.name, "reference", "logits").astype(np.float32), labels)
-        row = score(plan, fs.name, ref_m, ref_acc, labels)
-        rows.append({"method": "retrain", "forget_set": fs.name, **row, "compute": 1.0, "seconds_fraction": 1.0,
-                     "amortized": 0.0, "hparams": {}})
-        for method, hp in chosen.items():
-            family = unlearn_family(plan, unlearn_ref(plan, method, hp, fs.name), meta)
-            if not family.done_mask(n_u).all():
-                raise StageError(f"unlearn[{method},{fs.name}] is not complete: run `oracle-farm unlearn`")
-            margins = family.read("margins", n_u)
-            acc = _logit_accuracy(family.read("logits", n_u).astype(np.float32), labels)
-            infos = family.model_infos(n_u)
-            passes = float(np.mean([i["equivalent_passes"] for i in infos]))
-            seconds = float(np.mean([i["seconds"] / max(1, i["block"][1] - i["block"][0]) for i in infos]))
-            rows.append({"method": method, "forget_set": fs.name, **score(plan, fs.name, margins, acc, labels),
-                         "compute": passes / infos[0]["retrain_example_passes"],
-                         "seconds_fraction": seconds / retrain_cost if retrain_cost else None,
-                         "amortized": _amortized(plan, method), "hparams": hp.model_dump(mode="json"),
-                         "notes": infos[0].get("notes", {})})
+        rows += [row for row, (_, _, name) in zip(scored, jobs) if name == fs.name]
         rows += imported_rows(plan, fs.name, n_u, labels)  # `M (imported)`: margins from import-margins
     annotate(rows)
     return rows
+
+
+def score_row_task(store_root: str, cfg, method: str, hparams: dict, forget_name: str,
+                   retrain_cost: float | None) -> dict:
+    """One Ray task: a report row, the floor's (method `retrain`: the reference oracles) or a method's
+    chosen setting's (its 100 unlearned models), scored against the forget set's eval oracles."""
+    plan = Plan(cfg, Store(store_root))
+    labels = all_labels(plan)
+    threads = cfg.execution.threads
+    if method == "retrain":
+        ref_m = _oracle_margins(plan, forget_name, "reference")
+        ref_acc = _logit_accuracy(_oracle_margins(plan, forget_name, "reference", "logits").astype(np.float32), labels)
+        return {"method": "retrain", "forget_set": forget_name, **score(plan, forget_name, ref_m, ref_acc, labels,
+                                                                         threads=threads),
+                "compute": 1.0, "seconds_fraction": 1.0, "amortized": 0.0, "hparams": {}}
+    n_u = n_unlearned(cfg)
+    hp = get_method(method).Config.model_validate(hparams)
+    family = unlearn_family(plan, unlearn_ref(plan, method, hp, forget_name), plan.prepared_meta())
+    margins = family.read("margins", n_u)
+    acc = _logit_accuracy(family.read("logits", n_u).astype(np.float32), labels)
+    infos = family.model_infos(n_u)
+    passes = float(np.mean([i["equivalent_passes"] for i in infos]))
+    seconds = float(np.mean([i["seconds"] / max(1, i["block"][1] - i["block"][0]) for i in infos]))
+    return {"method": method, "forget_set": forget_name, **score(plan, forget_name, margins, acc, labels, threads=threads),
+            "compute": passes / infos[0]["retrain_example_passes"],
+            "seconds_fraction": seconds / retrain_cost if retrain_cost else None,
+            "amortized": _amortized(plan, method), "hparams": hp.model_dump(mode="json"),
+            "notes": infos[0].get("notes", {})}
 
 
 # The bar a selected setting must meet not to count as breaking the model (issue 14, item 3): retain and
@@ -168,7 +197,7 @@ def write_report(plan: Plan, out_dir: Path | None = None, key: str | None = None
     out = report_path(plan, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fit = plan.store.read_json(f"{plan.fit.rel}/COMPLETE.json")
-    plots = _plots(rows, out)
+    plots = _plots(plan, rows, out)
     summary = [{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows]
     (out / "report.json").write_text(json.dumps({"config": plan.cfg.name, "key": key, "rows": summary, "fit": fit,
                                                  "plots": plots}, indent=1, default=float))
@@ -336,23 +365,43 @@ def style(method: str) -> tuple[str, str]:
     return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
 
 
-def _plots(rows: list[dict], out: Path) -> list[str]:
+def _plots(plan: Plan, rows: list[dict], out: Path) -> list[str]:
+    """The figures, drawn in Ray tasks (a forget set's two in one, the overview in another) and written
+    to out by the driver; returns their file names in order."""
+    sets = list(dict.fromkeys(r["forget_set"] for r in rows))
+    remote = ray.remote(draw_task).options(**task_options(plan.cfg.execution))
+    refs = [remote.remote(fs, [r for r in rows if r["forget_set"] == fs]) for fs in sets]
+    refs.append(remote.remote(None, [{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows]))
+    names = []
+    for figures in ray.get(refs):
+        for name, png in figures:
+            (out / name).write_bytes(png)
+            names.append(name)
+    return names
+
+
+def draw_task(forget_set: str | None, rows: list[dict]) -> list[tuple[str, bytes]]:
+    """One Ray task: a forget set's Pareto and ECDF figures (forget_set None: the forget-vs-retain
+    overview of every set), as (file name, PNG bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    sets = list(dict.fromkeys(r["forget_set"] for r in rows))
-    for fs in sets:
-        sub = [r for r in rows if r["forget_set"] == fs]
-        names.append(_pareto(plt, fs, sub, out))
-        names.append(_ecdfs(plt, fs, sub, out))
-    names.append(_forget_vs_retain(plt, sets, rows, out))
-    return names
+    if forget_set is None:
+        sets = list(dict.fromkeys(r["forget_set"] for r in rows))
+        return [_forget_vs_retain(plt, sets, rows)]
+    return [_pareto(plt, forget_set, rows), _ecdfs(plt, forget_set, rows)]
 
 
-def _pareto(plt, fs: str, sub: list[dict], out: Path) -> str:
+def _png(plt, fig, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pareto(plt, fs: str, sub: list[dict]) -> tuple[str, bytes]:
     """Forget P95 as a multiple of the floor against compute; zero-compute methods on their own axis."""
     fig, (ax0, ax) = plt.subplots(1, 2, figsize=(8, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 6]})
     floor = next(r for r in sub if r["method"] == "retrain")
@@ -385,13 +434,10 @@ def _pareto(plt, fs: str, sub: list[dict], out: Path) -> str:
     ax.set_title(f"forget set {fs}: forget P95 (x floor; band: floor's 95% interval; dashed: do-nothing)", fontsize=9)
     ax.set_ylim(bottom=0)
     fig.tight_layout()
-    name = f"pareto_{fs}.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return f"pareto_{fs}.png", _png(plt, fig, 110)
 
 
-def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
+def _ecdfs(plt, fs: str, sub: list[dict]) -> tuple[str, bytes]:
     """Small multiples: per method, the ECDF of per-point KLoM on forget, retain and val points, over
     the retrain row's (grey)."""
     methods = [r for r in sub if r["method"] != "retrain"]
@@ -425,13 +471,10 @@ def _ecdfs(plt, fs: str, sub: list[dict], out: Path) -> str:
     fig.suptitle(f"{fs}: ECDF of per-point KLoM\n(grey: retrain; a curve crosses the 0.95 line at its P95)",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    name = f"klom_ecdf_{fs}.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return f"klom_ecdf_{fs}.png", _png(plt, fig, 100)
 
 
-def _forget_vs_retain(plt, sets: list[str], rows: list[dict], out: Path) -> str:
+def _forget_vs_retain(plt, sets: list[str], rows: list[dict]) -> tuple[str, bytes]:
     """Per forget set, forget P95 against retain P95 (both x floor): a method that forgets by breaking
     the model sits high on the retain axis."""
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4), squeeze=False)
@@ -455,7 +498,4 @@ def _forget_vs_retain(plt, sets: list[str], rows: list[dict], out: Path) -> str:
     axes[0][0].set_ylabel("forget P95 / floor")
     fig.suptitle("forget vs retain P95 KLoM, as multiples of the floor (1 = retraining)", fontsize=9)
     fig.tight_layout()
-    name = "forget_vs_retain.png"
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
-    return name
+    return "forget_vs_retain.png", _png(plt, fig, 100)
