@@ -157,6 +157,15 @@ def score_grid_point(plan: Plan, method: str, hp, forget_name: str, labels: np.n
             "compute_fraction": float(np.mean([i["equivalent_passes"] / i["retrain_example_passes"] for i in infos]))}
 
 
+def score_grid_point_task(store_root: str, cfg: Config, method: str, hparams: dict, forget_name: str) -> dict:
+    """One Ray task: `score_grid_point` of a tuning run (reading its models' outputs is most of it)."""
+    from pipeline.evaluate.oracles import all_labels
+
+    plan = Plan(cfg, Store(store_root))
+    hp = get_method(method).Config.model_validate(hparams)
+    return score_grid_point(plan, method, hp, forget_name, all_labels(plan))
+
+
 def tuning_references(plan: Plan, forget_name: str, labels: np.ndarray) -> dict:
     """The tuning set's own floor (its reference oracles) and do-nothing (the first N_u full models),
     scored as the grid points are, so the record shows what each point costs the model."""
@@ -190,13 +199,17 @@ def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
     missing = {m: g for m, g in to_tune.items() if plan.store.read_json(selection_rel(plan, m, g)) is None}
     if missing:
         run_unlearn_jobs(plan, [(m, hp, tuning.name) for m, g in missing.items() for hp in g], "tune")
-        labels = all_labels(plan)
-        references = tuning_references(plan, tuning.name, labels)
+        references = tuning_references(plan, tuning.name, all_labels(plan))
+        points = [(m, hp) for m, g in missing.items() for hp in g]
+        init_ray(plan.cfg.execution)
+        remote = ray.remote(score_grid_point_task).options(**task_options(plan.cfg.execution))
+        refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), tuning.name), 1) for m, hp in points]
+        scored = run_tasks("score", refs, len(refs), unit="grid points")
     for method, grid in to_tune.items():
         rel = selection_rel(plan, method, grid)
         record = plan.store.read_json(rel)
         if record is None:
-            scores = [score_grid_point(plan, method, hp, tuning.name, labels) for hp in grid]
+            scores = [s for (m, _), s in zip(points, scored) if m == method]
             record = {"method": method, "tuning_forget_set": tuning.name, "rule": SELECTION_RULE,
                       "version": SELECTION_VERSION, "scores": scores, "chosen": choose(scores), **references}
             plan.store.write_json(rel, record)
