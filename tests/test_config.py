@@ -357,3 +357,14 @@ def test_every_bad_method_is_named_at_once():
     assert msg.splitlines()[:2] == ["unlearn.methods.finetune.lr: must be > 0, got -1",
                                     "unlearn.methods.finetune.epochs: must be >= 1, got 0"]
     assert msg.splitlines()[2].startswith("unlearn.methods.scrub.nope: unknown key")
+
+
+def test_scoring_tasks_ask_for_no_gpu_on_a_gpu_config():
+    # report rows, figures and grid scores read and score on the CPU: on a GPU cluster they must not
+    # hold a GPU each (training and unlearning tasks still ask for theirs)
+    from pipeline.config import ExecutionConfig
+    from pipeline.execution import task_options
+
+    ex = ExecutionConfig(device="cuda", num_gpus=1, threads=4)
+    assert task_options(ex)["num_gpus"] == 1 and task_options(ex, gpu=False)["num_gpus"] == 0
+    assert task_options(ex, gpu=False)["num_cpus"] == 4

@@ -79,8 +79,9 @@ def _bind_local_instance_to_loopback() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def task_options(cfg: ExecutionConfig) -> dict:
-    return {"num_cpus": cfg.threads, "num_gpus": cfg.num_gpus if cfg.device == "cuda" else 0,
+def task_options(cfg: ExecutionConfig, gpu: bool = True) -> dict:
+    """Ray options of a task; gpu=False for work that reads and scores on the CPU (report rows, figures)."""
+    return {"num_cpus": cfg.threads, "num_gpus": cfg.num_gpus if gpu and cfg.device == "cuda" else 0,
             "max_retries": cfg.max_retries, "retry_exceptions": False}
 
 

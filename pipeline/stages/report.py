@@ -57,7 +57,7 @@ def collect_rows(plan: Plan) -> list[dict]:
             jobs.append((method, hp.model_dump(mode="json"), fs.name))
     ex = plan.cfg.execution
     init_ray(ex)
-    remote = ray.remote(score_row_task).options(**task_options(ex))
+    remote = ray.remote(score_row_task).options(**task_options(ex, gpu=False))
     retrain_cost = _retrain_seconds(plan, meta)
     refs = [(remote.remote(plan.store.root, plan.cfg, m, hp, fs, retrain_cost), 1) for m, hp, fs in jobs]
     scored = run_tasks("report", refs, len(refs), unit="rows")
@@ -369,7 +369,7 @@ def _plots(plan: Plan, rows: list[dict], out: Path) -> list[str]:
     """The figures, drawn in Ray tasks (a forget set's two in one, the overview in another) and written
     to out by the driver; returns their file names in order."""
     sets = list(dict.fromkeys(r["forget_set"] for r in rows))
-    remote = ray.remote(draw_task).options(**task_options(plan.cfg.execution))
+    remote = ray.remote(draw_task).options(**task_options(plan.cfg.execution, gpu=False))
     refs = [remote.remote(fs, [r for r in rows if r["forget_set"] == fs]) for fs in sets]
     refs.append(remote.remote(None, [{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows]))
     names = []

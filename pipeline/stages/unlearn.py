@@ -202,7 +202,7 @@ def select_hyperparameters(plan: Plan, grids: dict) -> dict[str, object]:
         references = tuning_references(plan, tuning.name, all_labels(plan))
         points = [(m, hp) for m, g in missing.items() for hp in g]
         init_ray(plan.cfg.execution)
-        remote = ray.remote(score_grid_point_task).options(**task_options(plan.cfg.execution))
+        remote = ray.remote(score_grid_point_task).options(**task_options(plan.cfg.execution, gpu=False))
         refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), tuning.name), 1) for m, hp in points]
         scored = run_tasks("score", refs, len(refs), unit="grid points")
     for method, grid in to_tune.items():
