@@ -182,15 +182,15 @@ def test_a_worker_decodes_a_subset_band_once_and_again_after_a_block_is_rewritte
     family = family_store(plan, fit_stage._subset_family(plan, "fit"), meta)
     n = plan.cfg.train.subset.models
     want = family.array("margins")[:n]
-    np.testing.assert_array_equal(fit_stage._subset_columns(plan, meta, "fit", "margins", n, 32, 48), want[:, 32:48])
+    np.testing.assert_array_equal(fit_stage._subset_reader(plan, meta, "fit", n)("margins", 32, 48), want[:, 32:48])
     chunks = tmp_path / "store" / plan.subset.rel / "arrays.zarr" / "fit" / "margins" / "c"
     saved = {path: path.read_bytes() for path in chunks.rglob("*") if path.is_file()}
     for path in saved:
         path.write_bytes(b"not a chunk")
-    got = fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16)  # from the decoded band
+    got = fit_stage._subset_reader(plan, meta, "fit", n)("margins", 0, 16)  # from the decoded band
     np.testing.assert_array_equal(got, want[:, :16])
     got[:] = 0  # a copy: the kept band is not the caller's to change
-    np.testing.assert_array_equal(fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16), want[:, :16])
+    np.testing.assert_array_equal(fit_stage._subset_reader(plan, meta, "fit", n)("margins", 0, 16), want[:, :16])
     for path, data in saved.items():
         path.write_bytes(data)
     marker = min(family.markers(), key=lambda m: m["start"])
@@ -200,5 +200,5 @@ def test_a_worker_decodes_a_subset_band_once_and_again_after_a_block_is_rewritte
     fresh = want[marker["start"] : marker["end"]] + 1.0
     family.write_block(marker["start"], {**{k: v for k, v in rows.items() if v is not None}, "margins": fresh},
                        marker["info"])
-    renewed = fit_stage._subset_columns(plan, meta, "fit", "margins", n, 0, 16)
+    renewed = fit_stage._subset_reader(plan, meta, "fit", n)("margins", 0, 16)
     np.testing.assert_array_equal(renewed[: len(fresh)], fresh[:, :16])

@@ -29,21 +29,25 @@ _FINISHED_MAX = 16
 
 def oracle_margins(plan: Plan, forget_name: str, role: str, array: str = "margins") -> np.ndarray:
     """The `role` oracles' margins (or logits) of a forget set: (n_role, P[, classes]), read-only."""
-    meta = plan.prepared_meta()
     n = getattr(plan.cfg.train.oracle, role)
-    ref = plan.oracle(forget_name)
-    key = (plan.store.root, ref.rel, role, n, array)
+    key = (plan.store.root, plan.oracle(forget_name).rel, role, n, array)
     if key in _FINISHED:
         return _FINISHED[key]
-    family = family_store(plan, FamilySpec(ref, role, n, "oracle"), meta)
-    if n == 0 or not family.done_mask(n).all():
-        raise StageError(f"the {role} oracles of forget set {forget_name!r} are not trained: run `oracle-farm train`")
-    values = family.read(array, n)
+    values = trained_oracles(plan, forget_name, role).read(array, n)
     values.flags.writeable = False
     while len(_FINISHED) >= _FINISHED_MAX:
         _FINISHED.pop(next(iter(_FINISHED)))
     _FINISHED[key] = values
     return values
+
+
+def trained_oracles(plan: Plan, forget_name: str, role: str):
+    """The `role` oracle family of a forget set (its markers only read); StageError if not all trained."""
+    n = getattr(plan.cfg.train.oracle, role)
+    family = family_store(plan, FamilySpec(plan.oracle(forget_name), role, n, "oracle"), plan.prepared_meta())
+    if n == 0 or not family.done_mask(n).all():
+        raise StageError(f"the {role} oracles of forget set {forget_name!r} are not trained: run `oracle-farm train`")
+    return family
 
 
 def all_labels(plan: Plan) -> np.ndarray:

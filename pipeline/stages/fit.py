@@ -163,12 +163,13 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
     meta = plan.prepared_meta()
     device = torch.device(cfg.execution.device)
     n_fit = cfg.train.subset.models
-    masks = torch.as_tensor(_subset_columns(plan, meta, "fit", "masks", n_fit), device=device)
-    margins = torch.as_tensor(_subset_columns(plan, meta, "fit", "margins", n_fit, start, end), device=device)
+    subset = _subset_reader(plan, meta, "fit", n_fit)
+    masks = torch.as_tensor(subset("masks"), device=device)
+    margins = torch.as_tensor(subset("margins", start, end), device=device)
     classes = meta["classes"]
     logits = None
     if cfg.fit.per_logit:
-        logits = torch.as_tensor(_subset_columns(plan, meta, "fit", "logits", n_fit, start, end), device=device).float()
+        logits = torch.as_tensor(subset("logits", start, end), device=device).float()
     design = None
     if cfg.fit.estimator == "lasso":
         lc = cfg.fit.lasso
@@ -216,29 +217,35 @@ def _heldout_lds(plan: Plan, meta: dict, weight, bias, start: int, end: int, dev
     n_held = plan.cfg.train.subset.heldout
     if n_held < 3:
         return torch.full((end - start,), float("nan"))
-    masks = torch.as_tensor(_subset_columns(plan, meta, "heldout", "masks", n_held), device=device)
-    actual = torch.as_tensor(_subset_columns(plan, meta, "heldout", "margins", n_held, start, end), device=device)
+    held = _subset_reader(plan, meta, "heldout", n_held)
+    masks = torch.as_tensor(held("masks"), device=device)
+    actual = torch.as_tensor(held("margins", start, end), device=device)
     return lds(weight, bias, masks, actual)
 
 
-def _subset_columns(plan: Plan, meta: dict, role: str, name: str, n: int, start: int = 0,
-                    end: int | None = None) -> np.ndarray:
-    """Rows 0..n, columns start..end (all by default) of a subset family's array, as a writable copy;
-    from this worker's decoded band of the chunks that hold them when it is small enough (``_KEPT``)."""
+def _subset_reader(plan: Plan, meta: dict, role: str, n: int):
+    """read(name, start=0, end=None): rows 0..n, columns start..end (all by default) of the subset family's
+    array, as a writable copy; from this worker's decoded band of the chunks that hold them when it is
+    small enough (``_KEPT``). The family's markers, which key the band, are read once, here."""
     family = family_store(plan, _subset_family(plan, role), meta)
-    array = family.array(name)
-    end = array.shape[1] if end is None else end
-    width = array.chunks[1]
-    lo, hi = start // width * width, min(array.shape[1], -(-end // width) * width)
-    if n * (hi - lo) * int(np.prod(array.shape[2:])) * array.dtype.itemsize > _KEPT_BYTES:
-        return array[:n, start:end]
-    written = sorted((m["start"], m["end"], m.get("checksums", {}).get(name)) for m in family.markers() if m["start"] < n)
-    key = (plan.store.root, family.group_rel, name, n, lo, hi, tuple(written))
-    if key not in _KEPT:
-        while len(_KEPT) >= _KEPT_MAX:
-            _KEPT.pop(next(iter(_KEPT)))
-        _KEPT[key] = array[:n, lo:hi]
-    return _KEPT[key][:, start - lo : end - lo].copy()
+    markers = [m for m in family.markers() if m["start"] < n]
+
+    def read(name: str, start: int = 0, end: int | None = None) -> np.ndarray:
+        array = family.array(name)
+        end = array.shape[1] if end is None else end
+        width = array.chunks[1]
+        lo, hi = start // width * width, min(array.shape[1], -(-end // width) * width)
+        if n * (hi - lo) * int(np.prod(array.shape[2:])) * array.dtype.itemsize > _KEPT_BYTES:
+            return array[:n, start:end]
+        written = tuple(sorted((m["start"], m["end"], m.get("checksums", {}).get(name)) for m in markers))
+        key = (plan.store.root, family.group_rel, name, n, lo, hi, written)
+        if key not in _KEPT:
+            while len(_KEPT) >= _KEPT_MAX:
+                _KEPT.pop(next(iter(_KEPT)))
+            _KEPT[key] = array[:n, lo:hi]
+        return _KEPT[key][:, start - lo : end - lo].copy()
+
+    return read
 
 
 def _write_rows_copy(plan: Plan, meta: dict) -> None:

@@ -20,6 +20,7 @@ from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.store import Store, runrecord
 from pipeline.evaluate.oracles import (
     GROUPS, SELECTION_RULE, all_labels, group_points, logit_accuracy, oracle_margins, score, selection_score,
+    trained_oracles,
 )
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.unlearn import get_method
@@ -49,7 +50,7 @@ def collect_rows(plan: Plan) -> list[dict]:
     chosen = select_hyperparameters(plan, method_grids(plan.cfg))
     jobs = []
     for fs in plan.cfg.forget_sets:
-        _oracle_margins(plan, fs.name, "reference")  # not trained: named here, before any task
+        trained_oracles(plan, fs.name, "reference")  # not trained: named here, before any task
         jobs.append(("retrain", {}, fs.name))
         for method, hp in chosen.items():
             if not unlearn_family(plan, unlearn_ref(plan, method, hp, fs.name), meta).done_mask(n_u).all():
@@ -369,6 +370,7 @@ def _plots(plan: Plan, rows: list[dict], out: Path) -> list[str]:
     """The figures, drawn in Ray tasks (a forget set's two in one, the overview in another) and written
     to out by the driver; returns their file names in order."""
     sets = list(dict.fromkeys(r["forget_set"] for r in rows))
+    init_ray(plan.cfg.execution)
     remote = ray.remote(draw_task).options(**task_options(plan.cfg.execution, gpu=False))
     refs = [remote.remote(fs, [r for r in rows if r["forget_set"] == fs]) for fs in sets]
     refs.append(remote.remote(None, [{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows]))
