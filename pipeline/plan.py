@@ -258,9 +258,11 @@ def stage_section(plan: Plan, fam: FamilySpec) -> tuple[dict, dict]:
     return section, upstream
 
 
-def pending_blocks(done: np.ndarray, block: int) -> list[tuple[int, int]]:
-    """Block-aligned ranges [k*block, (k+1)*block) holding any model not yet done."""
+def pending_blocks(done: np.ndarray, block: int, chunk: int = 1) -> list[tuple[int, int]]:
+    """Block-aligned ranges [k*block, (k+1)*block) holding any model not yet done. The block is a whole
+    number of the family's model chunks (rounded down, at least one), so no two tasks write one chunk."""
     n = len(done)
+    block = max(chunk, block // chunk * chunk)
     return [(s, min(s + block, n)) for s in range(0, n, block) if not done[s : s + block].all()]
 
 

@@ -67,7 +67,7 @@ def test_an_undecodable_zarr_chunk_is_named_when_a_later_stage_reads_it(tiny_sto
     plan = tiny_store.plan
     root = copy_store(tiny_store.root, tmp_path / "store")
     group = root / plan.oracle("random10").rel / "arrays.zarr"
-    chunk = group / "reference" / "margins" / "c" / "1" / "0"  # model 1's row
+    chunk = group / "reference" / "margins" / "c" / "0" / "0"  # the first block of models' rows
     chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
     before = store_snapshot(root)
     result = cli("evaluate", str(TINY), "--set", f"store={root}", *SOLO)

@@ -135,6 +135,7 @@ def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = N
                    name: str | None = None) -> dict:
     """Validate the file whole, then write it as an external family (rows, then markers)."""
     from pipeline.data.forget_sets import forget_set_id
+    from pipeline.plan import pending_blocks
     from pipeline.store.lease import hold
 
     path = Path(path)
@@ -171,14 +172,11 @@ def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = N
             return {"ref": ref, "models": n, "written": 0, "warnings": warnings, "url": plan.store.url(ref.rel)}
     with hold(plan.store, [ref.rel], plan.cfg.execution):
         ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
-        family.ensure_arrays(n)
-        done = family.done_mask(n)
         block = max(1, min(plan.cfg.execution.block_size, _CHUNK_BYTES // (4 * n_points)))
+        chunk = family.ensure_arrays(n, block)
+        done = family.done_mask(n)
         written = 0
-        for start in range(0, n, block):
-            end = min(n, start + block)
-            if done[start:end].all():
-                continue
+        for start, end in pending_blocks(done, block, chunk):
             rows = np.asarray(arr[start:end], dtype=np.float32)
             family.write_block(start, {"margins": rows}, {"source": path.name, "imported": time.time()})
             written += end - start

@@ -31,13 +31,16 @@ def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: 
     streamed through FFCV's Loader batch by batch (decision 12; `execution.data_path`)."""
     from pipeline.data.stream import StreamedData, resident_fits
 
+    store = Store(store_root)
+    meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
+    if data_path == "auto":  # keyed by what it resolves to: a worker that trains, then unlearns, reads it once
+        held = (store_root, prepare_rel, device, "resident") in _DATA_CACHE  # (its own memory is not free)
+        data_path = "resident" if held or resident_fits(meta, device) else "stream"
     key = (store_root, prepare_rel, device, data_path)
     if key not in _DATA_CACHE:
-        store = Store(store_root)
-        meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
         local = {split: prepared_file(store, prepare_rel, meta, split) for split in PREPARED_SPLITS}
         _DATA_CACHE.clear()
-        if data_path == "stream" or (data_path == "auto" and not resident_fits(meta, device)):
+        if data_path == "stream":
             labels = store.open_group(f"{prepare_rel}/arrays.zarr", mode="r")["labels"]
             _DATA_CACHE[key] = StreamedData(local["train"], local["val"], meta["shape"], labels["train"][:],
                                             labels["val"][:], meta["mean"], meta["std"], device)
@@ -76,9 +79,9 @@ def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")
         section, upstream = stage_section(plan, fam)
         ensure_stage(plan.store, fam.ref, section, upstream, plan.cfg.name)
         family = family_store(plan, fam, meta)
-        family.ensure_arrays(fam.n_models)
+        chunk = family.ensure_arrays(fam.n_models, ex.block_size)
         done = family.done_mask(fam.n_models)
-        for start, end in pending_blocks(done, ex.block_size):
+        for start, end in pending_blocks(done, ex.block_size, chunk):
             jobs.append((fam, start, end, np.flatnonzero(~done[start:end]) + start))
     if not jobs:
         return {"trained": 0}

@@ -60,9 +60,9 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
         ensure_stage(plan.store, ref, {"method": method, "hparams": hp.model_dump(mode="json"), "forget_set": fs},
                      {"full": plan.full.id}, plan.cfg.name)
         family = unlearn_family(plan, ref, meta)
-        family.ensure_arrays(n)
+        chunk = family.ensure_arrays(n, ex.block_size)
         done = family.done_mask(n)
-        for start, end in pending_blocks(done, ex.block_size):
+        for start, end in pending_blocks(done, ex.block_size, chunk):
             tasks.append((method, hp, fs, start, end, (np.flatnonzero(~done[start:end]) + start).tolist()))
     if not tasks:
         return

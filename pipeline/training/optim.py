@@ -4,16 +4,78 @@
 from __future__ import annotations
 
 import math
+from functools import cache
 
+import numpy as np
 import torch
 
 
-class StackedSGD:
-    """torch.optim.SGD semantics (momentum, L2 weight decay added to the gradient), per model."""
+@cache
+def _sgd_kernel():
+    """One pass over a parameter's rows (M, n): decay, momentum and the update, element by element, in
+    float32 (compiled once per machine, numba's cache). The torch ops it replaces make four passes over
+    memory: on a CPU the step is bound by memory (0.27 against 1.1 ms for the digits MLP's 128x128 layer
+    of 64 models), and it was 13 % of a training step."""
+    import numba
 
-    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0):
+    @numba.njit(cache=True, nogil=True)
+    def sgd_rows(p, g, buf, keep, on, step, weight_decay):
+        for m in range(p.shape[0]):
+            k, o, s = keep[m], on[m], step[m]
+            for j in range(p.shape[1]):
+                d = g[m, j]
+                if weight_decay != 0:
+                    d = d + weight_decay * p[m, j]
+                b = buf[m, j] * k + o * d
+                buf[m, j] = b
+                p[m, j] = p[m, j] + s * b
+
+    return sgd_rows
+
+
+@cache
+def _adam_kernel():
+    """StackedAdam's step in one pass over a parameter's rows (M, n), in torch's order of operations
+    (lerp, the second moment, the denominator, the update), float32; within an ulp of the torch ops
+    (tests), which make about eight passes and a temporary: 22 % of a DMM task's time, 0.63 s of 2.8."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy")  # no per-element zero check: it vectorises
+    def adam_rows(p, g, m, v, step, w1, b2, c2, correction2, eps, weight_decay):
+        for r in range(p.shape[0]):
+            s = step[r]
+            for j in range(p.shape[1]):
+                d = g[r, j]
+                if weight_decay != 0:
+                    d = d + weight_decay * p[r, j]
+                mm = m[r, j] + w1 * (d - m[r, j])
+                vv = v[r, j] * b2 + c2 * d * d
+                m[r, j] = mm
+                v[r, j] = vv
+                p[r, j] = p[r, j] + s * (mm / (np.sqrt(vv) / correction2 + eps))
+
+    return adam_rows
+
+
+def _compiled_ok(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _sgd_rows(p, g, buf, keep, on, step, weight_decay: float) -> None:
+    """The compiled step on (M, n) views; keep, on, step (M,) float32 on the CPU."""
+    m = p.shape[0]
+    _sgd_kernel()(p.view(m, -1).numpy(), g.view(m, -1).numpy(), buf.view(m, -1).numpy(), keep.numpy(),
+                  on.numpy(), step.numpy(), np.float32(weight_decay))
+
+
+class StackedSGD:
+    """torch.optim.SGD semantics (momentum, L2 weight decay added to the gradient), per model. On a CPU a
+    compiled pass per parameter (`compiled`; the same arithmetic, rounded once per operation where torch's
+    vectorised kernels may fuse a multiply-add: models agree to float tolerance, not bit for bit)."""
+
+    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0, compiled: bool = True):
         self.params = [p for p in params if p.requires_grad]
-        self.momentum, self.weight_decay = momentum, weight_decay
+        self.momentum, self.weight_decay, self.compiled = momentum, weight_decay, compiled
         self.buffers = [torch.zeros_like(p) for p in self.params]
 
     def zero_grad(self) -> None:
@@ -26,8 +88,13 @@ class StackedSGD:
         In place, no branches: an inactive member gets buf <- 1*buf + 0*d_p and p <- p - 0*buf."""
         on = torch.ones_like(lr) if active is None else active.to(lr.dtype)
         keep_buf = self.momentum * on + (1.0 - on)  # momentum for active members, 1 for inactive
+        step = -lr * on
         for i, (p, buf) in enumerate(zip(self.params, self.buffers)):
             if p.grad is None:
+                continue
+            masked = grad_mask is not None and grad_mask[i] is not None
+            if self.compiled and not masked and _compiled_ok(p, p.grad, buf, lr):
+                _sgd_rows(p.data, p.grad, buf, keep_buf, on, step, self.weight_decay)
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
             d_p = p.grad
@@ -36,7 +103,7 @@ class StackedSGD:
             if grad_mask is not None and grad_mask[i] is not None:
                 d_p.mul_(grad_mask[i])
             buf.mul_(keep_buf.view(shape)).addcmul_(on.view(shape), d_p)
-            p.addcmul_((-lr * on).view(shape), buf)
+            p.addcmul_(step.view(shape), buf)
 
 
 class FlatStackedSGD(StackedSGD):
@@ -46,9 +113,10 @@ class FlatStackedSGD(StackedSGD):
     arithmetic, element by element, as StackedSGD. For the trainer, where every parameter gets a
     gradient at every step (a parameter without one would still decay and carry momentum here)."""
 
-    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0, gather: bool | None = None):
+    def __init__(self, params, momentum: float = 0.9, weight_decay: float = 0.0, gather: bool | None = None,
+                 compiled: bool = True):
         self.params = [p for p in params if p.requires_grad]
-        self.momentum, self.weight_decay = momentum, weight_decay
+        self.momentum, self.weight_decay, self.compiled = momentum, weight_decay, compiled
         with torch.no_grad():
             self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.flat_grad = torch.zeros_like(self.flat)
@@ -85,6 +153,13 @@ class FlatStackedSGD(StackedSGD):
     def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
         if grad_mask is not None:
             raise ValueError("FlatStackedSGD takes no gradient masks: use StackedSGD")
+        if self.compiled and not self.gather and _compiled_ok(self.flat, lr):  # StackedSGD's compiled pass
+            on = torch.ones_like(lr) if active is None else active.to(lr.dtype)
+            keep, step = self.momentum * on + (1.0 - on), -lr * on
+            for seg in self.segments:
+                parts = (self._part(t, seg) for t in (self.flat, self.flat_grad, self.flat_buf))
+                _sgd_rows(*parts, keep, on, step, self.weight_decay)
+            return
         d_p = self.flat_grad
         if self.weight_decay:
             d_p.add_(self.flat, alpha=self.weight_decay)
@@ -105,9 +180,10 @@ class StackedAdam:
     torch's own arithmetic (lerp for the first moment, the bias corrections folded into the step size and
     the denominator): a handful of passes over each parameter and one temporary."""
 
-    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 compiled: bool = True):
         self.params = [p for p in params if p.requires_grad]
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.betas, self.eps, self.weight_decay, self.compiled = betas, eps, weight_decay, compiled
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
         self.t = 0
@@ -124,6 +200,14 @@ class StackedAdam:
         step = -lr / (1 - b1**self.t)  # (M,)
         for i, (p, m, v) in enumerate(zip(self.params, self.m, self.v)):
             if p.grad is None:
+                continue
+            masked = grad_mask is not None and grad_mask[i] is not None
+            if self.compiled and not masked and _compiled_ok(p, p.grad, m, v, step):
+                rows = p.shape[0]
+                f32 = np.float32
+                _adam_kernel()(*(t.view(rows, -1).numpy() for t in (p.data, p.grad, m, v)), step.numpy(),
+                               f32(1 - b1), f32(b2), f32(1 - b2), f32(correction2), f32(self.eps),
+                               f32(self.weight_decay))
                 continue
             g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
             if grad_mask is not None and grad_mask[i] is not None:
