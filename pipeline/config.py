@@ -197,7 +197,7 @@ class ExecutionConfig(Frozen):
     num_cpus: int = Field(2, gt=0)
     num_gpus: float = Field(0, ge=0)  # per task
     device: Literal["cpu", "cuda"] = "cpu"
-    block_size: int = Field(32, gt=0)  # models per Ray task
+    block_size: int = Field(32, gt=0)  # models per Ray task, and per chunk of a new family (storage_layout.md)
     # training data (decision 12): resident on the device, streamed through FFCV's Loader, or auto
     # (resident when the dataset takes at most half the device's free memory); same batches either way
     data_path: Literal["auto", "resident", "stream"] = "auto"
