@@ -31,13 +31,16 @@ def load_device_data(store_root: str, prepare_rel: str, device: str, data_path: 
     streamed through FFCV's Loader batch by batch (decision 12; `execution.data_path`)."""
     from pipeline.data.stream import StreamedData, resident_fits
 
-    store = Store(store_root)
-    meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
     if data_path == "auto":  # keyed by what it resolves to: a worker that trains, then unlearns, reads it once
-        held = (store_root, prepare_rel, device, "resident") in _DATA_CACHE  # (its own memory is not free)
-        data_path = "resident" if held or resident_fits(meta, device) else "stream"
+        held = [p for p in ("resident", "stream") if (store_root, prepare_rel, device, p) in _DATA_CACHE]
+        data_path = held[0] if held else None  # what it holds (its own memory is not free), else decided below
     key = (store_root, prepare_rel, device, data_path)
     if key not in _DATA_CACHE:
+        store = Store(store_root)
+        meta = store.read_json(f"{prepare_rel}/COMPLETE.json")
+        if data_path is None:
+            data_path = "resident" if resident_fits(meta, device) else "stream"
+            key = (store_root, prepare_rel, device, data_path)
         local = {split: prepared_file(store, prepare_rel, meta, split) for split in PREPARED_SPLITS}
         _DATA_CACHE.clear()
         if data_path == "stream":

@@ -61,6 +61,13 @@ def _compiled_ok(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
+def _per_model_factors(momentum: float, lr: torch.Tensor, active: torch.Tensor | None):
+    """(on, keep, step), each (M,): 1/0 for active members, the momentum buffer's factor (momentum when
+    active, 1 when not) and the step (-lr when active, 0 when not)."""
+    on = torch.ones_like(lr) if active is None else active.to(lr.device, lr.dtype)
+    return on, momentum * on + (1.0 - on), -lr * on
+
+
 def _sgd_rows(p, g, buf, keep, on, step, weight_decay: float) -> None:
     """The compiled step on (M, n) views; keep, on, step (M,) float32 on the CPU."""
     m = p.shape[0]
@@ -86,9 +93,7 @@ class StackedSGD:
     def step(self, lr: torch.Tensor, active: torch.Tensor | None = None, grad_mask: list | None = None) -> None:
         """lr (M,), active (M,) bool; grad_mask: optional per-parameter 0/1 tensors (DEL, SFR-on).
         In place, no branches: an inactive member gets buf <- 1*buf + 0*d_p and p <- p - 0*buf."""
-        on = torch.ones_like(lr) if active is None else active.to(lr.dtype)
-        keep_buf = self.momentum * on + (1.0 - on)  # momentum for active members, 1 for inactive
-        step = -lr * on
+        on, keep_buf, step = _per_model_factors(self.momentum, lr, active)
         for i, (p, buf) in enumerate(zip(self.params, self.buffers)):
             if p.grad is None:
                 continue
@@ -100,7 +105,7 @@ class StackedSGD:
             d_p = p.grad
             if self.weight_decay:
                 d_p.add_(p, alpha=self.weight_decay)
-            if grad_mask is not None and grad_mask[i] is not None:
+            if masked:
                 d_p.mul_(grad_mask[i])
             buf.mul_(keep_buf.view(shape)).addcmul_(on.view(shape), d_p)
             p.addcmul_(step.view(shape), buf)
@@ -154,8 +159,7 @@ class FlatStackedSGD(StackedSGD):
         if grad_mask is not None:
             raise ValueError("FlatStackedSGD takes no gradient masks: use StackedSGD")
         if self.compiled and not self.gather and _compiled_ok(self.flat, lr):  # StackedSGD's compiled pass
-            on = torch.ones_like(lr) if active is None else active.to(lr.dtype)
-            keep, step = self.momentum * on + (1.0 - on), -lr * on
+            on, keep, step = _per_model_factors(self.momentum, lr, active)
             for seg in self.segments:
                 parts = (self._part(t, seg) for t in (self.flat, self.flat_grad, self.flat_buf))
                 _sgd_rows(*parts, keep, on, step, self.weight_decay)
@@ -167,8 +171,7 @@ class FlatStackedSGD(StackedSGD):
             self.flat_buf.mul_(self.momentum).add_(d_p)  # = StackedSGD's with on = 1, bit for bit
             step = -lr
         else:
-            on = active.to(lr.device, lr.dtype)
-            keep, step = self.momentum * on + (1.0 - on), -lr * on
+            on, keep, step = _per_model_factors(self.momentum, lr, active)
             for (k, seg), (o, _) in zip(self._per_element(keep), self._per_element(on)):
                 self._part(self.flat_buf, seg).mul_(k).addcmul_(o, self._part(d_p, seg))
         for s, seg in self._per_element(step):
@@ -210,7 +213,7 @@ class StackedAdam:
                                f32(self.weight_decay))
                 continue
             g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
-            if grad_mask is not None and grad_mask[i] is not None:
+            if masked:
                 g = g * grad_mask[i]
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
