@@ -58,7 +58,7 @@ def planted(models: int, features: int, targets: int, *, classes: int = 10, seed
 
 def sklearn_lasso(
     masks: np.ndarray, outputs: np.ndarray, *, n_lambdas, eps, val_fraction, seed, min_lambdas, tol, max_iter,
-    path_tol=None, dtype=np.float64,
+    path_tol=None, patience=1, dtype=np.float64,
 ):
     """The procedure of pipeline.datamodels.lasso, one target at a time with sklearn's coordinate descent.
 
@@ -86,7 +86,7 @@ def sklearn_lasso(
         yf = outputs[fit, j] - outputs[fit, j].mean()
         lam_max = max(np.abs(xf.T @ yf).max() / len(fit), np.finfo(np.float64).tiny)
         alphas = lam_max * eps ** (np.arange(n_lambdas) / max(n_lambdas - 1, 1))
-        coef, best_mse, last_mse, best = np.zeros(n, dtype), np.inf, np.inf, None
+        coef, best_mse, last_mse, rises, best = np.zeros(n, dtype), np.inf, np.inf, 0, None
         for k, alpha in enumerate(alphas):  # warm-started path, stopped by the same rule as ours
             _, c, _ = lasso_path(xf, yf, alphas=[alpha], coef_init=coef, tol=path_tol or tol, max_iter=max_iter,
                                  check_input=False)
@@ -94,7 +94,8 @@ def sklearn_lasso(
             mse = np.mean((outputs[val, j] - outputs[fit, j].mean() - xv @ coef) ** 2)
             if mse < best_mse:
                 best_mse, best = mse, (alpha, coef / sd_f)
-            if min_lambdas is not None and k + 1 >= min_lambdas and mse > last_mse:
+            rises = rises + 1 if mse > last_mse else 0
+            if min_lambdas is not None and k + 1 >= min_lambdas and rises >= patience:
                 break
             last_mse = mse
         model = Lasso(alpha=best[0], tol=tol, max_iter=max_iter, warm_start=True)
@@ -134,14 +135,16 @@ def digits_family(config: str, store: str | None) -> dict:
 def workloads(a) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], dict]:
     """[(name, fit masks, fit outputs, held-out masks, held-out outputs)], LASSO settings."""
     opts = dict(n_lambdas=a.n_lambdas, eps=a.eps, val_fraction=a.val_fraction, seed=a.seed,
-                min_lambdas=a.min_lambdas or None, tol=a.tol, max_iter=a.max_iter, path_tol=a.path_tol or None)
+                min_lambdas=a.min_lambdas or None, patience=a.patience, tol=a.tol, max_iter=a.max_iter,
+                path_tol=a.path_tol or None)
     if a.workload == "planted":
         masks, outputs, _ = planted(a.models + a.heldout, a.features, a.targets, seed=a.seed)
         return [("planted", masks[: a.models], outputs[: a.models], masks[a.models :], outputs[a.models :])], opts
     fam = digits_family(a.config, a.store)
     lc = fam["lasso"]  # the config's settings, unless given on the command line
     for key, value in (("n_lambdas", lc.n_lambdas), ("eps", lc.eps), ("val_fraction", lc.val_fraction),
-                       ("tol", lc.tol), ("max_iter", lc.max_iter), ("path_tol", lc.path_tol)):
+                       ("tol", lc.tol), ("max_iter", lc.max_iter), ("path_tol", lc.path_tol),
+                       ("patience", lc.patience or 1)):
         if getattr(a, key) is None:
             opts[key] = value
     fit, held = fam["fit"], fam["heldout"]
@@ -175,6 +178,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=None, help="default: the config's (digits), 1e-2 (planted)")
     p.add_argument("--val-fraction", type=float, default=None, help="default: the config's (digits), 0.1 (planted)")
     p.add_argument("--min-lambdas", type=int, default=10, help="early stop of the path; 0 = full path")
+    p.add_argument("--patience", type=int, default=None,
+                   help="the path stops at this many validation-MSE rises in a row (default: the config's (digits), 1)")
     p.add_argument("--tol", type=float, default=None, help="default: the config's (digits), 1e-4 (planted)")
     p.add_argument("--path-tol", type=float, default=None,
                    help="the path's gap, for both fits (default: the config's (digits), tol (planted); 0 = tol)")
@@ -192,7 +197,7 @@ def main() -> None:
     p.add_argument("--skip-sklearn", action="store_true")
     a = p.parse_args()
     if a.workload == "planted":
-        defaults = dict(targets=300, n_lambdas=20, eps=1e-2, val_fraction=0.1, tol=1e-4, max_iter=5000)
+        defaults = dict(targets=300, n_lambdas=20, eps=1e-2, val_fraction=0.1, tol=1e-4, max_iter=5000, patience=1)
     else:
         defaults = dict(targets=200)
     for key, value in defaults.items():
@@ -201,7 +206,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     runs, opts = workloads(a)
     print(f"{a.workload}: {opts['n_lambdas']} lambdas, eps {opts['eps']}, min_lambdas {a.min_lambdas or 'all'}, "
-          f"tol {opts['tol']}, path_tol {opts['path_tol'] or opts['tol']}, max_iter {opts['max_iter']}; {a.threads} threads, device {a.device}, solver "
+          f"patience {opts['patience']}, tol {opts['tol']}, path_tol {opts['path_tol'] or opts['tol']}, max_iter {opts['max_iter']}; {a.threads} threads, device {a.device}, solver "
           f"{a.solver}; load average {os.getloadavg()[0]:.1f}")
     failed = []
     for name, fit_m, fit_y, ho_m, ho_y in runs:

@@ -159,6 +159,9 @@ class LassoConfig(Frozen):
     # the path's gap, which only chooses lambda (the refit is solved to tol); None: tol. Left out of the
     # fit's identity when None, so that stores fitted before it existed keep theirs
     path_tol: float | None = Field(None, gt=0)
+    # after 10 lambdas a target's path stops at this many rises in a row of its validation MSE; None: 1,
+    # fast_l1's first rise (left out of the fit's identity when None, as path_tol)
+    patience: int | None = Field(None, ge=1)
 
 
 class FitConfig(Frozen):

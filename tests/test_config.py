@@ -262,6 +262,16 @@ def test_data_changes_re_identify_everything(tmp_path):
     assert all(changed[k] != base[k] for k in base)
 
 
+def test_unset_lasso_options_stay_out_of_the_fit_identity(tmp_path):
+    """path_tol and patience, when unset, are not in the fit's recorded section (fits stored before they
+    existed keep their ids); set, they re-identify the fit and nothing else."""
+    assert not {"path_tol", "patience"} & set(tiny_plan(tmp_path).cfg.fit.section()["lasso"])
+    base = ids(tmp_path)
+    for override in ("fit.lasso.path_tol=0.01", "fit.lasso.patience=2"):
+        changed = ids(tmp_path, override)
+        assert [k for k in base if base[k] != changed[k]] == ["fit"], override
+
+
 def test_later_stage_settings_do_not_re_identify_training(tmp_path):
     base = ids(tmp_path)
     changed = ids(tmp_path, "fit.estimator=ridge", "evaluate.bins=30", "unlearn.seed=4")

@@ -310,11 +310,11 @@ def test_lasso_cd_warm_start_gradient_is_exact():
         np.testing.assert_allclose(start_grad, H @ start - q, atol=1e-12)
 
 
-@pytest.mark.parametrize("min_lambdas", [None, 0, 3])
-def test_lasso_solvers_agree(min_lambdas):
+@pytest.mark.parametrize("min_lambdas, patience", [(None, 1), (0, 1), (3, 1), (3, 2)])
+def test_lasso_solvers_agree(min_lambdas, patience):
     # more points than models, as in real datamodels: both solvers, the same lambdas and weights
     masks, outputs, _ = planted(120, 200, 5, active=15, noise=0.5, seed=4)
-    opts = dict(n_lambdas=12, tol=1e-10, dtype=torch.float64, min_lambdas=min_lambdas)
+    opts = dict(n_lambdas=12, tol=1e-10, dtype=torch.float64, min_lambdas=min_lambdas, patience=patience)
     cd, fista = lasso(masks, outputs, solver="cd", **opts), lasso(masks, outputs, solver="fista", **opts)
     torch.testing.assert_close(cd.lam, fista.lam)
     torch.testing.assert_close(cd.weight, fista.weight, atol=1e-6, rtol=0)
@@ -395,6 +395,24 @@ def test_lasso_refit_is_the_path_solution_at_the_chosen_lambda(solver):
     # the same split seed gives the same fit; early stopping of the path only skips smaller lambdas
     again = lasso(masks, outputs, n_lambdas=12, solver=solver)
     torch.testing.assert_close(lasso(masks, outputs, n_lambdas=12, solver=solver).weight, again.weight)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_lasso_patience_waits_for_rises_in_a_row(solver):
+    """patience p: after min_lambdas a target's path stops at its p-th validation-MSE rise in a row. A
+    longer wait only walks further down the path (a smaller or equal lambda, never a larger one), and a
+    wait as long as the path runs the whole path, bit for bit."""
+    masks, outputs, _ = planted(90, 60, 24, active=20, noise=2.0, seed=7)  # noisy validation curves
+    opts = dict(n_lambdas=16, min_lambdas=3, dtype=torch.float64, solver=solver)
+    first = lasso(masks, outputs, **opts)
+    assert torch.equal(first.lam, lasso(masks, outputs, patience=1, **opts).lam)  # the default: fast_l1's rule
+    lams = [first.lam] + [lasso(masks, outputs, patience=p, **opts).lam for p in (2, 4)]
+    for shorter, longer in zip(lams, lams[1:]):
+        assert (longer <= shorter).all()
+    assert (lams[1] < lams[0]).any()  # some target's curve rose once and then fell again
+    whole = lasso(masks, outputs, **{**opts, "min_lambdas": None})
+    waited = lasso(masks, outputs, patience=16, **opts)
+    assert torch.equal(whole.lam, waited.lam) and torch.equal(whole.weight, waited.weight)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -688,6 +688,7 @@ def _select_and_refit(
     max_iter: int,
     tol: float,
     path_tol: float | None = None,
+    patience: int = 1,
 ) -> Datamodel:
     """Path on the fitting models, lambda per target by validation MSE, refit on all models.
 
@@ -703,6 +704,7 @@ def _select_and_refit(
     best_lam = grid[0].clone()
     best_mse = torch.full_like(tg.c0, math.inf)
     last_mse = torch.full_like(tg.c0, math.inf)
+    rises = torch.zeros_like(tg.c0, dtype=torch.long)  # rises in a row of each target's validation MSE
     end_lip = torch.ones_like(tg.c0)
     y_val, x_val = Y_val.T, X_val * (1 / fit_feat.sigma)  # raw weight = theta / sigma
     mu_s = fit_feat.mu / fit_feat.sigma
@@ -717,8 +719,10 @@ def _select_and_refit(
         best_lam.index_copy_(0, won, _at(grid, j.index_select(0, better), won))
         best_theta.index_copy_(0, won, theta.index_select(0, better))
         stop = j + 1 >= k
-        if min_lambdas is not None:  # fast_l1's rule: after min_lambdas, stop at the first rise
-            stop |= (j + 1 >= min_lambdas) & (mse > last_mse.index_select(0, target))
+        rose = (rises.index_select(0, target) + 1) * (mse > last_mse.index_select(0, target))
+        rises.index_copy_(0, target, rose)
+        if min_lambdas is not None:  # fast_l1's rule (patience 1): after min_lambdas, stop at the first rise
+            stop |= (j + 1 >= min_lambdas) & (rose >= patience)
         last_mse.index_copy_(0, target, mse)
         state.solved(target, theta, grad)
         end_lip.index_copy_(0, target, lip)
@@ -791,6 +795,7 @@ def _select_and_refit_cd(
     max_iter: int,
     tol: float,
     path_tol: float | None = None,
+    patience: int = 1,
     threads: int | None = None,
 ) -> Datamodel:
     """``_select_and_refit`` by coordinate descent, target by target, over threads threads."""
@@ -807,9 +812,8 @@ def _select_and_refit_cd(
 
     def run(lo: int, hi: int) -> np.ndarray:
         return lasso_cd.select_refit_targets(
-            H_fit, q_fit, c0_fit, grid_np, xv_t, yv, -1 if min_lambdas is None else min_lambdas, H_all, q_all,
-            c0_all, ratio,
-            tol, path_tol, max_iter, lo, hi, theta, lam,
+            H_fit, q_fit, c0_fit, grid_np, xv_t, yv, -1 if min_lambdas is None else min_lambdas, patience, H_all,
+            q_all, c0_all, ratio, tol, path_tol, max_iter, lo, hi, theta, lam,
         )
 
     lasso_cd.over_targets(run, t, threads or torch.get_num_threads())
@@ -876,6 +880,7 @@ def lasso(
     val_fraction: float = 0.1,
     seed: int = 0,
     min_lambdas: int | None = 10,
+    patience: int = 1,
     max_iter: int = 5000,
     tol: float = 1e-4,
     path_tol: float | None = None,
@@ -892,8 +897,8 @@ def lasso(
     2. standardise features over the fitting models, run the path lam_max * eps^(j / (n_lambdas - 1))
        for all targets at once (see ``lasso_path``);
     3. per target keep the lambda with the lowest validation MSE; once ``min_lambdas`` lambdas are
-       done, a target's path stops at the first rise of its validation MSE (fast_l1's rule; None
-       runs the whole path);
+       done, a target's path stops at the ``patience``-th rise in a row of its validation MSE
+       (patience 1: the first rise, fast_l1's rule; None runs the whole path);
     4. refit on all m models (standardised over all of them) at each target's lambda;
     5. return weights in raw inclusion units (theta / sigma, bias - mu @ weight).
     path_tol: the relative duality gap of the path's solutions (None: tol). They only score lambdas on
@@ -925,7 +930,8 @@ def lasso(
     parts = [
         select_and_refit(
             Y[fit][:, s], Y[val][:, s], Y[:, s],
-            n_lambdas=n_lambdas, eps=eps, min_lambdas=min_lambdas, max_iter=max_iter, tol=tol, path_tol=path_tol,
+            n_lambdas=n_lambdas, eps=eps, min_lambdas=min_lambdas, patience=patience, max_iter=max_iter, tol=tol,
+            path_tol=path_tol,
         )
         for s in _chunks(Y.shape[1], target_chunk)
     ]

@@ -262,14 +262,15 @@ def _validation_mse(theta, xv_t, yv):
 
 
 @numba.njit(cache=True, nogil=True)
-def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_all, Q_all, C0_all, ratio,
-                         tol, path_tol, max_sweeps, lo, hi, out_theta, out_lam):
+def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, patience, H_all, Q_all, C0_all,
+                         ratio, tol, path_tol, max_sweeps, lo, hi, out_theta, out_lam):
     """Per target lo..hi: the path on the fitting models, lambda by validation MSE, refit on all.
 
     grid (k, t) the fitting path; xv_t (n, v) the validation models' standardised design (fitting
     standardisation), transposed; yv (v, t) their outputs less the fitting mean; min_lambdas: after
-    that many lambdas a path stops at the first rise of its validation MSE (-1: never). The refit
-    starts from the chosen solution times ratio (n,) = sigma_all / sigma_fit. The path's solutions stop
+    that many lambdas a path stops at the patience-th rise in a row of its validation MSE (-1: never;
+    patience 1 is fast_l1's first rise). The refit starts from the chosen solution times ratio (n,) =
+    sigma_all / sigma_fit. The path's solutions stop
     at the relative gap path_tol (they only choose lambda), the refit at tol. Writes the refitted
     theta (all-model standardisation) to out_theta (t, n) and the chosen lambda to out_lam (t,);
     returns the sweeps per target."""
@@ -282,7 +283,7 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
         _path_start(Q_fit[i], path)
         G, w = _reset(H_fit, G, theta, idx, pos, w)
         best[:] = 0
-        best_lam, best_mse, last_mse = grid[0, i], np.inf, np.inf
+        best_lam, best_mse, last_mse, rises = grid[0, i], np.inf, np.inf, 0
         for j in range(grid.shape[0]):
             done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path, idx, pos,
                                     G, w)
@@ -291,7 +292,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, H_al
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)
                 best_mse, best_lam = mse, grid[j, i]
                 best[:] = theta
-            if min_lambdas >= 0 and j + 1 >= min_lambdas and mse > last_mse:
+            rises = rises + 1 if mse > last_mse else 0
+            if min_lambdas >= 0 and j + 1 >= min_lambdas and rises >= patience:
                 break
             last_mse = mse
         theta[:] = best * ratio

@@ -132,7 +132,7 @@ def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor, design=No
         lc = cfg.fit.lasso
         return get_estimator("lasso")(masks, outputs, n_lambdas=lc.n_lambdas, eps=lc.eps,
                                       val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol, path_tol=lc.path_tol,
-                                      design=design)
+                                      patience=lc.patience or 1, design=design)
     if est == "ridge":
         return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda)
     return get_estimator(est)(masks, outputs)
