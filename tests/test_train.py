@@ -75,6 +75,22 @@ def test_mlp_member_of_a_block_equals_member_alone(digits, one_thread, augment):
         assert state <= 1e-5 and margin <= 1e-5
 
 
+def test_train_inputs_are_the_normalized_gather_with_or_without_the_float_copy(monkeypatch):
+    """A small dataset keeps a normalized float copy to gather steps from; a large one gathers bytes and
+    normalizes them: the same values either way, for (B,) and (M, B) indices."""
+    import pipeline.data.device as device
+
+    ds = load_dataset(DataConfig())
+    idx = torch.as_tensor(np.random.default_rng(0).integers(0, len(ds.train_y), (3, 17)))
+    for limit in (device.NORMALIZED_COPY_BYTES, 0):
+        monkeypatch.setattr(device, "NORMALIZED_COPY_BYTES", limit)
+        data = DeviceData(ds.train_x, ds.train_y, ds.val_x, ds.val_y, *ds.channel_stats())
+        for i in (idx, idx[0]):
+            x, y = data.train_inputs(i)
+            assert torch.equal(x, data.normalize(data.train_x[i])) and torch.equal(y, data.train_y[i])
+        assert (data._normalized is None) == (limit == 0)
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_streamed_path_gives_the_resident_paths_batches_and_model(digits, one_thread, tmp_path, model):
     """Decision 12: a block trained through FFCV's Loader (one per member, its own seeded order) ends

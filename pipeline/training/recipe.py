@@ -86,8 +86,7 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
     passes = 0
     start = time.perf_counter()
     last_step = int(steps_per_epoch.max()) - 1
-    for epoch, step, images, labels, active in data.training_steps(members, cfg.epochs, cfg.batch_size):
-        x = data.normalize(images)
+    for epoch, step, x, labels, active in data.training_steps(members, cfg.epochs, cfg.batch_size):
         if cfg.augment:
             x = augment(x, [m.seed for m in members], epoch, step)
         lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)

@@ -130,9 +130,8 @@ def batch_inputs(data: DeviceData, idx: np.ndarray, n_models: int) -> tuple[torc
     if t.dim() == 2:
         if t.shape[0] != n_models:
             raise ValueError(f"per-member batch of {t.shape[0]} rows for {n_models} members")
-        return data.normalize(data.train_x[t]), data.train_y[t]
-    x = data.normalize(data.train_x[t])
-    y = data.train_y[t]
+        return data.train_inputs(t)
+    x, y = data.train_inputs(t)
     return x.unsqueeze(0).expand(n_models, *x.shape), y.unsqueeze(0).expand(n_models, -1)
 
 
