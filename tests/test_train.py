@@ -88,7 +88,7 @@ def test_train_inputs_are_the_normalized_gather_with_or_without_the_float_copy(m
         for i in (idx, idx[0]):
             x, y = data.train_inputs(i)
             assert torch.equal(x, data.normalize(data.train_x[i])) and torch.equal(y, data.train_y[i])
-        assert (data._normalized is None) == (limit == 0)
+        assert (data._normalized_train is None) == (limit == 0)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])

@@ -4,6 +4,8 @@ trainer and the unlearning methods read; `pipeline.data.stream.StreamedData` ser
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipeline.batches import Member, block_steps
@@ -45,15 +47,14 @@ class DeviceData:
         """Normalized images and labels of training indices idx (any shape, on the device):
         (idx.shape + image shape) float32, idx.shape long; the values `normalize(train_x[idx])` gives."""
         flat = idx.reshape(-1)
-        table = self._normalized_train()
+        table = self._normalized_train
         x = self.normalize(self.train_x.index_select(0, flat)) if table is None else table.index_select(0, flat)
         return x.view(*idx.shape, *self.shape), self.train_y.index_select(0, flat).view(idx.shape)
 
+    @functools.cached_property
     def _normalized_train(self) -> torch.Tensor | None:
-        if not hasattr(self, "_normalized"):
-            small = self.train_x.numel() * 4 <= NORMALIZED_COPY_BYTES
-            self._normalized = self.normalize(self.train_x) if small else None
-        return self._normalized
+        small = self.train_x.numel() * 4 <= NORMALIZED_COPY_BYTES
+        return self.normalize(self.train_x) if small else None
 
     def all_images(self) -> torch.Tensor:
         return torch.cat([self.train_x, self.val_x])

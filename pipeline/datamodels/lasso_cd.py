@@ -270,10 +270,9 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
     standardisation), transposed; yv (v, t) their outputs less the fitting mean; min_lambdas: after
     that many lambdas a path stops at the patience-th rise in a row of its validation MSE (-1: never;
     patience 1 is fast_l1's first rise). The refit starts from the chosen solution times ratio (n,) =
-    sigma_all / sigma_fit. The path's solutions stop
-    at the relative gap path_tol (they only choose lambda), the refit at tol. Writes the refitted
-    theta (all-model standardisation) to out_theta (t, n) and the chosen lambda to out_lam (t,);
-    returns the sweeps per target."""
+    sigma_all / sigma_fit. The path's solutions stop at the relative gap path_tol (they only choose
+    lambda), the refit at tol. Writes the refitted theta (all-model standardisation) to out_theta
+    (t, n) and the chosen lambda to out_lam (t,); returns the sweeps per target."""
     n = H_fit.shape[0]
     sweeps = np.zeros(hi - lo, np.int64)
     idx, pos, G, w = np.empty(n, np.int64), np.full(n, -1, np.int64), np.empty((64, 64), H_fit.dtype), 0
