@@ -72,7 +72,7 @@ def counterfactuals(rng: np.random.Generator, data, forget: np.ndarray, sample: 
         others = [c for c in range(classes) if c != y_f[i]]
         y_cf[i] = others[rng.integers(len(others))]
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    x_s = data.normalize(data.train_x[torch.as_tensor(ps, device=data.device)])
+    x_s, _ = data.train_inputs(torch.as_tensor(ps, device=data.device))
     u = torch.rand(x_s.shape, generator=gen).to(data.device)
     return pf, ps, x_s + noise * u, torch.as_tensor(y_cf, device=data.device, dtype=torch.long)
 
