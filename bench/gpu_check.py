@@ -19,7 +19,11 @@ even when another fails:
   memory_plan  per member at batch 512 in bf16: activation bytes saved for backward and optimizer
                bytes, from the model; the largest block that fits 80 GB;
   profile      torch.profiler over a few steps of one ResNet-9: top operators by device time, host
-               wall time against device-busy time per step (is the step bound by the host?).
+               wall time against device-busy time per step (is the step bound by the host?);
+  cuda_graphs  the trainer's steps replayed as a captured CUDA graph against eager: the same models, and
+               seconds per step of ResNet-9 (as throughput) eager and graphed;
+  compile      the same ResNet-9 step eager, under torch.compile and under its CUDA graphs
+               (reduce-overhead): seconds per step, compile time, logits against eager's (findings).
 `ok` is true when every section passed its check. bench/RESULTS.md says how to read the figures.
 """
 
@@ -372,6 +376,159 @@ def section_profile(device, quick: bool) -> dict:
                      "cpu_ms_per_step": e.cpu_time_total / 1e3 / steps} for e in top]}
 
 
+# ----------------------------------------------------------------------------------- cuda graphs
+def graphs_against_eager(model_cfg, cfg, data, block, stacking) -> dict:
+    """The same block trained with its steps replayed as a CUDA graph and eagerly: logit differences."""
+    eager, _ = train_members(model_cfg, cfg, data, block, 10, stacking=stacking)
+    graphed, _ = train_members(model_cfg, cfg, data, block, 10, stacking=stacking, cuda_graphs=True)
+    a = stacked_logits(eager, data.all_images(), data.normalize)
+    b = stacked_logits(graphed, data.all_images(), data.normalize)
+    return {"max_abs_logit_diff": (a - b).abs().max().item(),
+            "min_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean(-1).min().item()}
+
+
+def time_second_epoch(stacking: str, m: int, width: int, batch: int, steps: int, data: DeviceData,
+                      graphs: bool) -> float:
+    """Seconds per step of a block's second epoch (the first pays the warm-up and the graph's capture)."""
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.4, warmup_epochs=0.5, precision="bf16")
+    marks = []
+
+    def mark(done, total):
+        sync(data.device)
+        marks.append(time.perf_counter())
+
+    block = [Member(derive_seed("graphs", i), np.arange(steps * batch)) for i in range(m)]
+    train_members(ModelConfig(name="resnet9", width=width), cfg, data, block, 10, progress=mark,
+                  stacking=stacking, cuda_graphs=graphs)
+    return (marks[1] - marks[0]) / steps
+
+
+def section_cuda_graphs(device, quick: bool) -> dict:
+    """The trainer with `cuda_graphs` against eager: the same models (blocks whose members all train at
+    every step, and one whose members sit out the last steps of each epoch: eager steps between
+    replays), then seconds per step of ResNet-9 w64 at batch 512 in bf16, eager and graphed."""
+    if torch.device(device).type != "cuda":
+        return {"ok": True, "skipped": "CUDA graphs need a GPU"}
+    data = cifar_shaped(1024, 128, device)
+    model_cfg = ModelConfig(name="resnet9", width=16)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.2, warmup_epochs=0.5, precision="bf16")
+    uneven = [Member(derive_seed("uneven", i), np.arange(1024 - 256 * i)) for i in range(3)]
+    cases = {f"{s}/{len(b)}{'/uneven' if b is uneven else ''}": graphs_against_eager(model_cfg, cfg, data, b, s)
+             for s, b in (("loop", members(1, 1024, "graphs")), ("loop", members(3, 1024, "graphs")),
+                          ("grouped", members(3, 1024, "graphs")), ("loop", uneven))}
+    ok = all(c["min_agreement"] >= 0.95 for c in cases.values())
+    torch.backends.cudnn.benchmark = True
+    width, batch, steps = 64, 512, 20
+    timing_data = cifar_shaped(steps * batch, 16, device)
+    flops = resnet9_step_flops(width, batch, device)
+    peak = peak_tflops(device)
+    rows = []
+    for stacking, m, graphs in (("loop", 1, False), ("loop", 1, True), ("grouped", 8, False), ("grouped", 4, True),
+                                ("grouped", 8, True), ("grouped", 16, True), ("loop", 8, True)):
+        try:
+            sec = time_second_epoch(stacking, m, width, batch, steps, timing_data, graphs)
+        except Exception as exc:
+            rows.append({"stacking": stacking, "models": m, "graphs": graphs, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        rows.append({"stacking": stacking, "models": m, "graphs": graphs, "seconds_per_step": sec,
+                     "models_per_gpu_hour": 3600.0 / (sec / m * 24 * CIFAR_STEPS_PER_EPOCH),
+                     "mfu": None if peak is None else flops * m / sec / 1e12 / peak})
+    alone = rows[0].get("models_per_gpu_hour")
+    for r in rows:
+        if alone and "models_per_gpu_hour" in r:
+            r["ratio_vs_eager_one_at_a_time"] = r["models_per_gpu_hour"] / alone
+    return {"ok": ok, "equivalence": cases, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------- compile
+def one_step_fn(model, opt, x, labels, lr, precision: str):
+    """One training step as the trainer takes it (autocast, stacked loss, flat SGD), over fixed tensors."""
+    cfg = TrainConfig(precision=precision)
+
+    def step():
+        with autocast_for(cfg, x.device):
+            loss = stacked_loss(model(x), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step(lr)
+    return step
+
+
+def compile_variant(mode: str | None, m: int, stacking: str, width: int, batch: int, steps: int,
+                    data: DeviceData) -> dict:
+    """Seconds per step of a block of m ResNet-9s eager (mode None) or with torch.compile(mode), the
+    first call's seconds (the compile), and the logits after `steps` steps against eager's from the same
+    init: whether the compiled step computes the same training."""
+    from pipeline.training.optim import FlatStackedSGD
+
+    torch._dynamo.reset()
+    precision = "bf16" if data.device.type == "cuda" else "fp32"
+    model = build_model(ModelConfig(name="resnet9", width=width), list(range(m)), data.shape, 10,
+                        stacking).to(data.device)
+    model.train()
+    opt = FlatStackedSGD(model.parameters(), 0.9, 5e-4)
+    run = model if mode is None else torch.compile(model, mode=None if mode == "default" else mode)
+    x = data.normalize(data.train_x[:batch]).unsqueeze(0).expand(m, -1, -1, -1, -1).contiguous()
+    labels = data.train_y[:batch].unsqueeze(0).expand(m, -1).contiguous()
+    step = one_step_fn(run, opt, x, labels, torch.full((m,), 0.05, device=data.device), precision)
+    sync(data.device)
+    start = time.perf_counter()
+    step()
+    sync(data.device)
+    first = time.perf_counter() - start
+    for _ in range(2):
+        step()
+    sync(data.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(data.device)
+    seconds = (time.perf_counter() - start) / steps
+    model.eval()
+    with torch.no_grad():
+        logits = model(x[:, :256]).float()
+    return {"mode": mode or "eager", "models": m, "stacking": stacking, "seconds_per_step": seconds,
+            "first_step_seconds": first, "logits": logits}
+
+
+def section_compile(device, quick: bool, budget: float) -> dict:
+    """Is the step bound by the host (the profile's reading)? The same steps eager, under torch.compile
+    (inductor: fused BatchNorm + ReLU, fewer kernels) and under torch.compile's CUDA graphs
+    (reduce-overhead: one launch a step), for one model and a grouped block. Findings, not a gate: a
+    variant that fails records its error."""
+    width, batch, steps = (8, 32, 3) if quick else (64, 512, 30)
+    data = cifar_shaped(batch, 16, device)
+    torch.backends.cudnn.benchmark = True
+    flops = resnet9_step_flops(width, batch, device)
+    peak = peak_tflops(device)
+    modes = ["default"] + (["reduce-overhead"] if torch.device(device).type == "cuda" else [])
+    plan = [(None, 1, "loop")] + [(mo, 1, "loop") for mo in modes] + [(None, 8, "grouped"), ("default", 8, "grouped")]
+    rows, eager, deadline = [], {}, time.perf_counter() + budget
+    for mode, m, stacking in plan:
+        if time.perf_counter() > deadline:
+            rows.append({"mode": mode or "eager", "models": m, "stacking": stacking, "skipped": "time budget"})
+            continue
+        try:
+            r = compile_variant(mode, m, stacking, width, batch, steps, data)
+        except Exception as exc:  # a compile failure is a finding
+            rows.append({"mode": mode or "eager", "models": m, "stacking": stacking,
+                         "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            continue
+        logits = r.pop("logits")
+        if mode is None:
+            eager[m] = (logits, r["seconds_per_step"])
+        else:
+            ref, eager_s = eager[m]
+            r["speedup_vs_eager"] = eager_s / r["seconds_per_step"]
+            r["max_abs_logit_diff_vs_eager"] = (logits - ref).abs().max().item()
+            r["agreement_vs_eager"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        r["models_per_gpu_hour"] = 3600.0 / (r["seconds_per_step"] / m * 24 * CIFAR_STEPS_PER_EPOCH)
+        r["mfu"] = None if peak is None else flops * m / r["seconds_per_step"] / 1e12 / peak
+        rows.append(r)
+    torch._dynamo.reset()
+    return {"ok": True, "width": width, "batch": batch, "steps_timed": steps, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------ memory plan
 def memory_plan(device, width: int = 64, batch: int = 512, budget_gb: float = 80.0) -> dict:
     """Bytes per ResNet-9 member in a block at `batch` in bf16 autocast: tensors autograd saves for
@@ -436,7 +593,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small shapes: the CPU-sized run of every section")
     ap.add_argument("--out", default="bench/out", help="folder for gpu_check.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds the throughput section may take")
-    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput,profile")
+    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput,profile,cuda_graphs,compile")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     out_dir = Path(args.out)
@@ -455,6 +612,8 @@ def main(argv=None) -> dict:
         "lasso": lambda: section_lasso(device, args.quick),
         "throughput": lambda: section_throughput(device, args.quick, args.budget),
         "profile": lambda: section_profile(device, args.quick),
+        "cuda_graphs": lambda: section_cuda_graphs(device, args.quick),
+        "compile": lambda: section_compile(device, args.quick, args.budget),
     }
     for name in args.sections.split(","):
         run_section(name, sections[name], report, out_path)

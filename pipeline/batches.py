@@ -28,12 +28,17 @@ class Member:
 def block_steps(members: list[Member], epoch: int, batch_size: int):
     """Per step of one epoch: (step, training indices (M, B), active (M,) bool). A member whose epoch
     is over sits out (inactive) on a repeat of its last batch."""
+    order, lengths = block_order(members, epoch, batch_size)
+    for step in range(order.shape[0]):
+        yield step, order[step], step < lengths
+
+
+def block_order(members: list[Member], epoch: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of a block at once: training indices (steps, M, B) and each member's steps (M,)."""
     batches = [torch.as_tensor(epoch_batches(m, epoch, batch_size)) for m in members]
     lengths = torch.tensor([len(b) for b in batches])
     steps = torch.arange(int(lengths.max()))
-    order = torch.stack([b[steps.clamp(max=len(b) - 1)] for b in batches], dim=1)  # (steps, M, B), built once
-    for step in range(len(steps)):
-        yield step, order[step], step < lengths
+    return torch.stack([b[steps.clamp(max=len(b) - 1)] for b in batches], dim=1), lengths
 
 
 def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:

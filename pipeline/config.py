@@ -207,6 +207,9 @@ class ExecutionConfig(Frozen):
     # how a block of models is computed (decision 28): one grouped computation, each member's dense
     # layers in turn, the same on one CUDA stream per member, or what the device's calibration picked
     stacking: Literal["auto", "grouped", "loop", "streams"] = "auto"
+    # on a GPU, replay each training step in which every member of a block trains as one captured CUDA
+    # graph (the same kernels, one launch; ignored on a CPU and under streams)
+    cuda_graphs: bool = True
     fit_block_targets: int = Field(512, gt=0)  # targets per fit task
     threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
     max_retries: int = Field(2, ge=0)

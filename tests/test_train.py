@@ -18,7 +18,7 @@ from helpers import (
     CLI, TINY, assert_same_arrays, cli, copy_store, descendants, family_arrays, full_weights, kill_tree,
     marker_files, n_blocks, start_session, store_snapshot, tiny_plan, total_models, wait_for,
 )
-from pipeline.batches import Member
+from pipeline.batches import Member, block_steps
 from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data.datasets import load_dataset
 from pipeline.data.device import DeviceData
@@ -26,7 +26,7 @@ from pipeline.plan import FamilySpec, family_store, pending_blocks, train_famili
 from pipeline.stages.prepare import run_prepare
 from pipeline.stages.train import load_device_data, load_full_models, run_train
 from pipeline.store import StageRef
-from pipeline.training.recipe import autocast_for, evaluate_members, train_members
+from pipeline.training.recipe import autocast_for, evaluate_members, lr_table, train_members, triangle_lr
 
 
 # ------------------------------------------------------------------------------------------ batched == alone
@@ -514,3 +514,23 @@ def test_stacked_adam_steps_each_member_as_torch_adam_does(weight_decay, masked)
             o.step()
     for m in range(3):
         torch.testing.assert_close(stacked[m].detach(), alone[m].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_learning_rate_table_is_each_steps_triangle():
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.3, warmup_epochs=1.5)
+    steps = torch.tensor([5.0, 3.0, 7.0])
+    table = lr_table(cfg, steps)
+    assert table.shape == (4, 7, 3)
+    for epoch in range(4):
+        for step in range(7):
+            assert torch.equal(table[epoch, step], triangle_lr(cfg, epoch + step / steps))
+
+
+def test_an_epochs_indices_reach_the_device_in_one_copy_with_the_same_steps(digits):
+    members = [Member(1, np.arange(200)), Member(2, np.arange(150))]
+    got = list(digits.training_steps(members, 2, 32))
+    want = [(e, s, idx, active) for e in range(2) for s, idx, active in block_steps(members, e, 32)]
+    assert [(e, s) for e, s, *_ in got] == [(e, s) for e, s, *_ in want]
+    for (_, _, x, y, active), (_, _, idx, want_active) in zip(got, want):
+        x_want, y_want = digits.train_inputs(idx)
+        assert torch.equal(x, x_want) and torch.equal(y, y_want) and torch.equal(active, want_active)

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from pipeline.batches import Member, block_steps
+from pipeline.batches import Member, block_order
 
 
 # A normalized float32 copy of the training images is kept when it is at most this large (digits: 0.4 MB;
@@ -68,7 +68,18 @@ class DeviceData:
         return (images[start : start + batch] for start in range(0, images.shape[0], batch))
 
     def training_steps(self, members: list[Member], epochs: int, batch_size: int):
-        """Per step of training: (epoch, step, normalized images (M, B, ...), labels (M, B), active (M,) bool)."""
+        """Per step of training: (epoch, step, normalized images (M, B, ...), labels (M, B), active (M,) bool).
+        An epoch's indices reach the device in one copy (a copy per step would make the host wait for the
+        device at every step on a GPU)."""
         for epoch in range(epochs):
-            for step, idx, active in block_steps(members, epoch, batch_size):
-                yield epoch, step, *self.train_inputs(idx.to(self.device)), active
+            order, lengths = block_order(members, epoch, batch_size)
+            order = to_device(order, self.device)
+            for step in range(order.shape[0]):
+                yield epoch, step, *self.train_inputs(order[step]), step < lengths
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; from pinned memory without blocking the host where the device is a GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -110,7 +110,8 @@ def train_block_task(store_root: str, cfg: Config, fam: FamilySpec, start: int, 
     data = load_device_data(store_root, plan.prepare.rel, cfg.execution.device, cfg.execution.data_path)
     members, masks = zip(*(fam.member(i, meta["n_train"]) for i in range(start, end)))
     stacking = resolve_stacking(cfg.execution.stacking, data.device)
-    model, counters = train_members(cfg.model, cfg.train, data, list(members), meta["classes"], stacking=stacking)
+    model, counters = train_members(cfg.model, cfg.train, data, list(members), meta["classes"], stacking=stacking,
+                                    cuda_graphs=cfg.execution.cuda_graphs)
     outputs = evaluate_members(model, data)
     if fam.kind == "subset":
         outputs["masks"] = np.stack(masks)

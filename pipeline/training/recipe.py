@@ -55,9 +55,20 @@ def augment(x: torch.Tensor, seeds: list[int], epoch: int, step: int) -> torch.T
     return out.permute(0, 3, 1, 2).reshape(m, b, c, h, w)
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on any device (CPU autocast too, so the bf16 path runs on every commit)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+def lr_table(cfg: TrainConfig, steps_per_epoch: torch.Tensor) -> torch.Tensor:
+    """Every step's learning rate at once, (epochs, max steps, M): triangle_lr at epoch + step / steps,
+    in the float32 arithmetic of `epoch + step / steps_per_epoch` with Python numbers (which torch
+    computes as step * (1 / steps))."""
+    steps = torch.arange(int(steps_per_epoch.max()), dtype=torch.float32)
+    epochs = torch.arange(cfg.epochs, dtype=torch.float32)
+    return triangle_lr(cfg, epochs[:, None, None] + steps[None, :, None] * steps_per_epoch.reciprocal())
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device, cache_enabled: bool | None = None):
+    """bf16 autocast on any device (CPU autocast too, so the bf16 path runs on every commit). A CUDA graph
+    is captured with the cast cache off (its casts must be recorded in the graph)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16",
+                          cache_enabled=cache_enabled)
 
 
 def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -70,12 +81,13 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 
 
 def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, members: list[Member],
                   classes: int, progress=None, stacking: str = "grouped", fused: bool | None = None,
-                  ) -> tuple[StackedModel, dict]:
+                  cuda_graphs: bool = False) -> tuple[StackedModel, dict]:
     """Train a block of members from scratch; returns the stacked model (eval mode) and counters.
     `stacking` (decision 28) changes how the block is computed, not what each member learns; `fused`
     steps the optimizer over one flat buffer (the same arithmetic, fewer kernels; default on a GPU,
     where it was 1.14x and 1.53x on one H100 ResNet-9 in two runs: on a CPU the in-place gradient
-    accumulation it needs costs what it saves)."""
+    accumulation it needs costs what it saves). `cuda_graphs` replays the steps in which every member
+    trains as one captured CUDA graph (`GraphedStep`; GPU only, with the flat optimizer, not `streams`)."""
     fused = data.device.type == "cuda" if fused is None else fused
     model = build_model(model_cfg, [m.seed for m in members], data.shape, classes, stacking).to(data.device)
     model.train()
@@ -83,26 +95,81 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
     steps_per_epoch = torch.tensor([len(m.indices) // cfg.batch_size for m in members], dtype=torch.float32)
     if (steps_per_epoch == 0).any():
         raise ValueError(f"train.batch_size {cfg.batch_size} exceeds a member's training-set size")
-    passes = 0
+    lrs = lr_table(cfg, steps_per_epoch).to(data.device)  # one copy, not one a step
+    graphed = cuda_graphs and fused and data.device.type == "cuda" and stacking != "streams"
+    graph, passes = None, 0
     start = time.perf_counter()
     last_step = int(steps_per_epoch.max()) - 1
     for epoch, step, x, labels, active in data.training_steps(members, cfg.epochs, cfg.batch_size):
         if cfg.augment:
             x = augment(x, [m.seed for m in members], epoch, step)
-        lr = triangle_lr(cfg, epoch + step / steps_per_epoch).to(data.device)
-        saved = None if active.all() else [b.clone() for b in model.buffers()]
-        with autocast_for(cfg, data.device):
-            loss = stacked_loss(model(x), labels, cfg.label_smoothing)
-        opt.zero_grad()
-        loss.backward()
-        if saved is not None:  # a member sitting out this step keeps its BatchNorm statistics too
-            restore_inactive(model, saved, active.to(data.device))
-        opt.step(lr, active if fused else active.to(data.device))
+        lr = lrs[epoch, step]
+        if graphed and active.all():
+            graph = graph or GraphedStep(model, opt, cfg, x, labels)
+            graph(x, labels, lr)
+        else:
+            eager_step(model, opt, cfg, x, labels, lr, active)
         passes += int(active.sum()) * cfg.batch_size
         if progress is not None and step == last_step:
             progress(epoch + 1, cfg.epochs)
     model.eval()
     return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
+
+
+def eager_step(model: StackedModel, opt, cfg: TrainConfig, x, labels, lr, active: torch.Tensor) -> None:
+    """One step of every active member; an inactive one keeps its weights and BatchNorm statistics."""
+    device = x.device
+    saved = None if active.all() else [b.clone() for b in model.buffers()]
+    with autocast_for(cfg, device):
+        loss = stacked_loss(model(x), labels, cfg.label_smoothing)
+    opt.zero_grad()
+    loss.backward()
+    if saved is not None:
+        restore_inactive(model, saved, active.to(device))
+    opt.step(lr, active if isinstance(opt, FlatStackedSGD) else active.to(device))
+
+
+class GraphedStep:
+    """The all-members step captured once as a CUDA graph and replayed: one launch a step instead of a
+    few hundred, for a step bound by the host (a ResNet-9 at batch 512 on an H100: bench/RESULTS.md).
+    The same kernels on the same memory as `eager_step`; the model's parameters, gradients and momentum
+    live in the flat optimizer's buffers, so the graph updates the model in place. The warm-up steps
+    that capture needs (on a side stream, as PyTorch prescribes) are undone before capture."""
+
+    def __init__(self, model: StackedModel, opt: FlatStackedSGD, cfg: TrainConfig, x, labels):
+        self.model, self.opt, self.cfg = model, opt, cfg
+        self.x, self.labels = x.clone(), labels.clone()
+        self.lr = torch.zeros(x.shape[0], device=x.device)
+        state = self._state()
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        with torch.no_grad():
+            for t, old in zip(state, saved):
+                t.copy_(old)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.opt.flat, self.opt.flat_buf, *self.model.buffers()]
+
+    def _step(self) -> None:
+        with autocast_for(self.cfg, self.x.device, cache_enabled=False):
+            loss = stacked_loss(self.model(self.x), self.labels, self.cfg.label_smoothing)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step(self.lr)
+
+    def __call__(self, x, labels, lr) -> None:
+        self.x.copy_(x)
+        self.labels.copy_(labels)
+        self.lr.copy_(lr)
+        self.graph.replay()
 
 
 @torch.no_grad()
