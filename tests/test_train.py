@@ -534,3 +534,12 @@ def test_an_epochs_indices_reach_the_device_in_one_copy_with_the_same_steps(digi
     for (_, _, x, y, active), (_, _, idx, want_active) in zip(got, want):
         x_want, y_want = digits.train_inputs(idx)
         assert torch.equal(x, x_want) and torch.equal(y, y_want) and torch.equal(active, want_active)
+
+
+def test_cuda_graphs_are_ignored_off_a_gpu(digits, one_thread):
+    model_cfg, cfg = ModelConfig(name="mlp", hidden=16), TrainConfig(epochs=2, batch_size=32, lr=0.05, warmup_epochs=1)
+    members = [Member(1, np.arange(300)), Member(2, np.arange(200))]
+    plain, _ = train_members(model_cfg, cfg, digits, members, 10, fused=True)
+    graphed, _ = train_members(model_cfg, cfg, digits, members, 10, fused=True, cuda_graphs=True)
+    for p, q in zip(plain.parameters(), graphed.parameters()):
+        assert torch.equal(p, q)
