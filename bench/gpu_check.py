@@ -416,7 +416,7 @@ def section_cuda_graphs(device, quick: bool) -> dict:
     cases = {f"{s}/{len(b)}{'/uneven' if b is uneven else ''}": graphs_against_eager(model_cfg, cfg, data, b, s)
              for s, b in (("loop", members(1, 1024, "graphs")), ("loop", members(3, 1024, "graphs")),
                           ("grouped", members(3, 1024, "graphs")), ("loop", uneven))}
-    ok = all(c["min_agreement"] >= 0.95 for c in cases.values())
+    ok = all(c["max_abs_logit_diff"] == 0.0 for c in cases.values())  # the same kernels: bit for bit
     torch.backends.cudnn.benchmark = True
     width, batch, steps = 64, 512, 20
     timing_data = cifar_shaped(steps * batch, 16, device)
@@ -556,9 +556,12 @@ def memory_plan(device, width: int = 64, batch: int = 512, budget_gb: float = 80
     data_bytes = 60000 * 3 * 32 * 32  # CIFAR-10 resident as uint8 (decision 12)
     reserve = 0.1 * budget_gb * GB  # allocator fragmentation, cuDNN workspaces, the CUDA context
     fits = int((budget_gb * GB - reserve - data_bytes) // per_member)
+    # with CUDA graphs, a block whose members sit out some steps holds a step's activations twice
+    fits_graphs = int((budget_gb * GB - reserve - data_bytes) // (per_member + saved))
     return {"width": width, "batch": batch, "parameters": params, "activation_bytes_per_member": saved,
             "optimizer_bytes_per_member": optimizer, "bytes_per_member": per_member,
-            "budget_gb": budget_gb, "reserve_gb": reserve / GB, "largest_block": fits}
+            "budget_gb": budget_gb, "reserve_gb": reserve / GB, "largest_block": fits,
+            "largest_uneven_block_cuda_graphs": fits_graphs}
 
 
 # ------------------------------------------------------------------------------------------- main

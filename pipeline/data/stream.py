@@ -12,7 +12,7 @@ import torch
 
 from pipeline.batches import Member, block_steps
 from pipeline.data.beton import ffcv_loader
-from pipeline.data.device import DeviceData
+from pipeline.data.device import DeviceData, to_device
 
 
 class StreamedData(DeviceData):
@@ -51,7 +51,7 @@ class StreamedData(DeviceData):
         for (epoch, step, idx, active), (images, _) in zip(plan, self._loader("train", order, m * batch_size),
                                                           strict=True):
             images = images.to(self.device).view(m, batch_size, *self.shape)
-            yield epoch, step, self.normalize(images), self.train_y[idx.to(self.device)], active
+            yield epoch, step, self.normalize(images), self.train_y[to_device(idx, self.device)], active
 
 
 def resident_fits(meta: dict, device: str, fraction: float = 0.5) -> bool:

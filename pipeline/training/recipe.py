@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.batches import Member, derive_seed
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.data.device import DeviceData
+from pipeline.data.device import DeviceData, to_device
 from pipeline.margins import logits_over_chunks, margins_from_logits
 from pipeline.models import StackedModel, build_model
 from pipeline.training.optim import FlatStackedSGD, StackedSGD
@@ -44,8 +44,8 @@ def augment(x: torch.Tensor, seeds: list[int], epoch: int, step: int) -> torch.T
         dys.append(torch.randint(0, 5, (b,), generator=g))
         dxs.append(torch.randint(0, 5, (b,), generator=g))
     dev = x.device
-    flip = torch.stack(flips).to(dev).view(m * b)
-    dy, dx = torch.stack(dys).to(dev).view(m * b), torch.stack(dxs).to(dev).view(m * b)
+    flip = to_device(torch.stack(flips), dev).view(m * b)
+    dy, dx = to_device(torch.stack(dys), dev).view(m * b), to_device(torch.stack(dxs), dev).view(m * b)
     flat = F.pad(x.reshape(m * b, c, h, w), (2, 2, 2, 2), mode="reflect")
     rows = dy[:, None] + torch.arange(h, device=dev)[None]
     cols = dx[:, None] + torch.arange(w, device=dev)[None]
@@ -112,6 +112,8 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
         passes += int(active.sum()) * cfg.batch_size
         if progress is not None and step == last_step:
             progress(epoch + 1, cfg.epochs)
+    if data.device.type == "cuda":
+        torch.cuda.synchronize(data.device)  # the host runs ahead of the device: count its work here
     model.eval()
     return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
 
@@ -134,7 +136,9 @@ class GraphedStep:
     few hundred, for a step bound by the host (a ResNet-9 at batch 512 on an H100: bench/RESULTS.md).
     The same kernels on the same memory as `eager_step`; the model's parameters, gradients and momentum
     live in the flat optimizer's buffers, so the graph updates the model in place. The warm-up steps
-    that capture needs (on a side stream, as PyTorch prescribes) are undone before capture."""
+    that capture needs (on a side stream, as PyTorch prescribes) are undone before capture. Memory: the
+    graph keeps one step's activations in its own pool, and a block whose members sit out some steps
+    (eager) allocates them again outside it, up to twice eager's peak (`memory_plan` in the GPU check)."""
 
     def __init__(self, model: StackedModel, opt: FlatStackedSGD, cfg: TrainConfig, x, labels):
         self.model, self.opt, self.cfg = model, opt, cfg
@@ -152,7 +156,8 @@ class GraphedStep:
             for t, old in zip(state, saved):
                 t.copy_(old)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a loader's own thread (FFCV's prefetching, the streamed path) may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._step()
 
     def _state(self) -> list[torch.Tensor]:
