@@ -405,8 +405,9 @@ def time_second_epoch(stacking: str, m: int, width: int, batch: int, steps: int,
 
 def section_cuda_graphs(device, quick: bool) -> dict:
     """The trainer with `cuda_graphs` against eager: the same models (blocks whose members all train at
-    every step, and one whose members sit out the last steps of each epoch: eager steps between
-    replays), then seconds per step of ResNet-9 w64 at batch 512 in bf16, eager and graphed."""
+    every step, blocks whose members sit out the last steps of each epoch: eager steps between replays,
+    augmentation with fp32 and label smoothing, the digits MLP), then seconds per step of ResNet-9 w64
+    at batch 512 in bf16, eager and graphed."""
     if torch.device(device).type != "cuda":
         return {"ok": True, "skipped": "CUDA graphs need a GPU"}
     data = cifar_shaped(1024, 128, device)
@@ -416,6 +417,14 @@ def section_cuda_graphs(device, quick: bool) -> dict:
     cases = {f"{s}/{len(b)}{'/uneven' if b is uneven else ''}": graphs_against_eager(model_cfg, cfg, data, b, s)
              for s, b in (("loop", members(1, 1024, "graphs")), ("loop", members(3, 1024, "graphs")),
                           ("grouped", members(3, 1024, "graphs")), ("loop", uneven))}
+    # augmentation (its per-step copies), fp32 and label smoothing; the MLP's own autograd function
+    recipe = cfg.model_copy(update={"augment": True, "precision": "fp32", "label_smoothing": 0.1})
+    cases["loop/3/augment/fp32/smoothing"] = graphs_against_eager(model_cfg, recipe, data, members(3, 1024, "graphs"),
+                                                                  "loop")
+    small = digits(device)
+    cases["mlp/grouped/4/uneven"] = graphs_against_eager(
+        ModelConfig(name="mlp", hidden=64), TrainConfig(epochs=3, batch_size=64, lr=0.05, warmup_epochs=1), small,
+        [Member(derive_seed("mlp", i), np.arange(small.n_train - 100 * i)) for i in range(4)], "grouped")
     ok = all(c["max_abs_logit_diff"] == 0.0 for c in cases.values())  # the same kernels: bit for bit
     torch.backends.cudnn.benchmark = True
     width, batch, steps = 64, 512, 20
