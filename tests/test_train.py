@@ -526,7 +526,7 @@ def test_the_learning_rate_table_is_each_steps_triangle():
             assert torch.equal(table[epoch, step], triangle_lr(cfg, epoch + step / steps))
 
 
-def test_an_epochs_indices_reach_the_device_in_one_copy_with_the_same_steps(digits):
+def test_training_steps_give_the_block_steps_batches(digits):
     members = [Member(1, np.arange(200)), Member(2, np.arange(150))]
     got = list(digits.training_steps(members, 2, 32))
     want = [(e, s, idx, active) for e in range(2) for s, idx, active in block_steps(members, e, 32)]

@@ -128,7 +128,7 @@ def eager_step(model: StackedModel, opt, cfg: TrainConfig, x, labels, lr, active
     loss.backward()
     if saved is not None:
         restore_inactive(model, saved, active.to(device))
-    opt.step(lr, active if isinstance(opt, FlatStackedSGD) else active.to(device))
+    opt.step(lr, active)  # each optimizer moves the switch to the device itself, when it needs it
 
 
 class GraphedStep:
