@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -98,6 +100,22 @@ def test_prepare_is_idempotent(prepared):
     assert {k: v for k, v in again.items() if k != "finished"} == meta
     after = {p: p.stat().st_mtime_ns for p in Path(plan.store.root).rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_ffcv_imported_without_compiling_its_image_modes_and_numba_left_as_it_was():
+    """A fresh process: `import_ffcv` loads FFCV with a plain dict for rgb_image's mode table (its values
+    unchanged), puts numba's typed Dict back, and FFCV's own njit code still runs (a beton round trip)."""
+    script = (
+        "import numba.typed; typed = numba.typed.Dict\n"
+        "from pipeline.data.beton import import_ffcv, read_beton, write_beton\n"
+        "import_ffcv()\n"
+        "import ffcv.fields.rgb_image as rgb, numpy as np, sys, tempfile, pathlib\n"
+        "assert numba.typed.Dict is typed and dict(rgb.IMAGE_MODES) == {'jpg': 0, 'raw': 1}\n"
+        "d = pathlib.Path(tempfile.mkdtemp()); x = np.arange(24, dtype=np.uint8).reshape(4, 1, 2, 3)\n"
+        "write_beton(d / 'a.beton', x, np.arange(4)); back, y = read_beton(d / 'a.beton')\n"
+        "assert np.array_equal(back, x) and list(y) == [0, 1, 2, 3]\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1], timeout=300)
 
 
 def test_write_beton_round_trip_odd_shapes(tmp_path):

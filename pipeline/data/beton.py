@@ -5,11 +5,29 @@ with a given index order for data too large for device memory."""
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def import_ffcv() -> None:
+    """Import FFCV once per process without the ~6 s its `ffcv.fields.rgb_image` spends at import compiling
+    numba's typed Dict for a two-entry table of JPEG/raw modes. That table is only read from Python, by RGB
+    image fields (ours are NDArray fields), so a plain dict stands in while FFCV's modules load; numba's
+    Dict is put back at once."""
+    if "ffcv" in sys.modules:
+        return
+    import numba.typed
+
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        import ffcv  # noqa: F401
+    finally:
+        numba.typed.Dict = typed_dict
 
 
 class _Indexed:
@@ -25,6 +43,7 @@ class _Indexed:
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int = 1) -> None:
     """Write to `<path>.partial` and rename when complete: a half-written file is never taken as done."""
+    import_ffcv()
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
 
@@ -40,6 +59,7 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int
 def _quiet_writer():
     """FFCV's DatasetWriter draws a tqdm bar per file on stderr: the prepare stage reports its own
     progress, so the writer's bar is switched off while it writes (its warnings and errors are not)."""
+    import_ffcv()
     import ffcv.writer
     from tqdm import tqdm
 
@@ -54,6 +74,7 @@ def _quiet_writer():
 def ffcv_loader(path: Path, order: np.ndarray, batch_size: int, device: str = "cpu", workers: int = 1):
     """An FFCV Loader yielding (uint8 images, labels) for `order` (training indices, in this order).
     On a GPU, batches go to the device (ToDevice); the uint8->float conversion happens there."""
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
@@ -70,6 +91,7 @@ def ffcv_loader(path: Path, order: np.ndarray, batch_size: int, device: str = "c
 
 def read_beton(path: Path, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The whole file, decoded in order: (images uint8 (N, C, H, W), labels int64 (N,))."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     n = int(Reader(str(path)).num_samples)
