@@ -25,7 +25,7 @@ try:
     app(sys.argv[1:])
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
-print("IMPORTED", sorted(m for m in ("torch", "ray", "zarr") if m in sys.modules))
+print("IMPORTED", sorted(m for m in ("torch", "ray", "zarr", "numpy") if m in sys.modules))
 """
 
 
@@ -49,7 +49,7 @@ def test_run_writes_the_report_and_its_record(finished):
     assert finished_run(*_cfg(finished["root"])) == out
 
 
-def test_a_no_op_rerun_imports_neither_torch_nor_ray(finished):
+def test_a_no_op_rerun_imports_neither_torch_nor_ray_nor_numpy(finished):
     before = (finished["out"] / "report.json").read_bytes()
     proc = subprocess.run([sys.executable, "-c", NO_OP_RUN, "run", str(TINY), "--set", f"store={finished['root']}"],
                           capture_output=True, text=True, timeout=120)

@@ -20,11 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
-import numpy as np
 
 from pipeline.config import SCHEMA_VERSION
+
+if TYPE_CHECKING:  # numpy is imported where used: a finished run's re-run answers without it
+    import numpy as np
 
 
 class StoreError(RuntimeError):
@@ -251,6 +254,8 @@ def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
 
 
 def _json_default(obj):
+    import numpy as np
+
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
@@ -360,6 +365,8 @@ class Family:
 
     def write_block(self, start: int, arrays: dict[str, np.ndarray], info: dict | None = None) -> None:
         """Write rows start..start+n of every array, then the marker (sizes and checksums)."""
+        import numpy as np
+
         group = self.store.open_group(self.group_rel, mode="r+")[self.role]
         n = None
         checksums = {}
@@ -389,6 +396,8 @@ class Family:
         """Models 0..n_models whose block has a marker, from the markers' names alone (start-end.json):
         one listing instead of reading every marker, for `status`. A marker being written counts here
         already; the stages decide from `done_mask`, which reads them."""
+        import numpy as np
+
         done = np.zeros(n_models, dtype=bool)
         for name in self.store.list(self.marker_rel):
             start, _, end = name.removesuffix(".json").partition("-")
@@ -397,6 +406,8 @@ class Family:
         return int(done.sum())
 
     def done_mask(self, n_models: int) -> np.ndarray:
+        import numpy as np
+
         done = np.zeros(n_models, dtype=bool)
         for m in self.markers():
             done[m["start"] : min(m["end"], n_models)] = True
@@ -406,6 +417,8 @@ class Family:
         """Rows 0..n_models of an array, each finished block checked against its marker's sha256
         (CorruptFile naming the rows, the marker and the fix when one differs or a chunk cannot be
         decoded). Rows of a block that reaches past n_models are read to check it whole."""
+        import numpy as np
+
         arr = self.array(name)
         n = n_models if n_models is not None else arr.shape[0]
         markers = [m for m in self.markers() if m["start"] < n and name in m.get("checksums", {})] if verify else []
@@ -435,6 +448,8 @@ class Family:
 
     def verify(self, n_models: int) -> list[str]:
         """Problems found by recomputing each marker's checksums (empty when all is well)."""
+        import numpy as np
+
         problems = []
         for m in self.markers():
             if m["start"] >= n_models:
