@@ -93,6 +93,17 @@ def test_ffcv_loader_follows_a_given_subset_and_order(prepared):
     assert np.array_equal(np.concatenate(ys).astype(np.int64), ds.train_y[order])
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_read_beton_equals_ffcvs_own_loader_on_every_sample(prepared, split):
+    """read_beton reads the samples' bytes through FFCV's Reader, not a Loader: the same arrays."""
+    _, plan, _ = prepared
+    x, y = read_beton(beton(plan, split))
+    got = [(a.numpy().copy(), b.numpy().reshape(-1).astype(np.int64)) for a, b in
+           ffcv_loader(beton(plan, split), np.arange(len(y)), batch_size=512)]
+    assert np.array_equal(np.concatenate([a for a, _ in got]), x)
+    assert np.array_equal(np.concatenate([b for _, b in got]), y)
+
+
 def test_prepare_is_idempotent(prepared):
     _, plan, meta = prepared
     before = {p: p.stat().st_mtime_ns for p in Path(plan.store.root).rglob("*") if p.is_file()}
@@ -123,7 +134,7 @@ def test_write_beton_round_trip_odd_shapes(tmp_path):
     images = rng.integers(0, 256, size=(7, 2, 5, 3), dtype=np.uint8)
     labels = rng.integers(0, 4, size=7)
     write_beton(tmp_path / "odd.beton", images, labels)
-    x, y = read_beton(tmp_path / "odd.beton", batch_size=3)
+    x, y = read_beton(tmp_path / "odd.beton")
     assert np.array_equal(x, images) and np.array_equal(y, labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.beton"]  # no .partial left behind
 

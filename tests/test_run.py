@@ -143,3 +143,22 @@ def test_streaming_tasks_count_chunks_as_they_come_and_reraise_a_failure(capsys)
     assert "fit: 56/56 targets" in capsys.readouterr().out
     with pytest.raises(Exception, match="chunk failed"):
         run_streaming_tasks("fit", [remote.remote([16, 16], fail_after=1)], 32, unit="targets")
+
+
+def test_a_local_instances_workers_hash_strings_alike():
+    # PYTHONHASHSEED reaches a local instance's workers through this process's environment (no runtime_env)
+    import ray
+
+    from pipeline.config import ExecutionConfig
+    from pipeline.execution import init_ray
+
+    def _hash_seed():
+        import os
+
+        return os.getpid(), os.environ.get("PYTHONHASHSEED"), hash("oracle-farm")
+
+    init_ray(ExecutionConfig(num_cpus=2))
+    remote = ray.remote(_hash_seed).options(num_cpus=1)
+    got = ray.get([remote.remote() for _ in range(8)])
+    assert {seed for _, seed, _ in got} == {"0"}
+    assert len({h for _, _, h in got}) == 1

@@ -89,14 +89,24 @@ def ffcv_loader(path: Path, order: np.ndarray, batch_size: int, device: str = "c
                   pipelines={"image": image_pipe, "label": label_pipe})
 
 
-def read_beton(path: Path, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The whole file, decoded in order: (images uint8 (N, C, H, W), labels int64 (N,))."""
+def read_beton(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The whole file in order: (images uint8 (N, C, H, W), labels int64 (N,)).
+
+    FFCV's Reader parses the file (header, field descriptors, per-sample metadata); an NDArray field's
+    sample is the bytes at its metadata pointer, which is all FFCV's NDArrayDecoder copies, and an int
+    field's value is its metadata. Read that way, not through a Loader: a Loader compiles its pipeline
+    first (about 1.8 s in every process that reads a file, for 1,797 digits). The test suite checks
+    the two agree on every sample."""
     import_ffcv()
     from ffcv.reader import Reader
 
-    n = int(Reader(str(path)).num_samples)
-    images, labels = [], []
-    for x, y in ffcv_loader(path, np.arange(n), batch_size):
-        images.append(x.numpy().copy())
-        labels.append(y.numpy().astype(np.int64).reshape(-1))
-    return np.concatenate(images), np.concatenate(labels)
+    reader = Reader(str(path))
+    field = reader.handlers["image"]
+    metadata = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}  # FFCV's naming
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int(field.element_size)
+    images = np.empty((int(reader.num_samples), size), dtype=np.uint8)
+    for i, ptr in enumerate(metadata["image"].tolist()):
+        images[i] = raw[ptr : ptr + size]
+    labels = metadata["label"].astype(np.int64)
+    return images.view(field.dtype).reshape(-1, *field.shape), labels

@@ -21,11 +21,17 @@ from pipeline.progress import Progress
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+# Every worker hashes strings the same way, whichever process runs a task.
+WORKER_HASH_SEED = {"PYTHONHASHSEED": "0"}
+
+
 def worker_env(joining: bool) -> dict[str, str]:
-    env = {"PYTHONHASHSEED": "0"}
-    if joining:
-        env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
-    return env
+    """What a joined cluster's workers get through the job's runtime_env. A local instance takes its
+    workers' environment from this process instead (`init_ray`): a runtime_env would have Ray start
+    fresh workers for the first tasks instead of the ones it started with the instance (1 s)."""
+    if not joining:
+        return {}
+    return {**WORKER_HASH_SEED, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
 
 
 class _DropNotice(logging.Filter):
@@ -59,14 +65,14 @@ def init_ray(cfg: ExecutionConfig) -> None:
         return
     _quiet_ray_notices()
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": worker_env(joining=bool(address))}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(joining=True)}, log_to_driver=True)
     else:
         _bind_local_instance_to_loopback()
+        os.environ.update(WORKER_HASH_SEED)  # the instance's processes inherit this process's environment
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=None if cfg.device == "cuda" else 0,
-                 include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=env, log_to_driver=True, configure_logging=False)
+                 include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+                 configure_logging=False)
 
 
 def _bind_local_instance_to_loopback() -> None:
