@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,21 +14,25 @@ import numpy as np
 import torch
 
 
+_FFCV_IMPORT = threading.Lock()
+
+
 def import_ffcv() -> None:
     """Import FFCV once per process without the ~6 s its `ffcv.fields.rgb_image` spends at import compiling
     numba's typed Dict for a two-entry table of JPEG/raw modes. That table is only read from Python, by RGB
     image fields (ours are NDArray fields), so a plain dict stands in while FFCV's modules load; numba's
     Dict is put back at once."""
-    if "ffcv" in sys.modules:
-        return
-    import numba.typed
+    with _FFCV_IMPORT:  # a second thread must not take the stand-in for numba's Dict and put it back
+        if "ffcv" in sys.modules:
+            return
+        import numba.typed
 
-    typed_dict = numba.typed.Dict
-    numba.typed.Dict = dict
-    try:
-        import ffcv  # noqa: F401
-    finally:
-        numba.typed.Dict = typed_dict
+        typed_dict = numba.typed.Dict
+        numba.typed.Dict = dict
+        try:
+            import ffcv  # noqa: F401
+        finally:
+            numba.typed.Dict = typed_dict
 
 
 class _Indexed:

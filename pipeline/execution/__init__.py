@@ -69,7 +69,7 @@ def init_ray(cfg: ExecutionConfig) -> None:
         ray.init(address=address, runtime_env={"env_vars": worker_env(joining=True)}, log_to_driver=True)
     else:
         _bind_local_instance_to_loopback()
-        os.environ.update(WORKER_HASH_SEED)  # the instance's processes inherit this process's environment
+        os.environ.update(WORKER_HASH_SEED)  # the instance's processes inherit it (as do this process's later children)
         ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=None if cfg.device == "cuda" else 0,
                  include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
                  configure_logging=False)
