@@ -64,8 +64,7 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: int
 def _quiet_writer():
     """FFCV's DatasetWriter draws a tqdm bar per file on stderr: the prepare stage reports its own
     progress, so the writer's bar is switched off while it writes (its warnings and errors are not)."""
-    import_ffcv()
-    import ffcv.writer
+    import ffcv.writer  # write_beton has imported FFCV (import_ffcv)
     from tqdm import tqdm
 
     saved = ffcv.writer.tqdm

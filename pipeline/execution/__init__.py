@@ -25,12 +25,10 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
 WORKER_HASH_SEED = {"PYTHONHASHSEED": "0"}
 
 
-def worker_env(joining: bool) -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     """What a joined cluster's workers get through the job's runtime_env. A local instance takes its
     workers' environment from this process instead (`init_ray`): a runtime_env would have Ray start
     fresh workers for the first tasks instead of the ones it started with the instance (1 s)."""
-    if not joining:
-        return {}
     return {**WORKER_HASH_SEED, **{k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}}
 
 
@@ -66,7 +64,7 @@ def init_ray(cfg: ExecutionConfig) -> None:
     _quiet_ray_notices()
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(joining=True)}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
     else:
         _bind_local_instance_to_loopback()
         os.environ.update(WORKER_HASH_SEED)  # the instance's processes inherit it (as do this process's later children)
