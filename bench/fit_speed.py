@@ -15,7 +15,7 @@ all models and the same stopping rules (sklearn's duality gap: ``tol`` for the r
 ``path_tol`` for the path's solutions, which only choose lambda). sklearn gets its fastest
 route: one warm-started ``lasso_path`` call per lambda without input checks, with BLAS held to one
 thread (``--sklearn-blas-threads``; with BLAS's default threads its serial solver runs ~3x slower on
-2 cores). Ours (``--solver``: compiled coordinate descent on working sets, the CPU default, or the
+2 cores). Ours (``--solver``: compiled coordinate descent, the CPU default, or the
 batched torch FISTA that GPUs run) gets one thread unless ``--threads`` says otherwise: core for
 core against that serial solver. Quality is the mean LDS on held-out models; the script fails if
 ours and sklearn's differ by more than 0.01. Each line prints the time per target (per datamodel)

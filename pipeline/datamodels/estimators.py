@@ -10,7 +10,7 @@ Estimators (specs/README.md decision 4, specs/algorithms.md section 2): differen
 form), ridge (closed form, sklearn ``Ridge`` semantics) and LASSO with a regularisation path and a
 per-target lambda chosen on held-out models (fast_l1 semantics with sklearn ``Lasso``'s objective on
 standardised features). LASSO has two solvers of the same problems with the same stopping rule: on
-the CPU, compiled coordinate descent on working sets, target by target (``lasso_cd``); on GPUs and
+the CPU, compiled coordinate descent with covariance updates, target by target (``lasso_cd``); on GPUs and
 for designs too large for a Gram matrix, batched accelerated proximal gradient in torch (below).
 """
 
@@ -906,7 +906,7 @@ def lasso(
     solved to tol whatever path_tol is. On the digits default's real targets 1e-2 against tol 1e-3 ran
     2.5x faster with the same LDS (0.4376 vs 0.4368) and the same lambda for 93 % of the datamodels.
     ``lam`` is in standardised units (sklearn ``Lasso`` alpha on standardised features).
-    solver: "cd", compiled coordinate descent on working sets, one target at a time over
+    solver: "cd", compiled coordinate descent (covariance updates), one target at a time over
     ``torch.get_num_threads()`` threads (``lasso_cd``; CPU, up to GRAM_MAX_FEATURES points);
     "fista", the batched torch solver above (any device, any size); "auto": cd where it applies.
     Both stop on the same duality gap; max_iter counts sweeps (cd, as sklearn) or steps (fista).

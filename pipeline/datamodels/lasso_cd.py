@@ -1,4 +1,4 @@
-"""LASSO by coordinate descent on working sets, compiled (numba): the CPU solver.
+"""LASSO by coordinate descent with covariance updates, compiled (numba): the CPU solver.
 
 The same problems and the same stopping rule as the batched torch solver in ``estimators`` (which
 serves GPUs and designs too large for a Gram matrix): per target, min (1/2m)||yc - X~ theta||^2 +
@@ -7,21 +7,15 @@ q = X~' yc / m, solved when sklearn's duality gap over all n features <= tol * |
 
 One target is solved at a time, serially, so a target's result does not depend on which others
 share its call, and calls over disjoint targets run in parallel threads (the kernels release the
-GIL). A solve alternates two phases until the gap over all features is small enough:
+GIL). A solve keeps the gradient g = H theta - q of every feature up to date (glmnet's covariance
+updates): cyclic sweeps over all n features, in which a coefficient at zero whose |g_j| <= lam stays
+there at the cost of one comparison, and one that moves adds its row of H (contiguous, n values) to
+g; after each sweep the gap over all features comes from g in one pass over n.
 
-* a check on all n features, from the full gradient g = H theta - q (kept exact: it changes by a
-  row of H per coefficient that moved), which gives the gap and grows the working set by every
-  feature the optimality conditions call in (|g_j| > lam). The set only grows along a target's
-  path (it holds every support on the way), so each of its features' sub-Gram rows is gathered
-  once per path;
-* cyclic coordinate descent on the working set alone, over a contiguous copy of its sub-Gram
-  matrix, until the working-set problem's gap is half the tolerance (or 50 sweeps have passed). A coordinate that stays at
-  zero costs one comparison; one that moves updates the working set's gradients (one row of the
-  sub-Gram matrix).
-
-Most solves need one round: warm starts along the path are close, and the set already holds the
-features that matter. The cost is then one full-gradient update (support x n) per lambda, plus
-sweeps over support x working set.
+Why not working sets with their own sub-Gram matrix (this module's earlier design): on the digits
+default's real targets (supports of 100-400 of 1,437 features), gathering each entering feature's
+entries from a cold row of H and the full-gradient refresh after each round cost more than the full
+rows saved; this is 1.3-1.4x faster there (``bench/fit_speed.py``, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-# sweeps on a working set between two full checks at most: the set's gradients are updated in the
-# working dtype, and on long solves (ill-conditioned, tight tol) their float32 drift would otherwise
-# let the set's gap pass while the true one does not; each check re-reads them from the exact one
-_ROUND_SWEEPS = 50
+# sweeps between two recomputations of the gradient from theta's support: it is updated in the
+# working dtype, and on long solves (ill-conditioned, tight tol) its float32 drift would otherwise
+# let the gap pass, or never pass, on a gradient that is no longer H theta - q
+_REFRESH_SWEEPS = 50
 
 
 @numba.njit(cache=True, nogil=True)
@@ -62,117 +56,39 @@ def _full_gap(q, c0, lam, theta, grad):
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_rows(H, coef, idx, count, out):
-    """out += sum_a coef[a] * H[idx[a]] over a < count, skipping zero coefficients."""
-    n = out.shape[0]
-    for a in range(count):
-        c = coef[a]
-        if c != 0:
-            row = H[idx[a]]
+def _sweep(H, lam, theta, grad):
+    """One cyclic pass of coordinate descent over all features, in place; grad = H theta - q is kept
+    up to date by the row of H of each coefficient that moves."""
+    n = grad.shape[0]
+    for j in range(n):
+        old = theta[j]
+        if old == 0 and abs(grad[j]) <= lam:
+            continue
+        h = H[j, j]
+        if h <= 0:  # a constant feature: no effect on the fit
+            continue
+        z = old - grad[j] / h
+        thr = lam / h
+        theta[j] = z - thr if z > thr else (z + thr if z < -thr else 0.0)
+        d = theta[j] - old  # in theta's dtype, so that the loop below runs in it
+        if d != 0:
+            row = H[j]
             for k in range(n):
-                out[k] += c * row[k]
+                grad[k] += d * row[k]
 
 
 @numba.njit(cache=True, nogil=True)
-def _working_sweeps(G, w, g, theta, q, c0, lam, dual_out, target_gap, budget):
-    """Cyclic coordinate descent on a working set of w features: G[:w, :w] its Gram matrix; g, theta,
-    q ([:w]) its gradient, coefficients and q, updated in place. dual_out: max |gradient| outside
-    the set, so that the gap below is the full problem's if the set holds every feature that
-    matters. Sweeps until that gap, checked after each sweep, is <= target_gap, or budget sweeps
-    are done; returns the sweeps done."""
+def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps):
+    """Solve one LASSO problem in place from theta (n,), whose gradient H theta - q is grad (n,):
+    sweeps until the duality gap over all features is <= tol_abs. Returns the sweeps done (at most
+    max_sweeps, sklearn's max_iter)."""
     sweeps = 0
-    while sweeps < budget:
-        for a in range(w):
-            h = G[a, a]
-            if h <= 0:  # a constant feature: no effect on the fit
-                continue
-            old = theta[a]
-            z = old - g[a] / h
-            thr = lam / h
-            new = z - thr if z > thr else (z + thr if z < -thr else 0.0)
-            theta[a] = new
-            d = theta[a] - old  # in theta's dtype, so that the loop below runs in it
-            if d != 0:
-                row = G[a]
-                for b in range(w):
-                    g[b] += d * row[b]
+    while _full_gap(q, c0, lam, theta, grad) > tol_abs and sweeps < max_sweeps:
+        _sweep(H, lam, theta, grad)
         sweeps += 1
-        dual_norm, l1, tq, tg = dual_out, 0.0, 0.0, 0.0
-        for a in range(w):
-            dual_norm = max(dual_norm, abs(g[a]))
-            if theta[a] != 0:
-                l1 += abs(theta[a])
-                tq += theta[a] * q[a]
-                tg += theta[a] * g[a]
-        if _gap(c0, lam, dual_norm, l1, tq, tg) <= target_gap:
-            break
+        if sweeps % _REFRESH_SWEEPS == 0:
+            _start_gradient(H, q, theta, grad)
     return sweeps
-
-
-@numba.njit(cache=True, nogil=True)
-def _grow(H, G, idx, old_w, w):
-    """Rows and columns old_w..w of the working set's Gram matrix G, for features idx[old_w:w].
-    G is (cap, cap) with cap >= the set's size; returns it, reallocated (doubled) when too small."""
-    if w > G.shape[0]:
-        bigger = np.empty((max(2 * G.shape[0], w), max(2 * G.shape[0], w)), G.dtype)
-        bigger[:old_w, :old_w] = G[:old_w, :old_w]
-        G = bigger
-    for a in range(old_w, w):
-        row = H[idx[a]]
-        for b in range(w):
-            G[a, b] = G[b, a] = row[idx[b]]
-    return G
-
-
-@numba.njit(cache=True, nogil=True)
-def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps, idx, pos, G, w):
-    """Solve one LASSO problem in place from theta (n,), whose gradient H theta - q is grad (n,).
-
-    The working set is idx[:w] (pos[j] its position of feature j, -1 outside) with Gram matrix
-    G[:w, :w]; it holds theta's support on entry, and grows by the features that the optimality
-    conditions call in, so that along a path each feature's sub-Gram row is gathered once.
-    Returns (sweeps done (at most max_sweeps, sklearn's max_iter), G, w)."""
-    n = theta.shape[0]
-    g, th, moved, qw = np.empty(n, H.dtype), np.empty(n, H.dtype), np.empty(n, H.dtype), np.empty(n, H.dtype)
-    sweeps = 0
-    while True:
-        gap = _full_gap(q, c0, lam, theta, grad)
-        if gap <= tol_abs or sweeps >= max_sweeps:
-            return sweeps, G, w
-        old_w = w
-        dual_out = 0.0
-        for j in range(n):
-            if pos[j] < 0:
-                if abs(grad[j]) > lam:
-                    pos[j] = w
-                    idx[w] = j
-                    w += 1
-                else:
-                    dual_out = max(dual_out, abs(grad[j]))
-        G = _grow(H, G, idx, old_w, w)
-        for a in range(w):
-            g[a], th[a], qw[a] = grad[idx[a]], theta[idx[a]], q[idx[a]]
-            moved[a] = th[a]
-        budget = min(max_sweeps - sweeps, _ROUND_SWEEPS)
-        sweeps += _working_sweeps(G, w, g, th, qw, c0, lam, dual_out, 0.5 * tol_abs, budget)
-        for a in range(w):
-            theta[idx[a]] = th[a]
-            moved[a] = th[a] - moved[a]
-        _add_rows(H, moved, idx, w, grad)
-
-
-@numba.njit(cache=True, nogil=True)
-def _reset(H, G, theta, idx, pos, w):
-    """Empty the working set idx[:w], then fill it with theta's support; returns (G, its size)."""
-    for a in range(w):
-        pos[idx[a]] = -1
-    w = 0
-    for j in range(theta.shape[0]):
-        if theta[j] != 0:
-            pos[j] = w
-            idx[w] = j
-            w += 1
-    return _grow(H, G, idx, 0, w), w
 
 
 @numba.njit(cache=True, nogil=True)
@@ -218,9 +134,9 @@ def _path_start(q, path):
 
 
 @numba.njit(cache=True, nogil=True)
-def _path_step(H, q, c0, lams, j, tol, max_sweeps, path, idx, pos, G, w):
+def _path_step(H, q, c0, lams, j, tol, max_sweeps, path):
     """Solve at lams[j], warm-started from the path's last two solutions (``_warm_start``, down a
-    decreasing path from the third lambda on); returns ``_solve``'s (sweeps, G, w)."""
+    decreasing path from the third lambda on); returns the sweeps done."""
     theta, before, grad, g_before, start, start_grad = path[0], path[1], path[2], path[3], path[4], path[5]
     slope = 0.0
     if j >= 2 and lams[j - 2] > lams[j - 1] > lams[j]:
@@ -228,23 +144,19 @@ def _path_step(H, q, c0, lams, j, tol, max_sweeps, path, idx, pos, G, w):
     _warm_start(H, theta, before, grad, g_before, slope, start, start_grad)
     before[:], g_before[:] = theta, grad
     theta[:], grad[:] = start, start_grad
-    return _solve(H, q, c0, lams[j], theta, grad, tol * 2 * c0, max_sweeps, idx, pos, G, w)
+    return _solve(H, q, c0, lams[j], theta, grad, tol * 2 * c0, max_sweeps)
 
 
 @numba.njit(cache=True, nogil=True)
 def path_targets(H, Q, C0, grid, tol, max_sweeps, lo, hi, out):
     """Solutions at every lambda of grid (k, t) for targets lo..hi, warm-started along each path:
     out[j, i] = theta (n,) of target i at grid[j, i]. Q (t, n), C0 (t,). Returns sweeps (t,)."""
-    n = H.shape[0]
     sweeps = np.zeros(hi - lo, np.int64)
-    idx, pos, G, w = np.empty(n, np.int64), np.full(n, -1, np.int64), np.empty((64, 64), H.dtype), 0
-    path = np.empty((6, n), H.dtype)
+    path = np.empty((6, H.shape[0]), H.dtype)
     for i in range(lo, hi):
         _path_start(Q[i], path)
-        G, w = _reset(H, G, path[0], idx, pos, w)
         for j in range(grid.shape[0]):
-            done, G, w = _path_step(H, Q[i], C0[i], grid[:, i], j, tol, max_sweeps, path, idx, pos, G, w)
-            sweeps[i - lo] += done
+            sweeps[i - lo] += _path_step(H, Q[i], C0[i], grid[:, i], j, tol, max_sweeps, path)
             out[j, i] = path[0]
     return sweeps
 
@@ -275,18 +187,14 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
     (t, n) and the chosen lambda to out_lam (t,); returns the sweeps per target."""
     n = H_fit.shape[0]
     sweeps = np.zeros(hi - lo, np.int64)
-    idx, pos, G, w = np.empty(n, np.int64), np.full(n, -1, np.int64), np.empty((64, 64), H_fit.dtype), 0
     path, best = np.empty((6, n), H_fit.dtype), np.empty(n, H_fit.dtype)
     theta, grad = path[0], path[2]
     for i in range(lo, hi):
         _path_start(Q_fit[i], path)
-        G, w = _reset(H_fit, G, theta, idx, pos, w)
         best[:] = 0
         best_lam, best_mse, last_mse, rises = grid[0, i], np.inf, np.inf, 0
         for j in range(grid.shape[0]):
-            done, G, w = _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path, idx, pos,
-                                    G, w)
-            sweeps[i - lo] += done
+            sweeps[i - lo] += _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path)
             mse = _validation_mse(theta, xv_t, yv[:, i])
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)
                 best_mse, best_lam = mse, grid[j, i]
@@ -297,10 +205,7 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
             last_mse = mse
         theta[:] = best * ratio
         _start_gradient(H_all, Q_all[i], theta, grad)
-        G, w = _reset(H_all, G, theta, idx, pos, w)  # another Gram matrix
-        done, G, w = _solve(H_all, Q_all[i], C0_all[i], best_lam, theta, grad, tol * 2 * C0_all[i], max_sweeps,
-                            idx, pos, G, w)
-        sweeps[i - lo] += done
+        sweeps[i - lo] += _solve(H_all, Q_all[i], C0_all[i], best_lam, theta, grad, tol * 2 * C0_all[i], max_sweeps)
         out_theta[i] = theta
         out_lam[i] = best_lam
     return sweeps
