@@ -281,10 +281,48 @@ def test_lasso_cd_solve_from_any_start_keeps_its_gradient_exact():
         assert (np.abs(sk.coef_) > 1e-8).sum() > 20  # many features must enter
         for theta in (np.zeros(80), g.standard_normal(80)):
             grad = H @ theta - q
-            sweeps = lasso_cd._solve(H, q, c0, lam, theta, grad, 1e-14, 100000)
+            sweeps = lasso_cd._solve(H, q, c0, lam, theta, grad, 1e-14, 100000, True)
             assert lasso_cd._REFRESH_SWEEPS < sweeps < 100000
             np.testing.assert_allclose(grad, H @ theta - q, atol=1e-12)
             np.testing.assert_allclose(theta, sk.coef_, atol=1e-6)
+
+
+def test_lasso_cd_float32_path_meets_the_gap_on_the_exact_gradient():
+    # fewer models than points, a long warm-started path, float32 and a tight tol: the gradient the
+    # sweeps keep drifts; every solution returned is checked on H theta - q recomputed, so its true gap
+    # meets tol up to float32 rounding (measured 1.11x tol here; 1.82x without the exact exits)
+    masks, outputs, _ = planted(300, 600, 3, active=60, noise=0.5, seed=5)
+    x = masks.double().numpy()
+    xs = StandardScaler().fit_transform(x)
+    lams = torch.logspace(0, -3, 60) * 0.5
+    tol = 1e-5
+    path = lasso_path(masks, outputs, lambdas=lams, tol=tol, dtype=torch.float32, solver="cd", max_iter=5000)
+    worst = 0.0
+    for k in range(60):
+        for j in range(3):
+            y = outputs[:, j].double().numpy()
+            theta = path.weight[k, :, j].double().numpy() * x.std(0)
+            yc = y - y.mean()
+            worst = max(worst, _sk_gap(xs, y, theta, lams[k].item()) / (tol * (yc @ yc) / len(y)))
+    assert worst <= 1.25, worst
+
+
+def test_lasso_cd_drops_a_constant_feature_from_any_start():
+    # a constant column has a zero row of H and q 0: a start that gives it a weight must lose it
+    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_cd
+
+    masks, outputs, _ = planted(120, 30, 1, active=5, seed=2)
+    masks[:, 3] = True
+    feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    H, q, c0 = est._gram(feat), tg.q[0].numpy(), float(tg.c0[0])
+    assert H[3, 3] == 0 and q[3] == 0
+    theta = np.zeros(30)
+    theta[3] = 0.5
+    grad = H @ theta - q
+    lasso_cd._solve(H, q, c0, 0.01, theta, grad, 1e-12, 1000, True)
+    assert theta[3] == 0
 
 
 def test_lasso_cd_warm_start_gradient_is_exact():

@@ -3,7 +3,8 @@
 The same problems and the same stopping rule as the batched torch solver in ``estimators`` (which
 serves GPUs and designs too large for a Gram matrix): per target, min (1/2m)||yc - X~ theta||^2 +
 lam ||theta||_1 on standardised features, written in Gram quantities H = X~' X~ / m and
-q = X~' yc / m, solved when sklearn's duality gap over all n features <= tol * ||yc||^2 / m.
+q = X~' yc / m, solved when sklearn's duality gap over all n features <= tol * ||yc||^2 / m (for
+the solutions returned, on the gradient recomputed from theta: see ``_solve``).
 
 One target is solved at a time, serially, so a target's result does not depend on which others
 share its call, and calls over disjoint targets run in parallel threads (the kernels release the
@@ -65,7 +66,8 @@ def _sweep(H, lam, theta, grad):
         if old == 0 and abs(grad[j]) <= lam:
             continue
         h = H[j, j]
-        if h <= 0:  # a constant feature: no effect on the fit
+        if h <= 0:  # a constant feature: no effect on the fit (its row of H is zero: grad stays)
+            theta[j] = 0
             continue
         z = old - grad[j] / h
         thr = lam / h
@@ -78,17 +80,28 @@ def _sweep(H, lam, theta, grad):
 
 
 @numba.njit(cache=True, nogil=True)
-def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps):
+def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps, exact_exit):
     """Solve one LASSO problem in place from theta (n,), whose gradient H theta - q is grad (n,):
     sweeps until the duality gap over all features is <= tol_abs. Returns the sweeps done (at most
-    max_sweeps, sklearn's max_iter)."""
+    max_sweeps, sklearn's max_iter).
+
+    The gap comes from the gradient kept by the sweeps, which drifts in float32 (most on designs with
+    fewer models than points, over long warm-started paths). exact_exit: when that gap passes, the
+    gradient is recomputed from theta's support and the gap checked again (sweeping on if it fails),
+    so that a solution that is returned meets tol on H theta - q itself; one more pass over the
+    support's rows. Path solutions that only choose lambda go without it."""
     sweeps = 0
-    while _full_gap(q, c0, lam, theta, grad) > tol_abs and sweeps < max_sweeps:
-        _sweep(H, lam, theta, grad)
-        sweeps += 1
-        if sweeps % _REFRESH_SWEEPS == 0:
-            _start_gradient(H, q, theta, grad)
-    return sweeps
+    while True:
+        while _full_gap(q, c0, lam, theta, grad) > tol_abs and sweeps < max_sweeps:
+            _sweep(H, lam, theta, grad)
+            sweeps += 1
+            if sweeps % _REFRESH_SWEEPS == 0:
+                _start_gradient(H, q, theta, grad)
+        if not exact_exit or sweeps >= max_sweeps or sweeps % _REFRESH_SWEEPS == 0:
+            return sweeps  # (a refresh just made grad exact, or the budget is spent)
+        _start_gradient(H, q, theta, grad)
+        if _full_gap(q, c0, lam, theta, grad) <= tol_abs:
+            return sweeps
 
 
 @numba.njit(cache=True, nogil=True)
@@ -134,7 +147,7 @@ def _path_start(q, path):
 
 
 @numba.njit(cache=True, nogil=True)
-def _path_step(H, q, c0, lams, j, tol, max_sweeps, path):
+def _path_step(H, q, c0, lams, j, tol, max_sweeps, path, exact_exit):
     """Solve at lams[j], warm-started from the path's last two solutions (``_warm_start``, down a
     decreasing path from the third lambda on); returns the sweeps done."""
     theta, before, grad, g_before, start, start_grad = path[0], path[1], path[2], path[3], path[4], path[5]
@@ -144,7 +157,7 @@ def _path_step(H, q, c0, lams, j, tol, max_sweeps, path):
     _warm_start(H, theta, before, grad, g_before, slope, start, start_grad)
     before[:], g_before[:] = theta, grad
     theta[:], grad[:] = start, start_grad
-    return _solve(H, q, c0, lams[j], theta, grad, tol * 2 * c0, max_sweeps)
+    return _solve(H, q, c0, lams[j], theta, grad, tol * 2 * c0, max_sweeps, exact_exit)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -156,7 +169,7 @@ def path_targets(H, Q, C0, grid, tol, max_sweeps, lo, hi, out):
     for i in range(lo, hi):
         _path_start(Q[i], path)
         for j in range(grid.shape[0]):
-            sweeps[i - lo] += _path_step(H, Q[i], C0[i], grid[:, i], j, tol, max_sweeps, path)
+            sweeps[i - lo] += _path_step(H, Q[i], C0[i], grid[:, i], j, tol, max_sweeps, path, True)
             out[j, i] = path[0]
     return sweeps
 
@@ -182,8 +195,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
     standardisation), transposed; yv (v, t) their outputs less the fitting mean; min_lambdas: after
     that many lambdas a path stops at the patience-th rise in a row of its validation MSE (-1: never;
     patience 1 is fast_l1's first rise). The refit starts from the chosen solution times ratio (n,) =
-    sigma_all / sigma_fit. The path's solutions stop at the relative gap path_tol (they only choose
-    lambda), the refit at tol. Writes the refitted theta (all-model standardisation) to out_theta
+    sigma_all / sigma_fit. The path's solutions stop at the relative gap path_tol on the kept gradient
+    (they only choose lambda), the refit at tol on the exact one (``_solve``'s exact_exit). Writes the refitted theta (all-model standardisation) to out_theta
     (t, n) and the chosen lambda to out_lam (t,); returns the sweeps per target."""
     n = H_fit.shape[0]
     sweeps = np.zeros(hi - lo, np.int64)
@@ -194,7 +207,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
         best[:] = 0
         best_lam, best_mse, last_mse, rises = grid[0, i], np.inf, np.inf, 0
         for j in range(grid.shape[0]):
-            sweeps[i - lo] += _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path)
+            sweeps[i - lo] += _path_step(H_fit, Q_fit[i], C0_fit[i], grid[:, i], j, path_tol, max_sweeps, path,
+                                         False)
             mse = _validation_mse(theta, xv_t, yv[:, i])
             if mse < best_mse:  # strict: ties keep the larger lambda (the sparser model)
                 best_mse, best_lam = mse, grid[j, i]
@@ -205,7 +219,8 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
             last_mse = mse
         theta[:] = best * ratio
         _start_gradient(H_all, Q_all[i], theta, grad)
-        sweeps[i - lo] += _solve(H_all, Q_all[i], C0_all[i], best_lam, theta, grad, tol * 2 * C0_all[i], max_sweeps)
+        sweeps[i - lo] += _solve(H_all, Q_all[i], C0_all[i], best_lam, theta, grad, tol * 2 * C0_all[i], max_sweeps,
+                                 True)
         out_theta[i] = theta
         out_lam[i] = best_lam
     return sweeps
