@@ -307,6 +307,24 @@ def test_lasso_cd_float32_path_meets_the_gap_on_the_exact_gradient():
     assert worst <= 1.25, worst
 
 
+def test_lasso_cd_exact_exit_rechecks_a_gradient_that_passes_at_once():
+    # a kept gradient that is wrong enough to pass the gap before any sweep (zero: theta 0 looks
+    # optimal) must not be returned as a solution when exact_exit asks for the true gap
+    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_cd
+
+    masks, outputs, _ = planted(150, 80, 1, active=12, noise=0.3, seed=5)
+    feat = est._features(masks.double())
+    tg = est._targets(feat, outputs.double())
+    H, q, c0, lam = est._gram(feat), tg.q[0].numpy(), float(tg.c0[0]), 0.01
+    sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(StandardScaler().fit_transform(masks.double().numpy()),
+                                                            outputs[:, 0].double().numpy())
+    theta, grad = np.zeros(80), np.zeros(80)
+    assert lasso_cd._solve(H, q, c0, lam, theta.copy(), grad.copy(), 1e-14, 100000, False) == 0
+    lasso_cd._solve(H, q, c0, lam, theta, grad, 1e-14, 100000, True)
+    np.testing.assert_allclose(theta, sk.coef_, atol=1e-6)
+
+
 def test_lasso_cd_drops_a_constant_feature_from_any_start():
     # a constant column has a zero row of H and q 0: a start that gives it a weight must lose it
     from pipeline.datamodels import estimators as est

@@ -97,7 +97,7 @@ def _solve(H, q, c0, lam, theta, grad, tol_abs, max_sweeps, exact_exit):
             sweeps += 1
             if sweeps % _REFRESH_SWEEPS == 0:
                 _start_gradient(H, q, theta, grad)
-        if not exact_exit or sweeps >= max_sweeps or sweeps % _REFRESH_SWEEPS == 0:
+        if not exact_exit or sweeps >= max_sweeps or (sweeps > 0 and sweeps % _REFRESH_SWEEPS == 0):
             return sweeps  # (a refresh just made grad exact, or the budget is spent)
         _start_gradient(H, q, theta, grad)
         if _full_gap(q, c0, lam, theta, grad) <= tol_abs:
@@ -196,8 +196,9 @@ def select_refit_targets(H_fit, Q_fit, C0_fit, grid, xv_t, yv, min_lambdas, pati
     that many lambdas a path stops at the patience-th rise in a row of its validation MSE (-1: never;
     patience 1 is fast_l1's first rise). The refit starts from the chosen solution times ratio (n,) =
     sigma_all / sigma_fit. The path's solutions stop at the relative gap path_tol on the kept gradient
-    (they only choose lambda), the refit at tol on the exact one (``_solve``'s exact_exit). Writes the refitted theta (all-model standardisation) to out_theta
-    (t, n) and the chosen lambda to out_lam (t,); returns the sweeps per target."""
+    (they only choose lambda), the refit at tol on the exact one (``_solve``'s exact_exit). Writes the
+    refitted theta (all-model standardisation) to out_theta (t, n) and the chosen lambda to out_lam
+    (t,); returns the sweeps per target."""
     n = H_fit.shape[0]
     sweeps = np.zeros(hi - lo, np.int64)
     path, best = np.empty((6, n), H_fit.dtype), np.empty(n, H_fit.dtype)
