@@ -45,7 +45,7 @@ def baseline_rows(tmp_path_factory):
         f"store={store}",
         "train.subset.models=0", "train.subset.heldout=0", "train.oracle.target=0",
         "forget_sets=[{name: random50, kind: random, size: 50, seed: 1}, "
-        "{name: atypical50, kind: atypical, size: 50}]", "tuning_forget_set=null",
+        "{name: atypical50, kind: atypical, size: 50}]", "tuning_forget_sets=[]",
         f"unlearn.methods={{do_nothing: {{}}, finetune: {FINETUNE}}}",
         "evaluate.bootstrap=50",
     ]

@@ -37,7 +37,7 @@ def unlearned(tiny_store, tmp_path_factory):
     from pipeline.stages.unlearn import run_unlearn
 
     root = copy_store(tiny_store.root, tmp_path_factory.mktemp("unlearn-stage") / "store")
-    plan = tiny_plan(root, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_set=null")
+    plan = tiny_plan(root, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_sets=[]")
     run_train(plan)  # the new forget set's oracles only
     run_fit(plan)
     run_unlearn(plan)
@@ -92,7 +92,7 @@ def test_matching_methods_read_forget_rows_and_target_oracles_never_eval_oracles
 
     def scrambled(role: str):
         copy = copy_store(root, tmp_path / role)
-        p = tiny_plan(copy, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_set=null")
+        p = tiny_plan(copy, FORGET, f"unlearn.methods={METHODS}", "tuning_forget_sets=[]")
         n = getattr(p.cfg.train.oracle, role)
         fam = family_store(p, FamilySpec(p.oracle("atypical20"), role, n, "oracle"), meta)
         rng = np.random.default_rng(0)
