@@ -88,7 +88,7 @@ class Plan:
         spec = self.cfg.tuning_set_for(forget_name)
         if spec is None:
             kind = self.cfg.forget_set(forget_name).kind
-            given = [f"{t.name} ({t.kind})" for t in self.cfg.tuning_forget_sets] or "none"
+            given = ", ".join(f"{t.name} ({t.kind})" for t in self.cfg.tuning_forget_sets) or "none"
             raise StageError(f"forget set {forget_name!r} (kind {kind}) has no tuning set of its kind to select "
                              f"hyperparameter grids on (tuning_forget_sets: {given}): add one of kind {kind}, or "
                              f"name one in `tuning_fallback: {{{kind}: <kind>}}`")

@@ -32,6 +32,7 @@ def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | 
 
     grids = method_grids(plan.cfg)  # bad method names or hyperparameters stop before any work
     check_needs(plan, grids)
+    _ = plan.forget_sets  # so do bad forget sets (a tuning set sharing a reported set's point), before the store
     with timed("prepare"):
         run_prepare(plan)
     with timed("train"):
