@@ -113,8 +113,7 @@ def _status_tables(plan, rows: list[dict], wide: bool) -> list:
         out.append(grid)
     tune = [r for r in rows if r["section"] == "tune"]
     if tune:
-        out.append("hyperparameter grids, per set scored on (a tuning set, or a reported set for the "
-                   "optimistic upper bound):")
+        out.append("hyperparameter grids, per set they are scored on:")
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("method", "set", "point", "state", "hyperparameters") + (("id", "bytes") if wide else ()):
             table.add_column(col, no_wrap=col != "hyperparameters")
@@ -182,8 +181,9 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 
     def go():
         chosen = run_unlearn(_plan(config, set_))
-        for method, hp in chosen.items():
-            console.print(f"unlearn {method}: {hp}", highlight=False)
+        for method, per_set in chosen.items():
+            for forget_set, hp in per_set.items():
+                console.print(f"unlearn {method} on {forget_set}: {hp}", highlight=False)
 
     _guard(go)
 
