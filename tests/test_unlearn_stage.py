@@ -297,6 +297,9 @@ def test_a_reported_kind_without_a_tuning_set_stops_before_any_work(tiny_store, 
         check_needs(plan, method_grids(plan.cfg))
     fallback = tiny_plan(tmp_path / "none", *BY_KIND[:1], "tuning_fallback={class: random}")
     assert fallback.tuning_set("class3-8") == "tune"
+    nowhere = tiny_plan(tmp_path / "none", *BY_KIND[:1], "tuning_fallback={class: atypical}")
+    with pytest.raises(StageError, match="'class3-8' \\(kind class\\) has no tuning set"):
+        nowhere.tuning_set("class3-8")  # a fallback to a kind no tuning set has
     assert not (tmp_path / "none").exists()
 
 
