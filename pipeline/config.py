@@ -170,10 +170,18 @@ class FitConfig(Frozen):
     per_logit: bool = True  # also fit train x targets x classes (dm-direct, DMM)
     ridge_lambda: float = Field(1.0, gt=0)
     lasso: LassoConfig = LassoConfig()
+    # keep theta_logit (column-major, 60 GB float16 at CIFAR-10 size) once the fit is complete; false keeps
+    # only its row-major copy theta_logit_rows (same bytes), dropping theta_logit after the copy (storage_layout.md)
+    store_theta_logit: bool = True
 
     def section(self) -> dict:
-        """The fit stage's recorded config section and identity: unset optional fields left out."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The fit stage's recorded config section and identity: unset optional fields left out, and
+        store_theta_logit only when false (a fit that dropped theta_logit cannot serve one that keeps it;
+        the default leaves every earlier fit's identity as it was)."""
+        section = self.model_dump(mode="json", exclude_none=True)
+        if section["store_theta_logit"]:
+            del section["store_theta_logit"]
+        return section
 
 
 # ----------------------------------------------------------------------------------------- unlearn

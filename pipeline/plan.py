@@ -326,11 +326,15 @@ def target_blocks(n_points: int, block: int) -> list[tuple[int, int]]:
 def done_targets(store: Store, rel: str, n_points: int) -> np.ndarray:
     """Targets covered by a marker: blocks of another size from an earlier run still count."""
     done = np.zeros(n_points, dtype=bool)
-    for name in store.list(f"{rel}/markers/targets"):
-        marker = store.read_json(f"{rel}/markers/targets/{name}")
-        if marker is not None:
-            done[marker["start"] : marker["end"]] = True
+    for marker in target_markers(store, rel):
+        done[marker["start"] : marker["end"]] = True
     return done
+
+
+def target_markers(store: Store, rel: str) -> list[dict]:
+    """The fit's readable target-block markers: one listing, read concurrently."""
+    names = store.list(f"{rel}/markers/targets")
+    return [m for m in store.read_jsons([f"{rel}/markers/targets/{n}" for n in names]) if m is not None]
 
 
 # ---------------------------------------------------------------------------------------- unlearn

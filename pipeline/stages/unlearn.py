@@ -20,7 +20,7 @@ from pipeline.batches import derive_seed
 from pipeline.config import Config
 from pipeline.execution import init_ray, run_tasks, task_options
 from pipeline.models import build_model
-from pipeline.stages.fit import forget_rows
+from pipeline.stages.fit import dm_direct_error, forget_rows
 from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
     SELECTION_VERSION, FamilySpec, Plan, StageError, check_prepared, chosen_point, contiguous_runs, family_store,
     method_grids, n_unlearned, pending_blocks, selection_rel, unlearn_family, unlearn_ref,
@@ -76,6 +76,7 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
     check_prepared(plan)  # every task reads the prepared files: as prepare recorded them
     for fs in sorted({fs for m, _, fs, *_ in tasks if "datamodels" in get_method(m).NEEDS}):
         forget_rows(plan, plan.forget_sets[fs])  # once here, not in every task
+        dm_direct_error(plan, fs)  # recorded beside them (decision 34), once its target oracles exist
     init_ray(ex)
     remote = ray.remote(unlearn_block_task).options(**task_options(ex))
     refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo))
