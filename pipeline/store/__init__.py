@@ -120,7 +120,7 @@ class Store:
 
     def read_many(self, rels: list[str]) -> list[bytes | None]:
         """The objects' bytes in rels' order (None where one is missing), fetched concurrently: on an
-        object store in one batched `cat` (fsspec runs its GETs in parallel, bounded by its batch size),
+        object store in one batched `cat_ranges` (fsspec runs the GETs in parallel, bounded by its batch size),
         locally by a bounded thread pool. One round of latency for a whole listing of markers."""
         if len(rels) <= 2:
             return [self._read_or_none(rel) for rel in rels]
@@ -129,10 +129,12 @@ class Store:
 
             with ThreadPoolExecutor(min(READ_WORKERS, len(rels))) as pool:
                 return list(pool.map(self._read_or_none, rels))
-        paths = [self.path(rel) for rel in rels]
-        got = self.fs.cat(paths, on_error="return")
-        got = {self.fs._strip_protocol(k): v for k, v in got.items()}
-        return [v if isinstance(v, bytes) else None for v in (got.get(self.fs._strip_protocol(p)) for p in paths)]
+        # cat_ranges, not cat: cat checks each path with a HEAD first, doubling the requests
+        got = self.fs.cat_ranges([self.path(rel) for rel in rels], None, None, on_error="return")
+        for value in got:
+            if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                raise value
+        return [value if isinstance(value, bytes) else None for value in got]
 
     def _read_or_none(self, rel: str) -> bytes | None:
         try:
