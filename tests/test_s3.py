@@ -424,3 +424,26 @@ def test_fit_requests_grow_with_its_tasks_not_its_targets(moto, tiny_store, run_
     per_task = (many["other"] - few["other"]) / (many["tasks"] - few["tasks"])
     assert 0 < per_task <= 40, counts
     assert few["other"] - per_task * few["tasks"] <= 250, counts  # the driver's and the rows task's fixed reads
+
+
+def test_markers_are_read_in_one_batch_on_s3_equal_to_one_by_one(moto):
+    """`Family.markers()` on s3://: one listing, then one GET per marker (no HEAD first), concurrently;
+    the same markers as reading them one at a time; a half-written (unreadable) one is not done."""
+    from pipeline.store import Family, StageRef, Store
+
+    bucket = moto.bucket("markers")
+    store = Store(f"s3://{bucket}/farm")
+    family = Family(store, StageRef("full", "abc"), "models", [])
+    for start in range(0, 40, 4):
+        store.write_json(f"{family.marker_rel}/{start:07d}-{start + 4:07d}.json", {"start": start, "end": start + 4})
+    store.write_bytes(f"{family.marker_rel}/0000040-0000044.json", b'{"start": 40, "en')  # cut short
+    since = moto.log_lines()
+    got = family.markers()
+    requests = moto.requests(bucket, since)
+    names = [n for n in store.list(family.marker_rel) if n.endswith(".json")]
+    assert got == [m for m in (store.read_json(f"{family.marker_rel}/{n}") for n in names) if m is not None]
+    assert [m["start"] for m in got] == list(range(0, 40, 4))
+    objects = [key for method, key in requests if "/markers/" in key]
+    assert sorted(objects) == sorted(f"farm/{family.marker_rel}/{n}" for n in names)  # each GET once
+    # and nothing else on the objects (the listing is a request on the bucket): no HEAD before a GET
+    assert {method for method, _ in requests} == {"GET"} and len(requests) == len(names)
