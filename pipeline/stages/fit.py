@@ -114,12 +114,7 @@ def _run_fit(plan: Plan) -> dict:
     upstream = {"subset": plan.subset.id, "models": plan.cfg.train.subset.models,
                 "heldout": plan.cfg.train.subset.heldout}
     ensure_stage(plan.store, ref, plan.cfg.fit.section(), upstream, plan.cfg.name)
-    n_points = meta["n_train"] + meta["n_val"]
-    markers = _finished_blocks(plan)
-    done = np.zeros(n_points, dtype=bool)
-    for m in markers:
-        done[m["start"] : m["end"]] = True
-    todo = [(a, b) for a, b in target_blocks(n_points, plan.cfg.execution.fit_block_targets) if not done[a:b].all()]
+    markers, todo = _pending_blocks(plan, meta["n_train"] + meta["n_val"])
     group = plan.store.open_group(f"{ref.rel}/arrays.zarr")
     if todo and plan.cfg.fit.per_logit and "theta_logit" not in group and "theta_logit_rows" in group:
         raise StageError(f"{plan.store.url(ref.rel)}: theta_logit was dropped (fit.store_theta_logit: false) but "
@@ -148,6 +143,17 @@ def _run_fit(plan: Plan) -> dict:
     if plan.cfg.fit.per_logit:
         dm_direct_errors(plan)  # for the forget sets whose target oracles are trained; the rest later
     return summary
+
+
+def _pending_blocks(plan: Plan, n_points: int) -> tuple[list[dict], list[tuple[int, int]]]:
+    """(the finished blocks' markers, the target blocks still to fit): blocks of another size from an
+    earlier run still count."""
+    markers = _finished_blocks(plan)
+    done = np.zeros(n_points, dtype=bool)
+    for m in markers:
+        done[m["start"] : m["end"]] = True
+    blocks = target_blocks(n_points, plan.cfg.execution.fit_block_targets)
+    return markers, [(a, b) for a, b in blocks if not done[a:b].all()]
 
 
 def _forget_sets_by_id(plan: Plan) -> dict[str, list[int]]:
