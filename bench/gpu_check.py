@@ -23,7 +23,13 @@ even when another fails:
   cuda_graphs  the trainer's steps replayed as a captured CUDA graph against eager: the same models, and
                seconds per step of ResNet-9 (as throughput) eager and graphed;
   compile      the same ResNet-9 step eager, under torch.compile and under its CUDA graphs
-               (reduce-overhead): seconds per step, compile time, logits against eager's (findings).
+               (reduce-overhead): seconds per step, compile time, logits against eager's (findings);
+  compile_identity  `train.compile: inductor` (decision 38) in two fresh processes with empty caches:
+               the same bits (the gate), and its models per GPU-hour and MFU against eager's;
+  unlearning_throughput  every training method on a block of ResNet-9s: example-passes per second per
+               model and MFU against the trainer's;
+  streamed_fit diff-in-means and LASSO on boolean masks at 50,000 points, m up to 20,000: seconds, peak
+               device memory, seconds extrapolated to a CIFAR-10 fit.
 `ok` is true when every section passed its check. bench/RESULTS.md says how to read the figures.
 """
 
@@ -538,6 +544,175 @@ def section_compile(device, quick: bool, budget: float) -> dict:
     return {"ok": True, "width": width, "batch": batch, "steps_timed": steps, "rows": rows}
 
 
+# ------------------------------------------------------------------------------- compile identity
+def compiled_block(mode: str, width: int, batch: int, steps: int, m: int, device) -> dict:
+    """A block of m ResNet-9s trained 2 epochs of `steps` steps through the real trainer with
+    `train.compile` = mode (CUDA graphs on a GPU): sha256 of the members' weights and logits, seconds
+    per step of the second epoch (the first pays the compile and the graph's capture)."""
+    import hashlib
+
+    data = cifar_shaped(steps * batch, 64, device)
+    precision = "bf16" if data.device.type == "cuda" else "fp32"
+    cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.4, warmup_epochs=0.5, precision=precision, compile=mode)
+    marks = []
+
+    def mark(done, total):
+        sync(data.device)
+        marks.append(time.perf_counter())
+
+    block = [Member(derive_seed("compiled", i), np.arange(steps * batch)) for i in range(m)]
+    start = time.perf_counter()
+    model, _ = train_members(ModelConfig(name="resnet9", width=width), cfg, data, block, 10, progress=mark,
+                             stacking="loop", cuda_graphs=True)
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(stacked_logits(model, data.all_images(), data.normalize).float().cpu().numpy().tobytes())
+    return {"digest": digest.hexdigest(), "seconds_per_step": (marks[1] - marks[0]) / steps,
+            "first_epoch_seconds": marks[0] - start}
+
+
+def compiled_block_in_fresh_process(args: list[str], cache: Path) -> dict:
+    """`compiled_block` in a new interpreter with empty inductor and Triton caches."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, __file__, "--compiled-child", *args], env=env, capture_output=True,
+                          text=True, timeout=400)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def section_compile_identity(device, quick: bool) -> dict:
+    """Decision 38: `train.compile: inductor` (deterministic mode) in two fresh processes with empty
+    caches gives the same bits; its throughput (models per GPU-hour for 24 epochs, MFU) against the
+    eager trainer's, in the same call. Models differ from eager's (the choice is in the recipe's id)."""
+    import tempfile
+
+    width, batch, steps, m = (8, 32, 3, 2) if quick else (64, 512, 20, 8)
+    args = [str(width), str(batch), str(steps), str(m), str(device)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [compiled_block_in_fresh_process(args, Path(tmp) / f"cache-{k}") for k in range(2)]
+    eager = compiled_block("off", width, batch, steps, m, device)
+    flops = resnet9_step_flops(width, batch, device)
+    peak = peak_tflops(device)
+    steps_24 = 24 * (CIFAR_STEPS_PER_EPOCH if not quick else steps)
+
+    def rates(r):
+        return {"seconds_per_step": r["seconds_per_step"],
+                "models_per_gpu_hour": 3600.0 / (r["seconds_per_step"] / m * steps_24),
+                "mfu": None if peak is None else flops * m / r["seconds_per_step"] / 1e12 / peak}
+
+    identical = runs[0]["digest"] == runs[1]["digest"]
+    return {"ok": identical, "width": width, "batch": batch, "models": m, "identical_across_processes": identical,
+            "same_bits_as_eager": runs[0]["digest"] == eager["digest"],
+            "compile_seconds": [r["first_epoch_seconds"] for r in runs],
+            "compiled": rates(runs[0]), "eager": rates(eager),
+            "speedup_vs_eager": eager["seconds_per_step"] / runs[0]["seconds_per_step"]}
+
+
+# ------------------------------------------------------------------------- unlearning throughput
+THROUGHPUT_SETTINGS = {  # one epoch or a few iterations each, at the CIFAR config's batch sizes
+    "finetune": {"lr": 1e-3, "epochs": 1, "batch_size": 64},
+    "gradient_ascent": {"lr": 1e-4, "epochs": 1, "batch_size": 64},
+    "neggrad_plus": {"lr": 1e-3, "epochs": 1, "batch_size": 128, "forget_batch_size": 64},
+    "scrub": {"lr": 5e-3, "epochs": 1, "msteps": 1, "batch_size": 64, "forget_batch_size": 32},
+    "dmm": {"lr": 1e-4, "epochs": 1, "batch_size": 512},
+    "oracle_matching": {"lr": 1e-4, "epochs": 1, "batch_size": 512},
+    "del": {"lr": 5e-3, "epochs": 1, "batch_size": 128, "forget_batch_size": 128},
+    "sfron": {"lr": 1e-2, "n_iters": 30, "forget_freq": 5, "batch_size": 128},
+    "camu": {"impair_lr": 1e-4, "kl_lr": 1e-5, "epochs": 1, "batch_size": 32},
+}
+
+
+def section_unlearning_throughput(device, quick: bool) -> dict:
+    """Every training method on a block of ResNet-9s (CIFAR shape) on the device as the unlearn stage runs
+    it: example-passes per second per model (the meter's count, decision 22) and MFU at the trainer's
+    FLOPs per example-pass, against the trainer's own MFU measured here (loop block, CUDA graphs)."""
+    from pipeline.unlearn import get_method
+    from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows
+
+    width, n_train, m = (8, 256, 2) if quick else (64, 4096, 8)
+    data = cifar_shaped(n_train, 256, device)
+    model_cfg = ModelConfig(name="resnet9", width=width)
+    stacking = "loop"
+    model = build_model(model_cfg, list(range(m)), data.shape, 10, stacking).to(device)
+    n_points = n_train + data.val_y.shape[0]
+    forget = np.arange(0, n_train, n_train // 64)
+    retain = np.setdiff1d(np.arange(n_train), forget)
+    g = torch.Generator().manual_seed(1)
+    rows = 0.01 * torch.randn(len(forget), n_points, 10, generator=g)
+    oracle = torch.randn(n_points, 10, generator=g)
+    ctx = lambda: Context(data=data, classes=10, seed=5, model_indices=list(range(m)),  # noqa: E731
+                          make_fresh_model=lambda idx: build_model(model_cfg, [100 + i for i in idx], data.shape,
+                                                                   10, stacking).to(device),
+                          _forget_rows=lambda: ForgetRows.from_rows(rows.to(device), forget),
+                          _target_oracle_logits=lambda: oracle.to(device))
+    batch = 32 if quick else 512
+    flops_per_example = resnet9_step_flops(width, batch, device) / batch
+    peak = peak_tflops(device)
+    trainer_sec = time_second_epoch("loop", m, width, batch, 2 if quick else 8, cifar_shaped(
+        (2 if quick else 8) * batch, 16, device), graphs=True) if torch.device(device).type == "cuda" else None
+    trainer_mfu = None if peak is None or trainer_sec is None else flops_per_example * batch * m / trainer_sec / 1e12 / peak
+    out = {}
+    for name, settings in THROUGHPUT_SETTINGS.items():
+        method, meter = get_method(name), ComputeMeter()
+        try:
+            sync(device)
+            start = time.perf_counter()
+            method.run(ctx(), model.select(list(range(m))), forget, retain, method.Config(**settings), meter)
+            sync(device)
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # a failure is a finding
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            continue
+        passes = meter.equivalent_passes()  # per member
+        rate = None if not passes else float(passes) / seconds
+        mfu = None if peak is None or rate is None else rate * m * flops_per_example / 1e12 / peak
+        out[name] = {"seconds": seconds, "example_passes_per_model": passes, "passes_per_second_per_model": rate,
+                     "mfu": mfu, "mfu_vs_trainer": None if mfu is None or not trainer_mfu else mfu / trainer_mfu}
+    ok = all("error" not in v for v in out.values())
+    return {"ok": ok, "models": m, "width": width, "trainer_mfu": trainer_mfu, "methods": out}
+
+
+# ------------------------------------------------------------------------------- streamed fit
+def section_streamed_fit(device, quick: bool) -> dict:
+    """The fit at paper width (50,000 training points; quick: 2,000): diff-in-means and LASSO (FISTA) on
+    boolean masks of m models for a block of targets, on the device: seconds and peak device memory,
+    and the seconds extrapolated to the 60,000 x 11 outputs of a CIFAR-10 fit (margins + 10 logits)."""
+    from pipeline.datamodels import get_estimator
+
+    n, targets = (2000, 16) if quick else (50_000, 128)
+    sizes = [500, 1000] if quick else [5000, 10_000, 20_000]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for m in sizes:
+        masks = (torch.rand(m, n, generator=g) < 0.5).to(device)
+        truth = torch.zeros(n, targets)
+        truth[torch.randint(0, n, (targets * 8,), generator=g), torch.arange(targets).repeat(8)] = 0.05
+        outputs = (masks.float().cpu() @ truth + torch.randn(m, targets, generator=g)).to(device)
+        for est in ("diff_in_means", "lasso"):
+            if est == "lasso" and m > sizes[-2]:
+                continue  # one LASSO size less: the path is the slow part
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start = time.perf_counter()
+            kwargs = {"solver": "fista"} if est == "lasso" else {}
+            get_estimator(est)(masks, outputs, **kwargs)
+            sync(device)
+            sec = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) / GB if torch.device(device).type == "cuda" else None
+            rows.append({"estimator": est, "models": m, "points": n, "targets": targets, "seconds": sec,
+                         "peak_device_gb": peak, "seconds_for_cifar_fit": sec * 60_000 * 11 / targets})
+        del masks, outputs
+    return {"ok": True, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------ memory plan
 def memory_plan(device, width: int = 64, batch: int = 512, budget_gb: float = 80.0) -> dict:
     """Bytes per ResNet-9 member in a block at `batch` in bf16 autocast: tensors autograd saves for
@@ -605,8 +780,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small shapes: the CPU-sized run of every section")
     ap.add_argument("--out", default="bench/out", help="folder for gpu_check.json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds the throughput section may take")
-    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput,profile,cuda_graphs,compile")
+    ap.add_argument("--sections", default="env,memory_plan,equivalence,bf16_digits,unlearning,lasso,throughput,"
+                                          "profile,cuda_graphs,compile_identity,unlearning_throughput,streamed_fit,compile")
+    ap.add_argument("--compiled-child", nargs=5, metavar=("WIDTH", "BATCH", "STEPS", "MODELS", "DEVICE"),
+                    help=argparse.SUPPRESS)  # compile_identity's fresh process
     args = ap.parse_args(argv)
+    if args.compiled_child:
+        w, b, st, m, dev = args.compiled_child
+        torch.set_num_threads(1) if dev == "cpu" else None
+        print(json.dumps(compiled_block("inductor", int(w), int(b), int(st), int(m), torch.device(dev))))
+        return {"ok": True}
     device = torch.device(args.device)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -626,6 +809,9 @@ def main(argv=None) -> dict:
         "profile": lambda: section_profile(device, args.quick),
         "cuda_graphs": lambda: section_cuda_graphs(device, args.quick),
         "compile": lambda: section_compile(device, args.quick, args.budget),
+        "compile_identity": lambda: section_compile_identity(device, args.quick),
+        "unlearning_throughput": lambda: section_unlearning_throughput(device, args.quick),
+        "streamed_fit": lambda: section_streamed_fit(device, args.quick),
     }
     for name in args.sections.split(","):
         run_section(name, sections[name], report, out_path)

@@ -87,13 +87,19 @@ class TrainConfig(Frozen):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on GPU only
     augment: bool = False  # random crop (pad 2) + flip, seeded per (stage, model, epoch)
+    # decision 38: "inductor" compiles the block's step (forward, loss, backward) with torch.compile in
+    # inductor's deterministic mode: the same bits run to run in fresh processes, but not eager's bits, so
+    # the choice is part of the recipe's identity (left out of it when "off", so stores made before the
+    # field existed keep their ids)
+    compile: Literal["off", "inductor"] = "off"
     full: FullFamily = FullFamily()
     subset: SubsetFamily = SubsetFamily()
     oracle: OracleFamily = OracleFamily()
 
     def recipe(self) -> dict:
         """The fields every family's identity depends on (family sizes excluded, decision 13)."""
-        return self.model_dump(exclude={"full", "subset", "oracle"})
+        exclude = {"full", "subset", "oracle"} | ({"compile"} if self.compile == "off" else set())
+        return self.model_dump(exclude=exclude)
 
 
 # ----------------------------------------------------------------------------------------- forget sets

@@ -25,6 +25,8 @@ def run_check(tmp_path, sections: str) -> dict:
 
 def assert_same_shape(got: dict, recorded: dict) -> None:
     for name, section in got["sections"].items():
+        if name not in recorded["sections"]:
+            continue  # a section added after that GPU call
         want = set(recorded["sections"][name]) - (CUDA_ONLY if name == "env" else set())
         assert set(section) >= want, (name, want - set(section))
 
@@ -34,6 +36,15 @@ def test_quick_check_of_the_fast_sections_has_the_recorded_shape(tmp_path, recor
     got = run_check(tmp_path, "env,memory_plan,lasso")
     assert got["ok"] and got["sections"]["memory_plan"]["largest_block"] > 0
     assert_same_shape(got, json.loads(recorded.read_text()))
+
+
+@pytest.mark.slow
+def test_quick_check_of_the_new_sections_runs_on_the_cpu(tmp_path):
+    got = run_check(tmp_path, "compile_identity,unlearning_throughput,streamed_fit")
+    assert got["ok"], {k: v.get("error") for k, v in got["sections"].items()}
+    assert got["sections"]["compile_identity"]["identical_across_processes"]
+    assert all(v["passes_per_second_per_model"] > 0 for v in got["sections"]["unlearning_throughput"]["methods"].values())
+    assert {r["estimator"] for r in got["sections"]["streamed_fit"]["rows"]} == {"diff_in_means", "lasso"}
 
 
 @pytest.mark.slow

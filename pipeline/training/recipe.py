@@ -79,6 +79,29 @@ def stacked_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 
     return ce.view(m, b).mean(1).sum()
 
 
+def deterministic_compile(fn):
+    """``torch.compile`` with inductor in its deterministic mode (decision 38): no on-device benchmarking
+    or autotuning that picks kernels by timing, cuDNN deterministic and not benchmarking, static shapes.
+    The same program then gives the same bits in every fresh process (tests/test_compile.py), though
+    not eager's bits: its fusions sum in other orders."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return torch.compile(fn, backend="inductor", dynamic=False,
+                         options={"deterministic": True, "max_autotune": False, "coordinate_descent_tuning": False})
+
+
+def loss_function(model: StackedModel, cfg: TrainConfig, graphed: bool = False):
+    """(x, labels) -> the block's loss under the recipe's precision: eager, or compiled when
+    ``train.compile`` says so (one compile per block; the eager and graphed steps call the same function).
+    A CUDA graph is captured with autocast's cast cache off (its casts must be recorded in the graph)."""
+
+    def forward_loss(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast_for(cfg, x.device, cache_enabled=False if graphed else None):
+            return stacked_loss(model(x), labels, cfg.label_smoothing)
+
+    return deterministic_compile(forward_loss) if cfg.compile == "inductor" else forward_loss
+
+
 def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, members: list[Member],
                   classes: int, progress=None, stacking: str = "grouped", fused: bool | None = None,
                   cuda_graphs: bool = False) -> tuple[StackedModel, dict]:
@@ -97,6 +120,7 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
         raise ValueError(f"train.batch_size {cfg.batch_size} exceeds a member's training-set size")
     lrs = lr_table(cfg, steps_per_epoch).to(data.device)  # one copy, not one a step
     graphed = cuda_graphs and fused and data.device.type == "cuda" and stacking != "streams"
+    loss_fn = loss_function(model, cfg, graphed)
     graph, passes = None, 0
     start = time.perf_counter()
     last_step = int(steps_per_epoch.max()) - 1
@@ -105,10 +129,10 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
             x = augment(x, [m.seed for m in members], epoch, step)
         lr = lrs[epoch, step]
         if graphed and active.all():
-            graph = graph or GraphedStep(model, opt, cfg, x, labels)
+            graph = graph or GraphedStep(model, opt, loss_fn, x, labels)
             graph(x, labels, lr)
         else:
-            eager_step(model, opt, cfg, x, labels, lr, active)
+            eager_step(model, opt, loss_fn, x, labels, lr, active)
         passes += int(active.sum()) * cfg.batch_size
         if progress is not None and step == last_step:
             progress(epoch + 1, cfg.epochs)
@@ -118,12 +142,12 @@ def train_members(model_cfg: ModelConfig, cfg: TrainConfig, data: DeviceData, me
     return model, {"example_passes": passes / len(members), "seconds": time.perf_counter() - start}
 
 
-def eager_step(model: StackedModel, opt, cfg: TrainConfig, x, labels, lr, active: torch.Tensor) -> None:
-    """One step of every active member; an inactive one keeps its weights and BatchNorm statistics."""
+def eager_step(model: StackedModel, opt, loss_fn, x, labels, lr, active: torch.Tensor) -> None:
+    """One step of every active member; an inactive one keeps its weights and BatchNorm statistics.
+    ``loss_fn`` is ``loss_function(model, cfg)``."""
     device = x.device
     saved = None if active.all() else [b.clone() for b in model.buffers()]
-    with autocast_for(cfg, device):
-        loss = stacked_loss(model(x), labels, cfg.label_smoothing)
+    loss = loss_fn(x, labels)
     opt.zero_grad()
     loss.backward()
     if saved is not None:
@@ -140,8 +164,8 @@ class GraphedStep:
     graph keeps one step's activations in its own pool, and a block whose members sit out some steps
     (eager) allocates them again outside it, up to twice eager's peak (`memory_plan` in the GPU check)."""
 
-    def __init__(self, model: StackedModel, opt: FlatStackedSGD, cfg: TrainConfig, x, labels):
-        self.model, self.opt, self.cfg = model, opt, cfg
+    def __init__(self, model: StackedModel, opt: FlatStackedSGD, loss_fn, x, labels):
+        self.model, self.opt, self.loss_fn = model, opt, loss_fn
         self.x, self.labels = x.clone(), labels.clone()
         self.lr = torch.zeros(x.shape[0], device=x.device)
         state = self._state()
@@ -164,8 +188,7 @@ class GraphedStep:
         return [self.opt.flat, self.opt.flat_buf, *self.model.buffers()]
 
     def _step(self) -> None:
-        with autocast_for(self.cfg, self.x.device, cache_enabled=False):
-            loss = stacked_loss(self.model(self.x), self.labels, self.cfg.label_smoothing)
+        loss = self.loss_fn(self.x, self.labels)  # built with the cast cache off (loss_function)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step(self.lr)
