@@ -28,7 +28,8 @@ The reference ties kl_lr to impair_lr per setting (4e-4 with 5e-4 or 1e-3 on MNI
 10 % of MNIST) or 2 x 188 (class removal); on digits' forget sets of 10-50 points an epoch is 1-2 steps.
 Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original, so a grid
 point costs epochs x |F| x 4.67 example-passes: 0.0016 x epochs of a digits retraining on a 10-point set,
-0.008 x epochs on 50 points, whatever the learning rates.
+0.008 x epochs on 50 points, whatever the learning rates; the study's 48-point grid (4 kl_lr x 4
+impair_lr x 2/10/30 epochs, configs/digits-study.yaml) 4.5 retrainings per model on a 40-point set.
 """
 
 from __future__ import annotations

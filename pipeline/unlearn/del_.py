@@ -26,7 +26,10 @@ On the 64-128-10 MLP one head row is 0.49 % of the entries (0.005 % of a ResNet-
 0.03 resets 3-7 of its 10 rows, and a fresh row lifts a wrong logit on every point (issue 29); with
 convolutions and BatchNorm (configs/digits-cnn.yaml) the channels are the reference's unit.
 Compute: one forward+backward pass over F for the scores, then `epochs` passes over the retain set:
-about epochs / train.epochs of a retraining (digits: 20 epochs = one retraining), whatever the budget.
+about epochs / train.epochs of a retraining (digits: 20 epochs = one retraining), whatever the budget;
+the study's 32-point grid (configs/digits-study.yaml: 10 or 20 epochs) 24 retrainings per set and model.
+Weight decay reaches only the entries that train (StackedSGD masks after adding it); the reference's
+torch SGD would also decay the masked-out entries, which its weight decay of 0 never does.
 """
 
 from __future__ import annotations
