@@ -8,8 +8,9 @@ official code `K1nght/Unified-Unlearning-w-Remain-Geometry`, `Classification/unl
    retain) batches of the squared gradient of the batch-mean CE; M = [(F_f + 1e-15)/(F_r + 1e-15) >= gamma].
    Both from batches of b = min(fisher_batch_size, |F|) points, as the reference's (128 and 128 there,
    with |F| = 5,000): the squared batch-mean gradient shrinks as the batch grows, so a forget Fisher
-   from one batch of |F| = 10 points against a retain Fisher from batches of 256 marked 49-86 % of the
-   entries salient on digits, 23-33 % with equal batches (issue 29).
+   from one batch of |F| points against a retain Fisher from batches of 256 marked 49-86 % of the
+   entries salient on digits (issue 29); with equal batches 27 % on class3-40 and 80 % on the atypical
+   set, whose points the models fit only by memorizing them (bench/RESULTS.md, "Method study").
 2. One SGD (lr 0.01, momentum 0.9, wd 5e-4) for ascent and descent steps, lr cosine-annealed over
    n_iters iterations (to 0).
 3. Iteration t: every forget_freq-th iteration a masked ascent step on a forget batch with the loss
