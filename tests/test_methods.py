@@ -183,9 +183,34 @@ def test_del_touches_only_masked_entries_and_the_head(s):
     assert changed > 0.9 * sum(int(m.sum()) for m in masks.values())
 
 
+def test_del_weight_decay_is_the_pretraining_s_and_moves_only_trained_entries(s):
+    assert del_.Config().weight_decay == TrainConfig().weight_decay == 5e-4
+    masks = del_.budget_mask(del_.channel_scores(del_.criticality(s.ctx(), s.copy(), s.forget, 128, ComputeMeter()),
+                                                 0.1), 0.3)
+    outs = {wd: run_method(s, "del", {"epochs": 1, "weight_decay": wd})[0].model for wd in (0.0, 5e-4)}
+    before, a, b = params_of(s.copy()), params_of(outs[0.0]), params_of(outs[5e-4])
+    for name, mask in masks.items():
+        trained = torch.ones_like(mask, dtype=torch.bool) if name.startswith("fc.") else mask.bool()
+        assert torch.equal(a[name][~trained], before[name][~trained]) and torch.equal(b[name][~trained], a[name][~trained])
+        if trained.any():
+            assert not torch.equal(a[name][trained], b[name][trained]), name  # the decay reached what trains
+
+
+def test_del_head_kept_out_of_the_reset(s):
+    """reset_head false: the final layer ranks last, so no head entry is reset; the budget is unchanged."""
+    scores = del_.channel_scores(del_.criticality(s.ctx(), s.copy(), s.forget, 128, ComputeMeter()), 0.1)
+    ranked = del_.budget_mask(scores, 0.1)
+    kept = del_.budget_mask(scores, 0.1, exclude="fc.")
+    assert sum(float(ranked[n].sum()) for n in ranked if n.startswith("fc.")) > 0  # the reference resets head rows
+    assert all(float(kept[n].sum()) == 0 for n in kept if n.startswith("fc."))
+    assert sum(float(v.sum()) for v in kept.values()) == sum(float(v.sum()) for v in ranked.values())
+    out, _ = run_method(s, "del", {"epochs": 1, "reset_head": False, "budget": 0.1})
+    assert out.notes["masked_entries"] == [sum(float(v[0].sum()) for v in kept.values())] * 3
+
+
 # ------------------------------------------------------------------------------------------ SFR-on
 def test_sfron_ascent_step_leaves_unmasked_entries(s):
-    cfg = sfron.Config()
+    cfg = sfron.Config(reference_step=False)
     model, m = s.copy(), 3
     opt = StackedSGD(member_params(model), cfg.momentum, cfg.weight_decay)
     x, y = batch_inputs(s.data, s.retain[:64], m)
@@ -200,11 +225,33 @@ def test_sfron_ascent_step_leaves_unmasked_entries(s):
     for p, b, mask in zip(opt.params, before, masks):
         assert torch.equal(p[mask == 0], b[mask == 0])
         assert (p[mask == 1] != b[mask == 1]).float().mean() > 0.9
-    # reference semantics: momentum and weight decay still move the unmasked entries
-    ref = sfron.Config(reference_step=True)
+    # reference semantics, the default: momentum and weight decay still move the unmasked entries
+    ref = sfron.Config()
+    assert ref.reference_step
     before = [p.detach().clone() for p in opt.params]
     sfron.ascent_step(model, opt, masks, xf, yf, 25.0, lr, ref)
     assert any(not torch.equal(p[mask == 0], b[mask == 0]) for p, b, mask in zip(opt.params, before, masks))
+
+
+def test_sfron_fishers_from_equal_batches(s):
+    """Both Fishers from batches of min(fisher_batch_size, |F|): here |F| = 20 < 128, so the retain Fisher
+    is the mean over batches of 20 too, and the mask is the ratio of those two."""
+    cfg = sfron.Config()
+    assert sfron.fisher_batch(cfg, s.forget) == len(s.forget) == 20
+    assert sfron.fisher_batch(sfron.Config(fisher_batch_size=8), s.forget) == 8
+    retain = s.retain[:300]
+    meter = ComputeMeter()
+    masks = sfron.saliency_mask(s.ctx(), s.copy(), s.forget, retain, cfg, meter)
+    assert meter.backward == len(s.forget) + len(retain)
+    ff = sfron.fisher_diagonal(s.ctx(), s.copy(), s.forget, 20, ComputeMeter(), "forget")
+    fr = sfron.fisher_diagonal(s.ctx(), s.copy(), retain, 20, ComputeMeter(), "retain")
+    for mask, a, b in zip(masks, ff, fr):
+        assert torch.equal(mask, ((a + 1e-15) / (b + 1e-15) >= 1.0).to(mask.dtype))
+    # a retain Fisher from larger batches is smaller (the squared batch-mean gradient shrinks with the
+    # batch), so unequal batches mark more entries salient, the bias equal batches remove
+    fr_big = sfron.fisher_diagonal(s.ctx(), s.copy(), retain, 128, ComputeMeter(), "retain")
+    unequal = sum(float(((a + 1e-15) / (b + 1e-15) >= 1.0).sum()) for a, b in zip(ff, fr_big))
+    assert unequal > sum(float(m.sum()) for m in masks)
 
 
 def test_sfron_adaptive_weights_and_compute(s):
@@ -237,12 +284,26 @@ def test_camu_loss_terms_on_a_tiny_case(s):
 
 def test_camu_counterfactuals(s):
     sample = s.retain[:20]
-    pf, ps, x_cf, y_cf = camu.counterfactuals(np.random.default_rng(0), s.data, s.forget, sample, CLASSES, 1.0)
+    pf, ps, x_cf, y_cf = camu.counterfactuals(np.random.default_rng(0), s.data, s.forget, sample, CLASSES, 1.0,
+                                              "normalized")
     assert sorted(pf) == sorted(s.forget) and sorted(ps) == sorted(sample)
     y_f, y_s = s.data.train_y[pf], s.data.train_y[ps]
     assert (y_cf != y_f).all() and (y_cf[y_s != y_f] == y_s[y_s != y_f]).all()
     noise = x_cf - s.data.normalize(s.data.train_x[ps])
     assert noise.min() >= -1e-5 and noise.max() < 1 + 1e-5 and noise.std() > 0.2
+
+
+def test_camu_noise_spans_the_raw_pixel_range(s):
+    """The default (raw): U[0, 1) of the pixel range, as the reference's ToTensor images; digits' pixels
+    are 0..16, so in normalized units the noise is U[0, 16 / std) and, mapped back to pixels, U[0, 16)."""
+    assert camu.Config().noise_space == "raw"
+    assert int(s.data.train_x.max()) == 16 and int(s.data.train_x.min()) == 0
+    sample = s.retain[:20]
+    _, ps, x_cf, _ = camu.counterfactuals(np.random.default_rng(0), s.data, s.forget, sample, CLASSES, 1.0, "raw")
+    noise_pixels = (x_cf - s.data.normalize(s.data.train_x[ps])) * s.data.std  # back to pixel units
+    assert noise_pixels.min() >= -1e-3 and noise_pixels.max() < 16 + 1e-3
+    assert noise_pixels.max() > 15.5 and abs(float(noise_pixels.mean()) - 8) < 0.3  # spans it, mean range / 2
+    torch.testing.assert_close(camu.noise_scale(s.data, "raw"), 16 / s.data.std)
 
 
 # ------------------------------------------------------------------------------------------ SCRUB

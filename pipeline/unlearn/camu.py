@@ -7,7 +7,12 @@ models (`model.features`; the reference uses ResNet-18's 512-d embedding):
 
 1. Sample set D_s: |F| random retain points (capped at the retain size).
 2. Counterfactuals, once: forget and sample points each in a random order, paired by position;
-   x_cf = x_s + U[0, 1) per element, added in the normalized input space; y_cf = y_s, or, where
+   x_cf = x_s + U[0, 1) per element in raw pixel units (`noise_space: raw`, the default): the
+   reference's MNIST/Fashion images are ToTensor's [0, 1], so the noise spans the whole pixel range;
+   in our normalized inputs that is U[0, range_c / std_c) per channel c, with range_c the training
+   images' pixel range (digits 0..16, 8-bit images 0..255); U[0, 1) in normalized units is about 35 %
+   of digits' range. Its CIFAR recipe adds U[0, 1) after ImageNet normalization (`noise_space:
+   normalized`, configs/cifar10.yaml). y_cf = y_s, or, where
    y_s = y_f, a class drawn uniformly from the others. Each member draws its own (sample set, pairing,
    noise, labels), from (stage, model index): the reference runs every model as its own seeded run.
 3. Each epoch, zip(counterfactual batches, sample batches), both reshuffled, batch 32:
@@ -18,9 +23,13 @@ models (`model.features`; the reference uses ResNet-18's 512-d embedding):
      0.9 CE(f(x_s), y_s) + 0.01 CE(f(x_f), y_cf).
    z0 comes from a frozen copy of the original model in eval mode; the student is in train mode.
 Defaults: the reference's CIFAR-10/100 random-removal block (10 epochs, impair lr 1e-4, KL lr 1e-5).
-Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original. The
-gentler digits points (impair lr 5e-5, 2 epochs) cost 0.003-0.017 of a retraining; smaller steps are
-not cheaper, fewer epochs are (issue 14).
+The reference ties kl_lr to impair_lr per setting (4e-4 with 5e-4 or 1e-3 on MNIST, 1e-5 with 1e-4 or
+5e-5 on CIFAR), so grids search the two together. Its step counts: 10 epochs x 188 batches of 32 (random
+10 % of MNIST) or 2 x 188 (class removal); on digits' forget sets of 10-50 points an epoch is 1-2 steps.
+Compute: per pair, 4 student passes (2 per step) and 2 forward passes of the frozen original, so a grid
+point costs epochs x |F| x 4.67 example-passes: 0.0016 x epochs of a digits retraining on a 10-point set,
+0.008 x epochs on 50 points, whatever the learning rates; the study's 48-point grid (4 kl_lr x 4
+impair_lr x 2/10/30 epochs, configs/digits-study.yaml) 4.5 retrainings per model on a 40-point set.
 """
 
 from __future__ import annotations
@@ -58,10 +67,20 @@ def step_b_loss(student, x_s, y_s, x_f, y_cf, cfg: Config) -> torch.Tensor:
     return cfg.ce_retain_weight * ce_retain + cfg.ce_forget_weight * ce_forget
 
 
+def noise_scale(data, space: str) -> torch.Tensor:
+    """Per channel, normalized units per noise unit: (C, 1, 1); range_c / std_c for raw pixels."""
+    if space == "normalized":
+        return torch.ones_like(data.std)
+    x = data.train_x.transpose(0, 1).reshape(data.train_x.shape[1], -1)  # (C, N*H*W) uint8
+    pixel_range = (x.amax(1) - x.amin(1)).float().view(-1, 1, 1)
+    return pixel_range / data.std
+
+
 def counterfactuals(rng: np.random.Generator, data, forget: np.ndarray, sample: np.ndarray, classes: int,
-                    noise: float):
+                    noise: float, space: str = "raw"):
     """One member's positional pairs (forget point, sample point) after independent shuffles; returns
-    forget indices (n,), sample indices (n,), x_cf (n, C, H, W) normalized + noise, y_cf (n,) on the device."""
+    forget indices (n,), sample indices (n,), x_cf (n, C, H, W) normalized + noise (U[0, noise) in
+    `space` units), y_cf (n,) on the device."""
     pf, ps = rng.permutation(forget), rng.permutation(sample)
     n = min(len(pf), len(ps))
     pf, ps = pf[:n], ps[:n]
@@ -74,7 +93,7 @@ def counterfactuals(rng: np.random.Generator, data, forget: np.ndarray, sample: 
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     x_s, _ = data.train_inputs(torch.as_tensor(ps, device=data.device))
     u = torch.rand(x_s.shape, generator=gen).to(data.device)
-    return pf, ps, x_s + noise * u, torch.as_tensor(y_cf, device=data.device, dtype=torch.long)
+    return pf, ps, x_s + noise * noise_scale(data, space) * u, torch.as_tensor(y_cf, device=data.device, dtype=torch.long)
 
 
 def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
@@ -85,7 +104,8 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     drawn = []
     for rng in ctx.member_rngs("camu", "counterfactual"):
         sample = rng.choice(retain, size=n_sample, replace=False)
-        drawn.append((sample, *counterfactuals(rng, ctx.data, forget, sample, ctx.classes, cfg.noise)))
+        drawn.append((sample, *counterfactuals(rng, ctx.data, forget, sample, ctx.classes, cfg.noise,
+                                                     cfg.noise_space)))
     samples = np.stack([d[0] for d in drawn])  # (M, n_sample)
     pf = np.stack([d[1] for d in drawn])  # (M, n)
     x_cf_all = torch.stack([d[3] for d in drawn])  # (M, n, C, H, W)

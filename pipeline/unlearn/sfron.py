@@ -6,6 +6,11 @@ official code `K1nght/Unified-Unlearning-w-Remain-Geometry`, `Classification/unl
 
 1. Saliency mask, once, eval mode: diagonal empirical Fishers F_f, F_r = mean over forget (resp. all
    retain) batches of the squared gradient of the batch-mean CE; M = [(F_f + 1e-15)/(F_r + 1e-15) >= gamma].
+   Both from batches of b = min(fisher_batch_size, |F|) points, as the reference's (128 and 128 there,
+   with |F| = 5,000): the squared batch-mean gradient shrinks as the batch grows, so a forget Fisher
+   from one batch of |F| points against a retain Fisher from batches of 256 marked 49-86 % of the
+   entries salient on digits (issue 29); with equal batches 27 % on class3-40 and 80 % on the atypical
+   set, whose points the models fit only by memorizing them (bench/RESULTS.md, "Method study").
 2. One SGD (lr 0.01, momentum 0.9, wd 5e-4) for ascent and descent steps, lr cosine-annealed over
    n_iters iterations (to 0).
 3. Iteration t: every forget_freq-th iteration a masked ascent step on a forget batch with the loss
@@ -14,15 +19,18 @@ official code `K1nght/Unified-Unlearning-w-Remain-Geometry`, `Classification/unl
    multiplied by M and clipped to a global norm of max_norm (per member, decision 23); then, every
    iteration, a plain descent step on a retain batch. Both in train mode. The reference's slow-weight
    merge has beta = 1 and is a no-op; it is left out.
+   The ascent step is the shared SGD's step (`reference_step: true`, the default): the entries outside
+   the mask have no gradient but still move by their momentum left over from descent steps and by weight
+   decay. `reference_step: false` leaves them (value and momentum buffer) exactly as they are.
 Batches cycle through reshuffled passes of each set (the reference's `cycle(DataLoader(shuffle=True))`).
 
-Deviation, on by default: on an ascent step the entries outside the mask are left exactly as they are
-(parameter and momentum buffer). In the reference the shared optimizer still moves them on that step,
-through momentum left over from descent steps and weight decay, although their gradient is masked.
-`reference_step: true` reproduces that.
-Compute: the Fisher passes over F and the retain set, then one pass per ascent and descent example.
-forget_alpha does not change it: on the digits default (40 iterations) every grid point costs 0.14-0.16
-of a retraining, the Fisher passes over the retain set a third of that.
+max_norm 7 was set for ResNet-18's 11.2 M parameters; a global gradient norm grows about as the square
+root of the parameter count, so the digits grids add 7 sqrt(P / 11.2 M) (0.34 for the 64-128-10 MLP's
+26 k, see configs/digits.yaml); the notes record each member's median ascent norm before clipping.
+Compute: the Fisher passes over F and the retain set (one pass each, whatever b), then one pass per
+ascent and descent example; forget_alpha and max_norm do not change it: on digits (batch 64) a point
+costs 0.15 of a retraining at 40 iterations, 0.36 at 120, the retain Fisher a third of the former; the
+study's 20-point grid (configs/digits-study.yaml) 5.1 retrainings per set and model.
 """
 
 from __future__ import annotations
@@ -66,10 +74,16 @@ def fisher_diagonal(ctx, model, indices: np.ndarray, batch_size: int, meter, tag
     return acc
 
 
+def fisher_batch(cfg: Config, forget) -> int:
+    """The batch size of both Fishers: fisher_batch_size, at most |F| (equal batches, see 1.)."""
+    return max(1, min(cfg.fisher_batch_size, len(forget)))
+
+
 def saliency_mask(ctx, model, forget, retain, cfg: Config, meter) -> list[torch.Tensor]:
     """0/1 tensors aligned with member_params(model): [(F_f + eps)/(F_r + eps) >= gamma]."""
-    f_forget = fisher_diagonal(ctx, model, forget, cfg.fisher_batch_size, meter, "forget")
-    f_retain = fisher_diagonal(ctx, model, retain, cfg.fisher_batch_size, meter, "retain")
+    b = fisher_batch(cfg, forget)
+    f_forget = fisher_diagonal(ctx, model, forget, b, meter, "forget")
+    f_retain = fisher_diagonal(ctx, model, retain, b, meter, "retain")
     return [((ff + 1e-15) / (fr + 1e-15) >= cfg.gamma).to(ff.dtype) for ff, fr in zip(f_forget, f_retain)]
 
 
@@ -126,17 +140,20 @@ def run(ctx, model, forget, retain, cfg: Config, meter) -> MethodOutput:
     forget_batches = cycle_batches(ctx, forget, cfg.batch_size, "forget")
     retain_batches = cycle_batches(ctx, retain, cfg.batch_size, "retain")
     model.train()
+    norms = []
     for t in range(T):
         decay = (1 + math.cos(math.pi * t / T)) / 2  # CosineAnnealingLR(T_max=T), closed form
         lr = torch.full((m,), cfg.lr * decay, device=dev)
         if t % cfg.forget_freq == 0:
             idx = next(forget_batches)
             x, y = batch_inputs(ctx.data, idx, m)
-            ascent_step(model, opt, masks, x, y, cfg.forget_alpha * decay, lr, cfg)
+            norms.append(ascent_step(model, opt, masks, x, y, cfg.forget_alpha * decay, lr, cfg))
             meter.train_pass(batch_len(idx))
         idx = next(retain_batches)
         x, y = batch_inputs(ctx.data, idx, m)
         descent_step(model, opt, x, y, lr)
         meter.train_pass(batch_len(idx))
     saliency = sum(mk.flatten(1).sum(1) for mk in masks) / sum(mk[0].numel() for mk in masks)
-    return MethodOutput(model=model, notes={"mask_fraction": saliency.tolist()})
+    notes = {"mask_fraction": saliency.tolist(), "fisher_batch": fisher_batch(cfg, forget),
+             "ascent_norm_median": torch.stack(norms).median(0).values.tolist() if norms else None}
+    return MethodOutput(model=model, notes=notes)
