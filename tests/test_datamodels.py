@@ -207,7 +207,7 @@ def test_lasso_design_route_matches_gram_route(monkeypatch):
     gram_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
     gram_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
     monkeypatch.setattr(lasso_problem, "GRAM_MAX_FEATURES", 10)
-    assert lasso_problem._features(masks.double()).xs_pad is not None
+    assert lasso_problem._features(masks.double()).rows is None
     design_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
     design_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
     torch.testing.assert_close(design_path.weight, gram_path.weight, atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ matrix), ``lasso_cd`` (compiled coordinate descent: the CPU kernel), ``lasso_fit
 from collections.abc import Callable
 
 from pipeline.datamodels.closed_form import diff_in_means, ridge
-from pipeline.datamodels.common import Datamodel
+from pipeline.datamodels.common import MODEL_BATCH, Datamodel, Masks
 from pipeline.datamodels.lasso_fit import LassoDesign, LassoPath, lasso, lasso_design, lasso_path
 from pipeline.datamodels.scoring import lds
 
@@ -30,6 +30,6 @@ def get_estimator(name: str) -> Callable[..., Datamodel]:
 
 
 __all__ = [
-    "ESTIMATORS", "Datamodel", "LassoDesign", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_design",
+    "ESTIMATORS", "MODEL_BATCH", "Datamodel", "Masks", "LassoDesign", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_design",
     "lasso_path", "lds", "ridge",
 ]

@@ -15,13 +15,13 @@ others iterate, so no row waits for stragglers (see ``_solve``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from pipeline.datamodels.common import Datamodel
+from pipeline.datamodels.common import Datamodel, Masks
 from pipeline.datamodels.lasso_problem import _default_lambdas, _Features, _Targets, _targets, _to_raw
 
 
@@ -41,21 +41,63 @@ def _compact(mask: Tensor, counts: Tensor, width: int, fill: int) -> Tensor:
     return out.index_copy_(0, pos, c).view(mask.shape[0], width)
 
 
+@dataclass(frozen=True, eq=False)
+class _Design:
+    """Without a Gram matrix, the gradient theta H - q = (X~ theta' - yc)' X~ / m through the design
+    itself, one model batch of float masks at a time (``Masks``), so that no (m, n) float array is
+    held: the cost is two products per batch. With one batch (m <= the model batch) its standardised
+    masks are made once and kept. minus (t, m) = -yc' / m."""
+
+    feat: _Features
+    minus: Tensor
+    kept: list = field(default_factory=list)
+
+    def gradient(self, theta: Tensor, target: Tensor | None) -> Tensor:
+        """theta (b, n) dense -> theta H (b, n + 1), less q of target (b,) when given."""
+        b, n = theta.shape
+        out = theta.new_zeros(b, n + 1)
+        minus = None if target is None else self.minus.index_select(0, target)
+        for rows, xs in _scaled(self.feat.X, self.feat.dtype, self.feat.mu, self.feat.scale, self.kept):
+            r = (theta @ xs.T).div_(self.feat.m)
+            if minus is not None:
+                r += minus[:, rows]
+            out[:, :n].addmm_(r, xs)
+        return out
+
+
+def _scaled(
+    X: Masks, dtype: torch.dtype, shift: Tensor | None, scale: Tensor, kept: list
+) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, (X - shift) * scale) per model batch of X; with a single batch, made once and kept in kept."""
+    if kept:
+        yield from kept
+        return
+    one = len(X.spans()) == 1
+    for rows, x in X.batches(dtype):
+        x = x if shift is None else x.sub_(shift)
+        x.mul_(scale)
+        if one:
+            kept.append((rows, x))
+        yield rows, x
+
+
 @dataclass(frozen=True)
 class _System:
-    """The gradients theta H - q of one solve's problems as embedding bags: table (n + t, w) holds
-    the rows of H (or of X~' / m, then times post = [X~, 0] (m, n + 1)) and then, at n + target,
-    the row that subtracts the target's q. q_pad (t, n + 1) and c0 (t,) per target."""
+    """The gradients theta H - q of one solve's problems: as embedding bags over table (n + t, n + 1),
+    which holds the rows of H and then, at n + target, the row that subtracts the target's q; or,
+    without a Gram matrix, through the design (``_Design``). q_pad (t, n + 1) and c0 (t,) per target."""
 
     n: int
-    table: Tensor
-    post: Tensor | None
+    table: Tensor | None
+    design: _Design | None
     q_pad: Tensor
     c0: Tensor
 
 
 def _system(feat: _Features, tg: _Targets) -> _System:
-    return _System(n=tg.q.shape[1], table=torch.cat([feat.rows, tg.minus]), post=feat.xs_pad,
+    gram = feat.rows is not None
+    return _System(n=tg.q.shape[1], table=torch.cat([feat.rows, tg.minus]) if gram else None,
+                   design=None if gram else _Design(feat, tg.minus),
                    q_pad=torch.nn.functional.pad(tg.q, (0, 1)), c0=tg.c0)
 
 
@@ -64,8 +106,10 @@ def _times(system: _System, idx: Tensor, vals: Tensor, target: Tensor | None = N
     or the gradient theta H - q of the given targets (b,).
 
     An embedding bag over the nonzero slots (and one bias entry per row): a weighted sum of rows
-    of H, or of X~' / m then times X~, so the cost follows the nonzeros.
+    of H, so the cost follows the nonzeros; without a Gram matrix, products with the design.
     """
+    if system.design is not None:
+        return system.design.gradient(_dense(vals, idx, system.n), target)
     if target is not None:  # the bias entry first in each bag, weight 1
         idx = torch.cat([(target + system.n)[:, None], idx], 1)
         vals = torch.cat([vals.new_ones(vals.shape[0], 1), vals], 1)
@@ -76,7 +120,7 @@ def _times(system: _System, idx: Tensor, vals: Tensor, target: Tensor | None = N
         idx.reshape(-1).index_select(0, flat), system.table, counts.cumsum(0) - counts, mode="sum",
         per_sample_weights=vals.reshape(-1).index_select(0, flat),
     )
-    return out if system.post is None else out @ system.post
+    return out
 
 
 def _times_dense(system: _System, theta: Tensor) -> Tensor:
@@ -418,7 +462,7 @@ def _path(feat: _Features, tg: _Targets, grid: Tensor, *, max_iter: int, tol: fl
 def _select_and_refit(
     fit_feat: _Features,
     all_feat: _Features,
-    X_val: Tensor,
+    val: Masks,
     Y_fit: Tensor,
     Y_val: Tensor,
     Y_all: Tensor,
@@ -447,13 +491,14 @@ def _select_and_refit(
     last_mse = torch.full_like(tg.c0, math.inf)
     rises = torch.zeros_like(tg.c0, dtype=torch.long)  # rises in a row of each target's validation MSE
     end_lip = torch.ones_like(tg.c0)
-    y_val, x_val = Y_val.T, X_val * (1 / fit_feat.sigma)  # raw weight = theta / sigma
+    y_val, inv_sigma, kept = Y_val.T, 1 / fit_feat.sigma, []  # raw weight = theta / sigma
     mu_s = fit_feat.mu / fit_feat.sigma
 
     def advance(target: Tensor, theta: Tensor, grad: Tensor, lip: Tensor) -> _Problems | None:
         j = state.j.index_select(0, target)
         bias = tg.ybar.index_select(0, target) - theta @ mu_s
-        mse = ((y_val.index_select(0, target) - bias[:, None] - theta @ x_val.T) ** 2).mean(1)
+        pred = torch.cat([theta @ x.T for _, x in _scaled(val, fit_feat.dtype, None, inv_sigma, kept)], 1)
+        mse = ((y_val.index_select(0, target) - bias[:, None] - pred) ** 2).mean(1)
         better = (mse < best_mse.index_select(0, target)).nonzero().squeeze(1)  # strict: ties keep
         won = target.index_select(0, better)  # the larger lambda (sparser model)
         best_mse.index_copy_(0, won, mse.index_select(0, better))

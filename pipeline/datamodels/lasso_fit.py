@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pipeline.datamodels import lasso_cd, lasso_problem
-from pipeline.datamodels.common import Datamodel, _as_float, _chunks
+from pipeline.datamodels.common import MODEL_BATCH, Datamodel, Masks, _check, _chunks
 from pipeline.datamodels.lasso_fista import _path, _select_and_refit
 from pipeline.datamodels.lasso_problem import (
     _default_lambdas, _features, _Features, _lambda_grid, _moments, _targets, _Targets, _to_raw,
@@ -45,6 +45,7 @@ def lasso_path(
     tol: float = 1e-4,
     dtype: torch.dtype = torch.float32,
     solver: str = "auto",
+    model_batch: int | None = MODEL_BATCH,
 ) -> LassoPath:
     """LASSO along a regularisation path, all targets at once, warm-started from lambda to lambda.
 
@@ -54,9 +55,10 @@ def lasso_path(
     lam_max * eps^(j / (n_lambdas - 1)). tol: duality gap relative to ||y - ybar||^2 / m, as sklearn
     (floored at 10 machine epsilons of dtype, below which the gap is rounding noise). solver: see
     ``lasso``. Returns LassoPath(lambdas (k, t), weight (k, n, t), bias (k, t)) in raw inclusion units.
+    model_batch: models per float batch of the masks (``Masks``).
     """
-    X, Y = _as_float(masks, outputs, dtype)
-    feat = _features(X)
+    Y = _check(masks, outputs, dtype)
+    feat = _features(Masks(masks, None, model_batch), dtype=dtype)
     tg = _targets(feat, Y)
     grid = _lambda_grid(lambdas, tg, n_lambdas, eps)
     path = _path_cd if _solver(solver, feat) == "cd" else _path
@@ -66,12 +68,12 @@ def lasso_path(
 
 def _solver(solver: str, feat: _Features) -> str:
     """The solver that runs: "auto" is "cd" on the CPU with a Gram matrix, else "fista"."""
-    fits_cd = feat.X.device.type == "cpu" and feat.xs_pad is None
+    fits_cd = feat.X.device.type == "cpu" and feat.rows is not None
     if solver == "auto":
         return "cd" if fits_cd else "fista"
     if solver == "cd" and not fits_cd:
         raise ValueError(f"solver 'cd' runs on the CPU with at most {lasso_problem.GRAM_MAX_FEATURES} training points; "
-                         f"got device {feat.X.device.type} and {feat.X.shape[1]} points (use 'fista' or 'auto')")
+                         f"got device {feat.X.device.type} and {feat.X.n} points (use 'fista' or 'auto')")
     if solver not in ("cd", "fista"):
         raise ValueError(f"unknown LASSO solver {solver!r}; valid: auto, cd, fista")
     return solver
@@ -150,7 +152,7 @@ class LassoDesign:
     dtype: torch.dtype
     fit: Tensor
     val: Tensor
-    X_val: Tensor
+    X_val: Masks
     fit_feat: _Features
     all_feat: _Features
     _cd: tuple | None = None
@@ -160,29 +162,39 @@ class LassoDesign:
         sigma_fit) as NumPy arrays for ``lasso_cd``, made once."""
         if self._cd is None:
             fit_feat, all_feat = self.fit_feat, self.all_feat
-            xv_t = ((self.X_val - fit_feat.mu) / fit_feat.sigma).T.contiguous().numpy()
+            xv_t = fit_feat.mu.new_empty(self.X_val.n, self.X_val.m)
+            for rows, x in self.X_val.batches(self.dtype):
+                xv_t[:, rows] = ((x - fit_feat.mu) / fit_feat.sigma).T
+            xv_t = xv_t.numpy()
             self._cd = (_gram(fit_feat), _gram(all_feat), xv_t, (all_feat.sigma / fit_feat.sigma).numpy())
         return self._cd
 
 
 def lasso_design(
-    masks: Tensor, *, val_fraction: float = 0.1, seed: int = 0, dtype: torch.dtype = torch.float32
+    masks: Tensor,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    model_batch: int | None = MODEL_BATCH,
 ) -> LassoDesign:
-    """The masks' share of ``lasso`` (see ``LassoDesign``), for several calls on the same masks."""
+    """The masks' share of ``lasso`` (see ``LassoDesign``), for several calls on the same masks. The
+    masks stay as they are (bool): the Gram matrices are sums of model batches' products, exact
+    integers, so model_batch does not change their bits (see ``_moments``)."""
     if masks.ndim != 2 or masks.shape[0] < 2:
         raise ValueError(f"expected masks (m, n) with m >= 2, got {tuple(masks.shape)}")
-    X = masks.to(masks.device, dtype)
-    m = X.shape[0]
+    X = Masks(masks, None, model_batch)
+    m = X.m
     n_val = round(val_fraction * m)
     if not 1 <= n_val <= m - 2:
         raise ValueError(f"val_fraction={val_fraction} leaves {n_val} of {m} models for validation")
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).to(X.device)
     val, fit = perm[:n_val], perm[n_val:]
-    X_fit, X_val = X[fit], X[val]
-    fit_moments, val_moments = _moments(X_fit), _moments(X_val)
-    fit_feat = _features(X_fit, fit_moments)
-    all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]))
-    return LassoDesign(shape=tuple(X.shape), val_fraction=val_fraction, seed=seed, dtype=dtype, fit=fit, val=val,
+    X_fit, X_val = X.take(fit), X.take(val)
+    fit_moments, val_moments = _moments(X_fit, dtype), _moments(X_val, dtype)
+    fit_feat = _features(X_fit, fit_moments, dtype)
+    all_feat = _features(X, (fit_moments[0] + val_moments[0], fit_moments[1] + val_moments[1]), dtype)
+    return LassoDesign(shape=tuple(masks.shape), val_fraction=val_fraction, seed=seed, dtype=dtype, fit=fit, val=val,
                        X_val=X_val, fit_feat=fit_feat, all_feat=all_feat)
 
 
@@ -204,6 +216,7 @@ def lasso(
     solver: str = "auto",
     threads: int | None = None,
     design: LassoDesign | None = None,
+    model_batch: int | None = MODEL_BATCH,
 ) -> Datamodel:
     """LASSO datamodels with a per-target lambda chosen on held-out models (fast_l1 semantics).
 
@@ -226,17 +239,22 @@ def lasso(
     "fista", the batched torch solver above (any device, any size); "auto": cd where it applies.
     Both stop on the same duality gap; max_iter counts sweeps (cd, as sklearn) or steps (fista).
     threads: cd's threads (default ``torch.get_num_threads()``); they do not change its results.
-    Memory: two n x n Gram matrices (fitting and all models) up to GRAM_MAX_FEATURES points, the
-    designs beyond; and a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
-    design: ``lasso_design(masks, val_fraction=..., seed=..., dtype=...)`` made once for several
-    calls on the same masks (the split, both Gram matrices); the same results as without it.
+    Memory (``pipeline.datamodels.memory`` counts it): the masks as given (bool) and one (model_batch, n)
+    float buffer at a time; up to GRAM_MAX_FEATURES points two n x n Gram matrices (fitting and all
+    models; the cd solver adds their NumPy copies and the validation models' standardised design,
+    n x val_fraction m), beyond them no Gram matrix: products go through the masks, batch by batch; and
+    a few (t, n) arrays, which target_chunk bounds (chunks share the designs).
+    design: ``lasso_design(masks, val_fraction=..., seed=..., dtype=..., model_batch=...)`` made once
+    for several calls on the same masks (the split, both Gram matrices); the same results as without it.
+    model_batch: models per float batch of the masks (``Masks``), when no design is given.
     """
-    X, Y = _as_float(masks, outputs, dtype)
+    Y = _check(masks, outputs, dtype)
+    shape = tuple(masks.shape)
     if design is None:
-        design = lasso_design(masks, val_fraction=val_fraction, seed=seed, dtype=dtype)
-    elif (design.shape, design.val_fraction, design.seed, design.dtype) != (tuple(X.shape), val_fraction, seed, dtype):
+        design = lasso_design(masks, val_fraction=val_fraction, seed=seed, dtype=dtype, model_batch=model_batch)
+    elif (design.shape, design.val_fraction, design.seed, design.dtype) != (shape, val_fraction, seed, dtype):
         raise ValueError(f"the design was made for masks {design.shape}, val_fraction {design.val_fraction}, seed "
-                         f"{design.seed}, {design.dtype}; this call has {tuple(X.shape)}, {val_fraction}, {seed}, {dtype}")
+                         f"{design.seed}, {design.dtype}; this call has {shape}, {val_fraction}, {seed}, {dtype}")
     fit, val = design.fit, design.val
     if _solver(solver, design.fit_feat) == "cd":
         select_and_refit = functools.partial(_select_and_refit_cd, design, threads=threads)

@@ -12,30 +12,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.datamodels.common import Masks, accumulate, as_masks
+
 
 @dataclass(frozen=True)
 class _Features:
     """Standardised design X~ = (X - mu) / sigma over m models, as ``_times`` and ``_targets`` use it.
 
-    X (m, n) the raw design; scale (n,) = 1 / sigma, 0 for a constant column (its X~ column is 0);
-    rows: (n, n + 1) the Gram matrix H = X~' X~ / m; or, when n x n would be too large, (n, m) the
-    rows of X~' / m with xs_pad = [X~, 0] (m, n + 1). The last column is the dummy feature that
-    padding slots point at: nothing reads its row, and its gradient stays 0.
+    X: the raw design's masks (m, n), read by model batches (``Masks``), in dtype; scale (n,) =
+    1 / sigma, 0 for a constant column (its X~ column is 0); rows: (n, n + 1) the Gram matrix
+    H = X~' X~ / m, whose last column is the dummy feature that padding slots point at (nothing reads
+    its row, and its gradient stays 0); or None when n x n would be too large (beyond
+    GRAM_MAX_FEATURES): products then go through X~ itself, batch by batch (``lasso_fista._Design``).
     """
 
     m: int
-    X: Tensor
+    X: Masks
+    dtype: torch.dtype
     mu: Tensor
     sigma: Tensor
     scale: Tensor
-    rows: Tensor
-    xs_pad: Tensor | None
+    rows: Tensor | None
 
 
 @dataclass(frozen=True)
 class _Targets:
     """Centred targets: ybar (t,), q = (y - ybar)' X~ / m (t, n), c0 = ||y - ybar||^2 / 2m (t,);
-    minus (t, w): rows that, added to feat.rows' combinations, subtract q (see ``_system``)."""
+    minus: (t, n + 1) rows that, added to feat.rows' combinations, subtract q (see ``_system``), or
+    without a Gram matrix (t, m) = -yc' / m, the residuals' share of the targets."""
 
     ybar: Tensor
     q: Tensor
@@ -47,36 +51,49 @@ class _Targets:
 GRAM_MAX_FEATURES = 8192
 
 
-def _moments(X: Tensor) -> tuple[Tensor, Tensor]:
-    """X (m, n) -> (column sums (n,), X' X (n, n)), or the column sums of squares (n,) beyond
-    GRAM_MAX_FEATURES. Moments of stacked designs add up."""
-    return X.sum(0), (X.T @ X if X.shape[1] <= GRAM_MAX_FEATURES else (X * X).sum(0))
+def _moments(X: Tensor | Masks, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """0/1 masks X (m, n) -> (column sums (n,), X' X (n, n)), or the column sums of squares (n,) (= the
+    sums) beyond GRAM_MAX_FEATURES, in dtype (default X's float dtype, else float32). Moments of
+    stacked designs add up. X' X is a sum of model batches' products: integers, exact below 2^24
+    models in float32, so the batching does not change its bits."""
+    X, dtype = as_masks(X), _dtype(X, dtype)
+    sums = X.counts(dtype)
+    if X.n > GRAM_MAX_FEATURES:
+        return sums, sums.clone()
+    return sums, accumulate(x.T @ x for _, x in X.batches(dtype))
 
 
-def _features(X: Tensor, moments: tuple[Tensor, Tensor] | None = None) -> _Features:
-    """X (m, n) float, its ``_moments`` if known -> standardised features (population std).
+def _dtype(X: Tensor | Masks, dtype: torch.dtype | None) -> torch.dtype:
+    stored = X.masks.dtype if isinstance(X, Masks) else X.dtype
+    return dtype or (stored if stored.is_floating_point else torch.float32)
+
+
+def _features(
+    X: Tensor | Masks, moments: tuple[Tensor, Tensor] | None = None, dtype: torch.dtype | None = None
+) -> _Features:
+    """Masks X (m, n) (bool, or a float dtype that is the default dtype), their ``_moments`` if known
+    -> standardised features (population std).
 
     The Gram matrix comes from the raw moments, H = (X' X / m - mu mu') / (sigma sigma'), so the
     refit's design (fitting plus validation models) costs one small product more, not a new one.
     A column whose variance is rounding noise is constant: sigma 1, zero row and column in H.
     """
-    m, n = X.shape
-    sums, second = _moments(X) if moments is None else moments
+    dtype = _dtype(X, dtype)
+    X = as_masks(X)
+    m, n = X.m, X.n
+    sums, second = _moments(X, dtype) if moments is None else moments
     mu = sums / m
     mean_sq = (second.diagonal() if second.ndim == 2 else second) / m
     var = mean_sq - mu * mu
-    varies = var > 16 * torch.finfo(X.dtype).eps * mean_sq
+    varies = var > 16 * torch.finfo(dtype).eps * mean_sq
     sigma = torch.where(varies, var.clamp_min(0).sqrt(), torch.ones_like(var))
     scale = torch.where(varies, 1 / sigma, torch.zeros_like(sigma))
+    rows = None
     if second.ndim == 2:
-        rows = X.new_zeros(n, n + 1)
+        rows = second.new_zeros(n, n + 1)
         cov = torch.addr(second, mu, mu, beta=1 / m, alpha=-1)  # X' X / m - mu mu'
         rows[:, :n] = cov.mul_(scale[:, None]).mul_(scale)
-        xs_pad = None
-    else:
-        xs_pad = torch.nn.functional.pad((X - mu) * scale, (0, 1))
-        rows = (xs_pad[:, :n].T / m).contiguous()
-    return _Features(m=m, X=X, mu=mu, sigma=sigma, scale=scale, rows=rows, xs_pad=xs_pad)
+    return _Features(m=m, X=X, dtype=dtype, mu=mu, sigma=sigma, scale=scale, rows=rows)
 
 
 def _targets(feat: _Features, Y: Tensor) -> _Targets:
@@ -87,8 +104,9 @@ def _targets(feat: _Features, Y: Tensor) -> _Targets:
     # a constant y leaves y - ybar at ybar's rounding error, ~eps |ybar| in every entry
     constant = (yc * yc).mean(0) <= (16 * torch.finfo(Y.dtype).eps) ** 2 * (Y * Y).mean(0)
     yc = yc.masked_fill(constant, 0)
-    q = (yc.T @ feat.X) * (feat.scale / feat.m)  # yc sums to 0, so yc' X~ = yc' X / sigma
-    minus = -torch.nn.functional.pad(q, (0, 1)) if feat.xs_pad is None else -yc.T / feat.m
+    # yc sums to 0, so yc' X~ = yc' X / sigma
+    q = accumulate(yc[rows].T @ x for rows, x in feat.X.batches(feat.dtype)) * (feat.scale / feat.m)
+    minus = -torch.nn.functional.pad(q, (0, 1)) if feat.rows is not None else -yc.T / feat.m
     return _Targets(ybar=ybar, q=q, c0=(yc * yc).sum(0) / (2 * feat.m), minus=minus)
 
 

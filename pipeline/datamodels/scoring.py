@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from pipeline.datamodels.common import MODEL_BATCH, predict
+
 
 def _average_ranks(a: Tensor) -> Tensor:
     """Ranks 1..m down each column of a (m, t), ties sharing their average rank (scipy.rankdata)."""
@@ -17,7 +19,9 @@ def _average_ranks(a: Tensor) -> Tensor:
     return ((below + upto + 1).to(torch.float64) / 2).T
 
 
-def lds(weight: Tensor, bias: Tensor, masks_heldout: Tensor, outputs_heldout: Tensor) -> Tensor:
+def lds(
+    weight: Tensor, bias: Tensor, masks_heldout: Tensor, outputs_heldout: Tensor, model_batch: int | None = MODEL_BATCH
+) -> Tensor:
     """Linear datamodeling score per target (t,): Spearman correlation across held-out models.
 
     weight (n, t), bias (t,), masks_heldout (k, n) bool, outputs_heldout (k, t). Correlates the
@@ -25,8 +29,9 @@ def lds(weight: Tensor, bias: Tensor, masks_heldout: Tensor, outputs_heldout: Te
     Degenerate columns: constant actual outputs give NaN (undefined, skipped by ``nanmean``);
     constant predictions (e.g. LASSO chose the all-zero model) give 0, as a predictor with no
     skill, so that averaging does not silently drop the targets an estimator gave up on.
+    The predictions are made model_batch held-out models at a time (``predict``).
     """
-    pred = bias + masks_heldout.to(weight) @ weight
+    pred = predict(weight, bias, masks_heldout, model_batch)
     rp = _average_ranks(pred)
     ra = _average_ranks(outputs_heldout.to(weight.device, torch.float64))
     rp, ra = rp - rp.mean(0), ra - ra.mean(0)
