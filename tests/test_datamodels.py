@@ -547,3 +547,79 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, atol=1e-3, rtol=0)
         held = lds(gpu.weight, gpu.bias, masks.cuda(), outputs.cuda())
         torch.testing.assert_close(held.cpu(), lds(cpu.weight, cpu.bias, masks, outputs), atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------- model batches
+# Every product with the masks runs over model batches (decision 35). 37 models a batch over 203:
+# six batches, the last one short. Measured max |batched - unbatched| / max |unbatched weight| (float32):
+# diff-in-means 2.6e-7, ridge 2.4e-6 (primal; the system's conditioning), 3.0e-7 (dual), LASSO 3.8e-7
+# (cd), 5.1e-7 (fista), 7.3e-7 (fista without a Gram matrix); the lambdas move in their last bits (lam_max
+# comes from q). BATCH_RTOL is 4x the largest.
+BATCH_RTOL = 1e-5
+
+
+def _batched_problem():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(203, 60, generator=g) < 0.5
+    w = torch.randn(60, 6, generator=g) * (torch.rand(60, 6, generator=g) < 0.2)
+    return masks, masks.float() @ w + 0.5 * torch.randn(203, 6, generator=g)
+
+
+def _assert_batched_close(got: Datamodel, want: Datamodel) -> None:
+    scale = float(want.weight.abs().max())
+    torch.testing.assert_close(got.weight, want.weight, rtol=0, atol=BATCH_RTOL * scale)
+    torch.testing.assert_close(got.bias, want.bias, rtol=0, atol=BATCH_RTOL * max(scale, float(want.bias.abs().max())))
+    if want.lam is not None:
+        torch.testing.assert_close(got.lam, want.lam, rtol=BATCH_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("name, models, options", [
+    ("diff_in_means", 203, {}), ("ridge", 203, {}), ("ridge", 40, {}),  # ridge: primal, dual (40 < 60 points)
+    ("lasso", 203, {"solver": "cd"}), ("lasso", 203, {"solver": "fista"}),
+])
+def test_batched_fit_equals_unbatched(name, models, options):
+    masks, outputs = _batched_problem()
+    masks, outputs = masks[:models], outputs[:models]
+    fit = get_estimator(name)
+    if name == "lasso":
+        options = {**options, "tol": 1e-6}
+    _assert_batched_close(fit(masks, outputs, model_batch=37, **options), fit(masks, outputs, model_batch=None, **options))
+
+
+def test_batched_lasso_without_a_gram_matrix_equals_unbatched(monkeypatch):
+    from pipeline.datamodels import lasso_problem
+
+    monkeypatch.setattr(lasso_problem, "GRAM_MAX_FEATURES", 10)  # products through the masks, batch by batch
+    masks, outputs = _batched_problem()
+    got = lasso(masks, outputs, model_batch=37, solver="fista", tol=1e-6)
+    _assert_batched_close(got, lasso(masks, outputs, model_batch=None, solver="fista", tol=1e-6))
+
+
+def test_one_model_batch_keeps_the_bits_of_the_whole_product():
+    """model_batch >= m: the very operations of the product over all models at once (the digits and tiny
+    defaults, 4096 >= their models, are bit-identical to before batching)."""
+    masks, outputs = _batched_problem()
+    X = masks.float()
+    yc = outputs - outputs.mean(0)
+    n_in = X.sum(0)
+    scale = torch.where((n_in > 0) & (n_in < 203), 203 / (n_in * (203 - n_in)).clamp_min(1), torch.zeros_like(n_in))
+    weight = (X.T @ yc) * scale[:, None]
+    dm = diff_in_means(masks, outputs, model_batch=203)
+    assert torch.equal(dm.weight, weight) and torch.equal(dm.bias, outputs.mean(0) - X.mean(0) @ weight)
+    # the LDS's predictions by batches of held-out models: rows apart, ranks equal up to float32 ties
+    torch.testing.assert_close(lds(dm.weight, dm.bias, masks, outputs, model_batch=37),
+                               lds(dm.weight, dm.bias, masks, outputs, model_batch=None), rtol=0, atol=1e-6)
+
+
+def test_masks_batches_fill_one_buffer_with_the_rows_in_order():
+    from pipeline.datamodels import Masks
+
+    masks, _ = _batched_problem()
+    view = Masks(masks, torch.tensor([5, 0, 7, 202, 3]), batch=2)
+    spans, pointers = [], set()
+    for rows, x in view.batches(torch.float32):
+        assert torch.equal(x, masks[[5, 0, 7, 202, 3]][rows].float())
+        spans.append((rows.start, rows.stop))
+        pointers.add(x.data_ptr())
+    assert spans == [(0, 2), (2, 4), (4, 5)] and len(pointers) == 1
+    assert torch.equal(view.counts(torch.float32), masks[[5, 0, 7, 202, 3]].float().sum(0))

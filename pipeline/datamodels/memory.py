@@ -40,7 +40,8 @@ class FitMemory:
 
 
 def gib(size: float) -> str:
-    return f"{size / 2**30:.2f} GiB"
+    """size (bytes) in GiB, or in MiB below 1 GiB."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def fit_peak_bytes(
@@ -78,7 +79,12 @@ def fit_peak_bytes(
         "mask float buffer": buffer,
         "call outputs": 2 * m * t * f,
     }
+    phases = {"fit": fit}
     fit.update(_estimator_parts(estimator, m, n, t, f, solver, val_fraction, model_batch))
+    if estimator == "lasso" and n <= GRAM_MAX_FEATURES:  # the Gram matrices are made before any call
+        phases["LASSO design"] = {k: v for k, v in fit.items() if k in _HELD} | {
+            "Gram matrices (fitting, all models; n_train^2 each)": 2 * n * (n + 1) * f,
+            "Gram matrices' moments while made": 3 * n * n * f, "mask float buffer": buffer}
     score_t = targets * outs
     score = {
         "results kept (theta, theta_logit)": 2 * results,  # the chunks' and their concatenation
@@ -86,15 +92,18 @@ def fit_peak_bytes(
         "held-out masks (bool)": h * n,
         "held-out outputs": h * score_t * (f + 2),
         "held-out mask float buffer": min(model_batch, h) * n * f,
-        "predictions and ranks": h * score_t * 8 * 6,
+        "predictions and ranks": h * score_t * 80,  # float32 predictions, float64 ranks, int64 sort indices
     }
-    phases = {"fit": fit, "held-out scoring": score}
+    phases["held-out scoring"] = score
     for parts in phases.values():
         if host_bands:
             parts["decoded subset bands (host)"] = host_bands
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     parts = {k: int(v) for k, v in phases[phase].items() if v}
     return FitMemory(peak=sum(parts.values()), phase=phase, parts=parts)
+
+
+_HELD = ("masks (bool)", "block outputs (margins, logits)", "results kept (theta, theta_logit)")
 
 
 def _estimator_parts(
@@ -105,7 +114,7 @@ def _estimator_parts(
         return {"centred outputs": m * t * f, "products and weights": 3 * n * t * f}
     if estimator == "ridge":
         side = min(m, n)
-        return {"ridge system and its Cholesky factor (min(models, n_train)^2)": 2 * side * side * f,
+        return {"ridge system, its Cholesky factor and LAPACK copy (min(models, n_train)^2)": 3 * side * side * f,
                 "centred outputs": m * t * f, "products and weights": 3 * n * t * f}
     if estimator != "lasso":
         raise ValueError(f"unknown estimator {estimator!r}")
@@ -113,7 +122,6 @@ def _estimator_parts(
     parts = {"LASSO targets and solver state": 16 * n * t * f, "LASSO split outputs": 2 * m * t * f}
     if n <= GRAM_MAX_FEATURES:
         parts["Gram matrices (fitting, all models; n_train^2 each)"] = 2 * n * (n + 1) * f
-        parts["Gram matrices' moments while made"] = 3 * n * n * f
         if solver == "cd":
             parts["Gram matrices' NumPy copies (cd)"] = 2 * n * n * f
             parts["validation design (cd)"] = n * v * f

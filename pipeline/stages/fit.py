@@ -77,7 +77,9 @@ def _create_arrays(plan: Plan, meta: dict) -> None:
         specs["lds_logit"] = ((p, c), (TARGET_CHUNK, c), "float32")
     for name, (shape, chunks, dtype) in specs.items():
         if name not in group:
-            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+            # lds_logit: NaN where no block wrote it (blocks of a fit begun before it existed), as nanmean skips
+            fill = float("nan") if name == "lds_logit" else 0
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
 
 
 def run_fit(plan: Plan) -> dict:
