@@ -10,8 +10,10 @@ the CPU LASSO solver's validation design, the parts named so.
 
 What it leaves out: the interpreter and torch's own memory (a few hundred MB of host RSS, the CUDA
 context), and allocator slack. Measured against the real peak (``tests/test_fit_memory.py``:
-``ru_maxrss`` of a subprocess running a fit task's arrays on the CPU, less its RSS before), the
-prediction was within 0.75x-1.5x of the measured growth at every size tried there.
+``ru_maxrss`` of a subprocess running a fit task's arrays on the CPU, less its RSS before, with glibc's
+mmap threshold fixed at 64 KiB), the measured growth was 0.72x-1.04x the prediction at every size tried
+there (diff-in-means, ridge primal and dual, LASSO by cd, held-out scoring); with glibc's default
+threshold, freed arrays linger and the held-out scoring phase measured 1.2x-1.6x, run to run.
 
 The CPU LASSO solver (``lasso_cd``) needs the Gram matrix: two n x (n + 1) matrices (fitting and all
 models) and their two NumPy copies, 16 n^2 bytes in float32 (130 MiB at digits' 1,437 points, 1 GiB at
@@ -92,7 +94,7 @@ def fit_peak_bytes(
         "held-out masks (bool)": h * n,
         "held-out outputs": h * score_t * (f + 2),
         "held-out mask float buffer": min(model_batch, h) * n * f,
-        "predictions and ranks": h * score_t * 80,  # float32 predictions, float64 ranks, int64 sort indices
+        "predictions and ranks": h * score_t * 44,  # float32 predictions, float64 ranks, int64 sort indices
     }
     phases["held-out scoring"] = score
     for parts in phases.values():
