@@ -123,17 +123,19 @@ def test_queries_equal_numpy_on_the_whole_matrix(fitted):
     np.testing.assert_allclose(out["logits"], full_logits - rows, rtol=1e-5, atol=1e-5)
 
 
-def test_forget_rows_are_summed_by_column_slabs_once_and_kept(fitted, tmp_path, monkeypatch):
-    # what dm-direct and DMM read: sum_{i in F} theta_logit[i] and theta_logit[i, i], computed once by
-    # slabs of columns (each chunk holding forget rows read once), kept under the fit stage, re-read
+def test_forget_rows_of_a_set_in_another_order_come_from_its_rows_and_are_kept(fitted, tmp_path, monkeypatch):
+    # what dm-direct and DMM read: sum_{i in F} theta_logit[i] and theta_logit[i, i]; a set in an order
+    # the config does not name has no parts from the fit tasks (tests/test_forget_rows.py): its rows of
+    # theta_logit_rows are read once, the result kept under the fit stage and read back
     from pipeline.stages import fit as fit_stage
 
     root, _, _ = fitted
     plan = tiny_plan(copy_store(root, tmp_path / "store"))
     forget = plan.forget_sets["random10"][::-1].copy()  # any order: the diagonal follows it
     theta_logit = _matrix(plan, "theta_logit").astype(np.float32)
-    monkeypatch.setattr(fit_stage, "FORGET_SUM_COLUMNS", 160)  # several slabs, the last one partial
+    monkeypatch.setattr(fit_stage, "LATE_ROWS", 3)  # several reads of rows, the last one partial
     sums, diagonal = fit_stage.forget_rows(plan, forget)
+    np.testing.assert_array_equal(sums, fit_stage.sum_forget_rows(_group(plan)["theta_logit"], forget)[0])
     np.testing.assert_allclose(sums, theta_logit[forget].sum(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(diagonal, theta_logit[forget, forget])
     assert plan.store.exists(fit_stage.forget_rows_rel(plan, forget))
@@ -142,9 +144,14 @@ def test_forget_rows_are_summed_by_column_slabs_once_and_kept(fitted, tmp_path, 
         raise AssertionError("recomputed instead of read back")
 
     monkeypatch.setattr(fit_stage, "sum_forget_rows", unread)
+    monkeypatch.setattr(fit_stage, "read_forget_rows", unread)
     again = fit_stage.forget_rows(plan, forget)
     np.testing.assert_array_equal(again[0], sums)
     np.testing.assert_array_equal(again[1], diagonal)
+
+
+def _group(plan):
+    return plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")
 
 
 def test_cli_query_json_and_errors(fitted):

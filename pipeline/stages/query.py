@@ -42,7 +42,9 @@ class AttributionMatrix:
         group = store.open_group(f"{fit_rel}/arrays.zarr", mode="r")
         self.theta, self.theta_rows = group["theta"], group["theta_rows"]
         self.bias, self.lds_values = group["bias"], group["lds"]
-        self.theta_logit = group["theta_logit"] if "theta_logit" in group else None
+        # per-logit datamodels: the row-major copy where there is one (theta_logit may be dropped)
+        logit_name = next((n for n in ("theta_logit_rows", "theta_logit") if n in group), None)
+        self.theta_logit = group[logit_name] if logit_name else None
         self.n_points = self.theta.shape[1]
 
     # -------------------------------------------------------------- checks
@@ -99,9 +101,15 @@ class AttributionMatrix:
         forget = np.asarray(forget)
         for i in forget:
             self._train(int(i))
-        from pipeline.stages.fit import sum_forget_rows
+        from pipeline.stages.fit import forget_rows, read_forget_rows, sum_forget_rows
 
-        logits = full_logits.astype(np.float32) - sum_forget_rows(self.theta_logit, forget)[0]
+        if self.plan is not None:  # the fit tasks' parts, or F's rows of theta_logit_rows; nothing written
+            sums = forget_rows(self.plan, forget, keep=False)[0]
+        elif self.theta_logit.name.endswith("_rows"):
+            sums = read_forget_rows(self.theta_logit, forget)[0]
+        else:
+            sums = sum_forget_rows(self.theta_logit, forget)[0]
+        logits = full_logits.astype(np.float32) - sums
         correct = logits[np.arange(len(labels)), labels]
         others = logits.copy()
         others[np.arange(len(labels)), labels] = -np.inf

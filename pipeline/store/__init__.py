@@ -106,7 +106,14 @@ class Store:
             self.fs.pipe_file(target, data)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self.fs.cat_file(self.path(rel), **self._one_get)
+
+    @property
+    def _one_get(self) -> dict:
+        """s3fs reads a whole object with a HEAD (its size, to split large ones into parallel ranges)
+        before the GET; one GET is what a marker, a part or a block's object needs."""
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        return {"max_concurrency": 1} if "s3" in protocols else {}
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode())
@@ -114,9 +121,37 @@ class Store:
     def read_json(self, rel: str):
         """The object, or None when it is missing or unreadable (a half-written marker is not done)."""
         try:
-            return json.loads(self.read_bytes(rel))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return _parse_json(self.read_bytes(rel))
+        except FileNotFoundError:
             return None
+
+    def read_many(self, rels: list[str]) -> list[bytes | None]:
+        """The objects' bytes in rels' order (None where one is missing), fetched concurrently: on an
+        object store in one batched `cat_ranges` (fsspec runs the GETs in parallel, bounded by its batch size),
+        locally by a bounded thread pool. One round of latency for a whole listing of markers."""
+        if len(rels) <= 2:
+            return [self._read_or_none(rel) for rel in rels]
+        if self.is_local:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(READ_WORKERS, len(rels))) as pool:
+                return list(pool.map(self._read_or_none, rels))
+        # cat_ranges, not cat: cat expands (checks) each path first, doubling the requests
+        got = self.fs.cat_ranges([self.path(rel) for rel in rels], None, None, on_error="return", **self._one_get)
+        for value in got:
+            if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                raise value
+        return [value if isinstance(value, bytes) else None for value in got]
+
+    def _read_or_none(self, rel: str) -> bytes | None:
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+
+    def read_jsons(self, rels: list[str]) -> list:
+        """`read_json` of each, read concurrently (`read_many`): None where missing or unreadable."""
+        return [_parse_json(data) for data in self.read_many(rels)]
 
     def list(self, rel: str) -> list[str]:
         try:
@@ -243,6 +278,16 @@ class Store:
         except Exception as exc:
             raise StoreError(f"{where}: store not reachable ({type(exc).__name__}: {exc}); check "
                              "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network") from None
+
+
+READ_WORKERS = 32  # concurrent reads of one `read_many` on local disk
+
+
+def _parse_json(data: bytes | None):
+    try:
+        return None if data is None else json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
@@ -379,13 +424,9 @@ class Family:
         self.store.write_json(f"{self.marker_rel}/{start:07d}-{start + n:07d}.json", marker)
 
     def markers(self) -> list[dict]:
-        out = []
-        for name in self.store.list(self.marker_rel):
-            if name.endswith(".json"):
-                marker = self.store.read_json(f"{self.marker_rel}/{name}")
-                if marker is not None:
-                    out.append(marker)
-        return out
+        """Every readable marker, in name order: one listing, then the markers read concurrently."""
+        names = [name for name in self.store.list(self.marker_rel) if name.endswith(".json")]
+        return [m for m in self.store.read_jsons([f"{self.marker_rel}/{name}" for name in names]) if m is not None]
 
     def model_infos(self, n_models: int) -> list[dict]:
         """The `info` of each model 0..n_models that has a marker, once per model (a marker of rows a..b
