@@ -176,6 +176,10 @@ class FitConfig(Frozen):
     per_logit: bool = True  # also fit train x targets x classes (dm-direct, DMM)
     ridge_lambda: float = Field(1.0, gt=0)
     lasso: LassoConfig = LassoConfig()
+    # models per float batch of the masks in every product of a fit task (decision 35): a task holds one
+    # (model_batch, n_train) float buffer, never models x n_train floats. Unset: 4096 (MODEL_BATCH), out of
+    # the identity; set, it is part of it (a sum over batches of more than one batch rounds differently)
+    model_batch: int | None = Field(None, gt=0)
     # keep theta_logit (column-major, 60 GB float16 at CIFAR-10 size) once the fit is complete; false keeps
     # only its row-major copy theta_logit_rows (same bytes), dropping theta_logit after the copy (storage_layout.md)
     store_theta_logit: bool = True
@@ -229,6 +233,10 @@ class ExecutionConfig(Frozen):
     # graph (the same kernels, one launch; ignored on a CPU and under streams)
     cuda_graphs: bool = True
     fit_block_targets: int = Field(512, gt=0)  # targets per fit task
+    # GiB a fit task may use on its device; unset: the device's memory (CUDA: the GPU's, times num_gpus;
+    # CPU: the machine's, shared by the num_cpus // threads tasks at once). The fit refuses (exit 2),
+    # before any task, a config whose predicted peak exceeds it (pipeline.datamodels.memory)
+    fit_memory_gb: float | None = Field(None, gt=0)
     threads: int = Field(1, gt=0)  # torch threads per task (pinned, recorded)
     max_retries: int = Field(2, ge=0)
     ray_address: str | None = None

@@ -139,14 +139,14 @@ def test_lasso_working_set_never_drops_an_active_feature():
     # From an empty start at a small lambda every feature must enter through the working-set
     # checks; from a start spread over every feature most must leave. Both reach sklearn's exact
     # support and weights, so no feature active in the exact solution is ever left out.
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fista, lasso_problem
 
     masks, outputs, _ = planted(150, 80, 3, active=12, noise=0.3, seed=5)
     x = masks.double().numpy()
     xs = StandardScaler().fit_transform(x)
     lam = 0.01
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
     g = torch.Generator().manual_seed(0)
     for theta0 in (torch.zeros(3, 80, dtype=torch.float64), torch.randn(3, 80, generator=g, dtype=torch.float64)):
         got = {}
@@ -158,9 +158,9 @@ def test_lasso_working_set_never_drops_an_active_feature():
             for j, th in zip(target.tolist(), theta):
                 got[j] = th
 
-        first = est._Problems(torch.arange(3), torch.full((3,), lam, dtype=torch.float64), theta0,
+        first = lasso_fista._Problems(torch.arange(3), torch.full((3,), lam, dtype=torch.float64), theta0,
                               torch.ones(3, dtype=torch.float64))
-        est._solve(est._system(feat, tg), first, keep, max_iter=20000, tol=1e-12)
+        lasso_fista._solve(lasso_fista._system(feat, tg), first, keep, max_iter=20000, tol=1e-12)
         for j in range(3):
             sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(xs, outputs[:, j].double().numpy())
             active = np.abs(sk.coef_) > 1e-8
@@ -173,25 +173,25 @@ def test_lasso_working_set_never_drops_an_active_feature():
 def test_lasso_rows_keep_their_gradients_exact():
     # through steps, checks (which add and drop working-set features) and rejected steps, every
     # row's state stays consistent: grad = theta H - q on all features, g and q its slots' values
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fista, lasso_problem
 
     masks, outputs, _ = planted(60, 90, 6, active=12, noise=0.5, seed=6)  # fewer models than points
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
-    system = est._system(feat, tg)
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
+    system = lasso_fista._system(feat, tg)
     g = torch.Generator().manual_seed(2)
     theta0 = torch.randn(6, 90, generator=g, dtype=torch.float64) * (torch.rand(6, 90, generator=g) < 0.2)
     lam = 0.3 * tg.q.abs().amax(1)
-    rows = est._rows_start(system, est._Problems(torch.arange(6), lam, theta0, torch.ones(6, dtype=torch.float64)))
-    weights = est._momentum_weights(100, torch.float64, "cpu")
+    rows = lasso_fista._rows_start(system, lasso_fista._Problems(torch.arange(6), lam, theta0, torch.ones(6, dtype=torch.float64)))
+    weights = lasso_fista._momentum_weights(100, torch.float64, "cpu")
     widths = set()
     for it in range(60):
         if it % 2 == 0:
-            est._rows_check(system, rows, 1e-12, 10**6)
+            lasso_fista._rows_check(system, rows, 1e-12, 10**6)
         else:
-            est._rows_step(system, rows, weights)
+            lasso_fista._rows_step(system, rows, weights)
         widths.add(rows.idx.shape[1])
-        theta = est._dense(rows.theta, rows.idx, 90)
+        theta = lasso_fista._dense(rows.theta, rows.idx, 90)
         exact = torch.nn.functional.pad(theta @ feat.rows[:, :90] - tg.q[rows.target], (0, 1))
         torch.testing.assert_close(rows.grad, exact)
         torch.testing.assert_close(rows.g, torch.gather(exact, 1, rows.idx))
@@ -201,13 +201,13 @@ def test_lasso_rows_keep_their_gradients_exact():
 
 def test_lasso_design_route_matches_gram_route(monkeypatch):
     # beyond GRAM_MAX_FEATURES products go through X~ instead of an n x n Gram matrix
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_problem
 
     masks, outputs, _ = planted(200, 60, 4)
     gram_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
     gram_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
-    monkeypatch.setattr(est, "GRAM_MAX_FEATURES", 10)
-    assert est._features(masks.double()).xs_pad is not None
+    monkeypatch.setattr(lasso_problem, "GRAM_MAX_FEATURES", 10)
+    assert lasso_problem._features(masks.double()).rows is None
     design_path = lasso_path(masks, outputs, n_lambdas=6, tol=1e-10, dtype=torch.float64)
     design_fit = lasso(masks, outputs, n_lambdas=8, tol=1e-10, dtype=torch.float64)
     torch.testing.assert_close(design_path.weight, gram_path.weight, atol=1e-6, rtol=0)
@@ -218,33 +218,33 @@ def test_lasso_design_route_matches_gram_route(monkeypatch):
 def test_features_from_moments():
     # the Gram matrix from raw moments equals the standardised design's, a constant column gives a
     # zero row and column, and moments of stacked designs add up (the refit's design)
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_problem
 
     masks, outputs, _ = planted(90, 30, 2)
     masks[:, 3] = True
     X = masks.double()
-    feat = est._features(X)
+    feat = lasso_problem._features(X)
     mu, sd = X.mean(0), X.std(0, correction=0)
     sd[3] = 1
     xs = (X - mu) / sd
     torch.testing.assert_close(feat.rows[:, :30], xs.T @ xs / 90)
     assert (feat.rows[:, 30] == 0).all() and (feat.rows[3] == 0).all() and (feat.rows[:, 3] == 0).all()
     torch.testing.assert_close(feat.sigma, sd)
-    top, bottom = est._moments(X[:50]), est._moments(X[50:])
-    stacked = est._features(X, (top[0] + bottom[0], top[1] + bottom[1]))
+    top, bottom = lasso_problem._moments(X[:50]), lasso_problem._moments(X[50:])
+    stacked = lasso_problem._features(X, (top[0] + bottom[0], top[1] + bottom[1]))
     torch.testing.assert_close(stacked.rows, feat.rows)
-    tg = est._targets(feat, outputs.double())
+    tg = lasso_problem._targets(feat, outputs.double())
     torch.testing.assert_close(tg.q, (outputs.double() - outputs.double().mean(0)).T @ xs / 90)
 
 
 def test_lasso_warm_start_product_is_exact():
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fista, lasso_problem
 
     # the next lambda's start and its gradient theta H - q, extrapolated from the last two solutions
     masks, outputs, _ = planted(100, 40, 3)
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
-    system = est._system(feat, tg)
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
+    system = lasso_fista._system(feat, tg)
     g = torch.Generator().manual_seed(1)
     theta_old = torch.randn(3, 40, generator=g, dtype=torch.float64) * (torch.rand(3, 40, generator=g) < 0.3)
     theta = theta_old + 0.5 * torch.randn(3, 40, generator=g, dtype=torch.float64) * (theta_old != 0)
@@ -254,26 +254,26 @@ def test_lasso_warm_start_product_is_exact():
         return torch.nn.functional.pad(th @ feat.rows[:, :40] - tg.q, (0, 1))
 
     slope = torch.tensor([0.3, 1.0, 2.0]).double()
-    start, start_grad = est._warm_start(system, theta, theta_old, gradient(theta), gradient(theta_old), slope)
+    start, start_grad = lasso_fista._warm_start(system, theta, theta_old, gradient(theta), gradient(theta_old), slope)
     assert ((start == 0) | (start * theta > 0)).all() and (start != 0).any() and (start != theta).any()
     torch.testing.assert_close(start_grad, gradient(start))
-    idx = est._slots(torch.nn.functional.pad(start != 0, (0, 1)), 40)
+    idx = lasso_fista._slots(torch.nn.functional.pad(start != 0, (0, 1)), 40)
     vals = torch.gather(torch.nn.functional.pad(start, (0, 1)), 1, idx)
-    torch.testing.assert_close(est._times(system, idx, vals, torch.arange(3)), gradient(start))
+    torch.testing.assert_close(lasso_fista._times(system, idx, vals, torch.arange(3)), gradient(start))
 
 
 def test_lasso_cd_solve_from_any_start_keeps_its_gradient_exact():
     # the compiled solver from an empty start and from one spread over every feature (most must
     # leave): sklearn's weights, and the full gradient it keeps up to date by rows of H is H theta - q
     # on exit, also across its periodic recomputations (a solve this tight takes more than 50 sweeps)
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fit, lasso_problem
     from pipeline.datamodels import lasso_cd
 
     masks, outputs, _ = planted(150, 80, 2, active=12, noise=0.3, seed=5)
     xs = StandardScaler().fit_transform(masks.double().numpy())
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
-    H, lam = est._gram(feat), 0.01
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
+    H, lam = lasso_fit._gram(feat), 0.01
     g = np.random.default_rng(0)
     for j in range(2):
         q, c0 = tg.q[j].numpy(), float(tg.c0[j])
@@ -310,13 +310,13 @@ def test_lasso_cd_float32_path_meets_the_gap_on_the_exact_gradient():
 def test_lasso_cd_exact_exit_rechecks_a_gradient_that_passes_at_once():
     # a kept gradient that is wrong enough to pass the gap before any sweep (zero: theta 0 looks
     # optimal) must not be returned as a solution when exact_exit asks for the true gap
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fit, lasso_problem
     from pipeline.datamodels import lasso_cd
 
     masks, outputs, _ = planted(150, 80, 1, active=12, noise=0.3, seed=5)
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
-    H, q, c0, lam = est._gram(feat), tg.q[0].numpy(), float(tg.c0[0]), 0.01
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
+    H, q, c0, lam = lasso_fit._gram(feat), tg.q[0].numpy(), float(tg.c0[0]), 0.01
     sk = Lasso(alpha=lam, tol=1e-12, max_iter=100000).fit(StandardScaler().fit_transform(masks.double().numpy()),
                                                             outputs[:, 0].double().numpy())
     theta, grad = np.zeros(80), np.zeros(80)
@@ -327,14 +327,14 @@ def test_lasso_cd_exact_exit_rechecks_a_gradient_that_passes_at_once():
 
 def test_lasso_cd_drops_a_constant_feature_from_any_start():
     # a constant column has a zero row of H and q 0: a start that gives it a weight must lose it
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fit, lasso_problem
     from pipeline.datamodels import lasso_cd
 
     masks, outputs, _ = planted(120, 30, 1, active=5, seed=2)
     masks[:, 3] = True
-    feat = est._features(masks.double())
-    tg = est._targets(feat, outputs.double())
-    H, q, c0 = est._gram(feat), tg.q[0].numpy(), float(tg.c0[0])
+    feat = lasso_problem._features(masks.double())
+    tg = lasso_problem._targets(feat, outputs.double())
+    H, q, c0 = lasso_fit._gram(feat), tg.q[0].numpy(), float(tg.c0[0])
     assert H[3, 3] == 0 and q[3] == 0
     theta = np.zeros(30)
     theta[3] = 0.5
@@ -344,13 +344,13 @@ def test_lasso_cd_drops_a_constant_feature_from_any_start():
 
 
 def test_lasso_cd_warm_start_gradient_is_exact():
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fit, lasso_problem
     from pipeline.datamodels import lasso_cd
 
     masks, outputs, _ = planted(100, 40, 1)
-    feat = est._features(masks.double())
-    q = est._targets(feat, outputs.double()).q[0].numpy()
-    H = est._gram(feat)
+    feat = lasso_problem._features(masks.double())
+    q = lasso_problem._targets(feat, outputs.double()).q[0].numpy()
+    H = lasso_fit._gram(feat)
     g = np.random.default_rng(1)
     theta_old = g.standard_normal(40) * (g.random(40) < 0.3)
     theta = theta_old + 0.5 * g.standard_normal(40) * (theta_old != 0)
@@ -415,15 +415,15 @@ def test_lasso_shared_design_gives_the_same_bits(solver):
 
 
 def test_lasso_solver_choice(monkeypatch):
-    from pipeline.datamodels import estimators as est
+    from pipeline.datamodels import lasso_fit, lasso_problem
 
     masks, outputs, _ = planted(60, 20, 2)
     with pytest.raises(ValueError, match="unknown LASSO solver 'newton'; valid: auto, cd, fista"):
         lasso(masks, outputs, solver="newton")
-    monkeypatch.setattr(est, "GRAM_MAX_FEATURES", 10)  # no Gram matrix: cd does not apply
+    monkeypatch.setattr(lasso_problem, "GRAM_MAX_FEATURES", 10)  # no Gram matrix: cd does not apply
     with pytest.raises(ValueError, match="at most 10 training points; got device cpu and 20 points"):
         lasso(masks, outputs, solver="cd")
-    assert est._solver("auto", est._features(masks.float())) == "fista"
+    assert lasso_fit._solver("auto", lasso_problem._features(masks.float())) == "fista"
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -547,3 +547,79 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, atol=1e-3, rtol=0)
         held = lds(gpu.weight, gpu.bias, masks.cuda(), outputs.cuda())
         torch.testing.assert_close(held.cpu(), lds(cpu.weight, cpu.bias, masks, outputs), atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------- model batches
+# Every product with the masks runs over model batches (decision 35). 37 models a batch over 203:
+# six batches, the last one short. Measured max |batched - unbatched| / max |unbatched weight| (float32):
+# diff-in-means 2.6e-7, ridge 2.4e-6 (primal; the system's conditioning), 3.0e-7 (dual), LASSO 3.8e-7
+# (cd), 5.1e-7 (fista), 7.3e-7 (fista without a Gram matrix); the lambdas move in their last bits (lam_max
+# comes from q). BATCH_RTOL is 4x the largest.
+BATCH_RTOL = 1e-5
+
+
+def _batched_problem():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(203, 60, generator=g) < 0.5
+    w = torch.randn(60, 6, generator=g) * (torch.rand(60, 6, generator=g) < 0.2)
+    return masks, masks.float() @ w + 0.5 * torch.randn(203, 6, generator=g)
+
+
+def _assert_batched_close(got: Datamodel, want: Datamodel) -> None:
+    scale = float(want.weight.abs().max())
+    torch.testing.assert_close(got.weight, want.weight, rtol=0, atol=BATCH_RTOL * scale)
+    torch.testing.assert_close(got.bias, want.bias, rtol=0, atol=BATCH_RTOL * max(scale, float(want.bias.abs().max())))
+    if want.lam is not None:
+        torch.testing.assert_close(got.lam, want.lam, rtol=BATCH_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("name, models, options", [
+    ("diff_in_means", 203, {}), ("ridge", 203, {}), ("ridge", 40, {}),  # ridge: primal, dual (40 < 60 points)
+    ("lasso", 203, {"solver": "cd"}), ("lasso", 203, {"solver": "fista"}),
+])
+def test_batched_fit_equals_unbatched(name, models, options):
+    masks, outputs = _batched_problem()
+    masks, outputs = masks[:models], outputs[:models]
+    fit = get_estimator(name)
+    if name == "lasso":
+        options = {**options, "tol": 1e-6}
+    _assert_batched_close(fit(masks, outputs, model_batch=37, **options), fit(masks, outputs, model_batch=None, **options))
+
+
+def test_batched_lasso_without_a_gram_matrix_equals_unbatched(monkeypatch):
+    from pipeline.datamodels import lasso_problem
+
+    monkeypatch.setattr(lasso_problem, "GRAM_MAX_FEATURES", 10)  # products through the masks, batch by batch
+    masks, outputs = _batched_problem()
+    got = lasso(masks, outputs, model_batch=37, solver="fista", tol=1e-6)
+    _assert_batched_close(got, lasso(masks, outputs, model_batch=None, solver="fista", tol=1e-6))
+
+
+def test_one_model_batch_keeps_the_bits_of_the_whole_product():
+    """model_batch >= m: the very operations of the product over all models at once (the digits and tiny
+    defaults, 4096 >= their models, are bit-identical to before batching)."""
+    masks, outputs = _batched_problem()
+    X = masks.float()
+    yc = outputs - outputs.mean(0)
+    n_in = X.sum(0)
+    scale = torch.where((n_in > 0) & (n_in < 203), 203 / (n_in * (203 - n_in)).clamp_min(1), torch.zeros_like(n_in))
+    weight = (X.T @ yc) * scale[:, None]
+    dm = diff_in_means(masks, outputs, model_batch=203)
+    assert torch.equal(dm.weight, weight) and torch.equal(dm.bias, outputs.mean(0) - X.mean(0) @ weight)
+    # the LDS's predictions by batches of held-out models: rows apart, ranks equal up to float32 ties
+    torch.testing.assert_close(lds(dm.weight, dm.bias, masks, outputs, model_batch=37),
+                               lds(dm.weight, dm.bias, masks, outputs, model_batch=None), rtol=0, atol=1e-6)
+
+
+def test_masks_batches_fill_one_buffer_with_the_rows_in_order():
+    from pipeline.datamodels import Masks
+
+    masks, _ = _batched_problem()
+    view = Masks(masks, torch.tensor([5, 0, 7, 202, 3]), batch=2)
+    spans, pointers = [], set()
+    for rows, x in view.batches(torch.float32):
+        assert torch.equal(x, masks[[5, 0, 7, 202, 3]][rows].float())
+        spans.append((rows.start, rows.stop))
+        pointers.add(x.data_ptr())
+    assert spans == [(0, 2), (2, 4), (4, 5)] and len(pointers) == 1
+    assert torch.equal(view.counts(torch.float32), masks[[5, 0, 7, 202, 3]].float().sum(0))

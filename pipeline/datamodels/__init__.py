@@ -1,10 +1,18 @@
-"""Datamodels: linear surrogates from subset-inclusion masks to model outputs (specs decision 4)."""
+"""Datamodels: linear surrogates from subset-inclusion masks to model outputs (specs decision 4).
+
+Modules, one concern each: ``common`` (the Datamodel result, input checks), ``closed_form``
+(difference in means, ridge), ``lasso_problem`` (the standardised LASSO problem both solvers solve),
+``lasso_fista`` (batched accelerated proximal gradient in torch: GPUs, designs without a Gram
+matrix), ``lasso_cd`` (compiled coordinate descent: the CPU kernel), ``lasso_fit`` (``lasso``,
+``lasso_path``, ``lasso_design``: the split, the path, the per-target lambda), ``scoring`` (LDS).
+"""
 
 from collections.abc import Callable
 
-from pipeline.datamodels.estimators import (
-    Datamodel, LassoDesign, LassoPath, diff_in_means, lasso, lasso_design, lasso_path, lds, ridge,
-)
+from pipeline.datamodels.closed_form import diff_in_means, ridge
+from pipeline.datamodels.common import MODEL_BATCH, Datamodel, Masks
+from pipeline.datamodels.lasso_fit import LassoDesign, LassoPath, lasso, lasso_design, lasso_path
+from pipeline.datamodels.scoring import lds
 
 ESTIMATORS: dict[str, Callable[..., Datamodel]] = {
     "diff_in_means": diff_in_means,
@@ -22,6 +30,6 @@ def get_estimator(name: str) -> Callable[..., Datamodel]:
 
 
 __all__ = [
-    "ESTIMATORS", "Datamodel", "LassoDesign", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_design",
+    "ESTIMATORS", "MODEL_BATCH", "Datamodel", "Masks", "LassoDesign", "LassoPath", "diff_in_means", "get_estimator", "lasso", "lasso_design",
     "lasso_path", "lds", "ridge",
 ]

@@ -1,6 +1,6 @@
 """LASSO by coordinate descent with covariance updates, compiled (numba): the CPU solver.
 
-The same problems and the same stopping rule as the batched torch solver in ``estimators`` (which
+The same problems and the same stopping rule as the batched torch solver in ``lasso_fista`` (which
 serves GPUs and designs too large for a Gram matrix): per target, min (1/2m)||yc - X~ theta||^2 +
 lam ||theta||_1 on standardised features, written in Gram quantities H = X~' X~ / m and
 q = X~' yc / m, solved when sklearn's duality gap over all n features <= tol * ||yc||^2 / m (for

@@ -20,13 +20,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import numpy as np
 import ray
 import torch
 
 from pipeline.config import Config
-from pipeline.datamodels import get_estimator, lasso_design, lds
+from pipeline.datamodels import MODEL_BATCH, get_estimator, lasso_design, lds
+from pipeline.datamodels.lasso_problem import GRAM_MAX_FEATURES
+from pipeline.datamodels.memory import FitMemory, fit_peak_bytes, gib
 from pipeline.execution import init_ray, run_streaming_tasks, run_tasks, task_options
 from pipeline.plan import TARGET_CHUNK, target_blocks, target_markers
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
@@ -37,7 +40,7 @@ LOGIT_TRAIN_CHUNK = 256
 ROW_BAND = TRAIN_CHUNK  # training rows per rows-copy task: each theta chunk is read by one task, once
 LOGIT_ROWS_SHARD = 256  # rows per object of theta_logit_rows (307 MB at CIFAR-10 size); a row is one inner chunk
 VECTOR_CHUNK = 4096  # targets per chunk of bias, lds, lam, bias_logit: 15 objects at CIFAR-10 size, not 3,750
-VECTORS = ("bias", "lam", "lds", "bias_logit")  # the per-target arrays the driver consolidates
+VECTORS = ("bias", "lam", "lds", "bias_logit", "lds_logit")  # the per-target arrays the driver consolidates
 FORGET_SUM_COLUMNS = 4096  # targets of theta_logit read at once by `sum_forget_rows` (stores made before parts)
 LATE_ROWS = 64  # forget rows of theta_logit_rows read at once for a forget set without parts
 
@@ -84,6 +87,7 @@ def _create_arrays(plan: Plan, meta: dict) -> None:
         specs["theta_logit"] = ((n, p, c), (min(LOGIT_TRAIN_CHUNK, n), TARGET_CHUNK, c), "float16", None)
         specs["theta_logit_rows"] = ((n, p, c), (1, p, c), "float16", (min(LOGIT_ROWS_SHARD, n), p, c))
         specs["bias_logit"] = ((p, c), (vector, c), "float32", None)
+        specs["lds_logit"] = ((p, c), (vector, c), "float32", None)
     for name, (shape, chunks, dtype, shards) in specs.items():
         if name not in group:
             group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0)
@@ -98,6 +102,7 @@ def run_fit(plan: Plan) -> dict:
     if is_complete(plan.store, plan.fit):
         return plan.store.read_json(f"{plan.fit.rel}/COMPLETE.json")
     _check_inputs(plan, meta)
+    check_memory(plan, meta)
     with hold(plan.store, [plan.fit.rel], plan.cfg.execution):
         return _run_fit(plan)
 
@@ -133,12 +138,7 @@ def _run_fit(plan: Plan) -> dict:
     scores = _consolidate_vectors(plan, markers)
     if plan.cfg.fit.per_logit and not plan.cfg.fit.store_theta_logit:
         plan.store.remove(f"{ref.rel}/arrays.zarr/theta_logit")  # its row-major copy is complete
-    n = meta["n_train"]
-    summary = {"estimator": plan.cfg.fit.estimator, "models": plan.cfg.train.subset.models,
-               "heldout": plan.cfg.train.subset.heldout,
-               "lds_mean": _nanmean(scores), "lds_train_mean": _nanmean(scores[:n]),
-               "lds_val_mean": _nanmean(scores[n:]),
-               "blocks": sorted([m["start"], m["end"]] for m in markers)}
+    summary = {**_summary(plan, meta, scores), "blocks": sorted([m["start"], m["end"]] for m in markers)}
     mark_complete(plan.store, ref, summary)
     if plan.cfg.fit.per_logit:
         dm_direct_errors(plan)  # for the forget sets whose target oracles are trained; the rest later
@@ -214,20 +214,95 @@ def _save_npz(store: Store, rel: str, **arrays) -> None:
     store.write_bytes(rel, buf.getvalue())
 
 
+def _summary(plan: Plan, meta: dict, scores: np.ndarray) -> dict:
+    """COMPLETE.json's figures: the LDS of the per-margin datamodels (mean, training and validation
+    targets) and, with fit.per_logit, of the per-logit ones (decision 34; per (target, class), averaged,
+    and per class)."""
+    n = meta["n_train"]
+    summary = {"estimator": plan.cfg.fit.estimator, "models": plan.cfg.train.subset.models,
+               "heldout": plan.cfg.train.subset.heldout,
+               "lds_mean": _nanmean(scores), "lds_train_mean": _nanmean(scores[:n]),
+               "lds_val_mean": _nanmean(scores[n:])}
+    if plan.cfg.fit.per_logit:
+        logit = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")["lds_logit"][:]
+        summary.update({"lds_logit_mean": _nanmean(logit),
+                        "lds_logit_per_class": [_nanmean(logit[:, c]) for c in range(logit.shape[1])],
+                        "lds_logit_train_mean": _nanmean(logit[:n]), "lds_logit_val_mean": _nanmean(logit[n:])})
+    return summary
+
+
 def _nanmean(x: np.ndarray) -> float | None:
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
+def check_memory(plan: Plan, meta: dict) -> FitMemory:
+    """Refuse (StageError, exit 2), before any task and touching nothing stored, a config whose fit task
+    is predicted to need more memory than its device has (decision 35): the numbers, what they are made
+    of, and the fields that change them."""
+    prediction = predict_task_memory(plan.cfg, meta)
+    limit = device_memory(plan.cfg)
+    if limit is None or prediction.peak <= limit[0]:
+        return prediction
+    raise StageError(
+        f"fit: a fit task is predicted to peak at {gib(prediction.peak)} ({prediction.phase}: {prediction.describe()}), "
+        f"more than the {gib(limit[0])} it may use ({limit[1]}). Lower execution.fit_block_targets (targets per task, "
+        f"now {plan.cfg.execution.fit_block_targets}: outputs, results, scoring) or fit.model_batch (models per float "
+        f"batch, now {model_batch(plan.cfg)}), choose another fit.estimator, or set execution.fit_memory_gb"
+    )
+
+
+def predict_task_memory(cfg: Config, meta: dict) -> FitMemory:
+    """``fit_peak_bytes`` of this config's largest fit task."""
+    from pipeline.plan import SUBSET_POINT_CHUNK
+
+    n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
+    sub, block = cfg.train.subset, min(cfg.execution.fit_block_targets, meta["n_train"] + meta["n_val"])
+    cpu = cfg.execution.device == "cpu"
+    bands = 0
+    if cpu:  # the decoded bands a worker keeps (``_KEPT``), at most _KEPT_BYTES each
+        width = min(p, SUBSET_POINT_CHUNK * (-(-block // SUBSET_POINT_CHUNK) + 1))
+        for rows in (sub.models, sub.heldout):
+            for size in (rows * n, rows * width * 4, rows * width * c * 2 if cfg.fit.per_logit else 0):
+                bands += size if size <= _KEPT_BYTES else 0
+    return fit_peak_bytes(
+        estimator=cfg.fit.estimator, models=sub.models, n_train=n, targets=block, call_targets=call_targets(cfg, c),
+        classes=c, per_logit=cfg.fit.per_logit, heldout=sub.heldout if sub.heldout >= 3 else 0,
+        model_batch=model_batch(cfg), solver="cd" if cpu and n <= GRAM_MAX_FEATURES else "fista",
+        val_fraction=cfg.fit.lasso.val_fraction, host_bands=bands,
+    )
+
+
+def device_memory(cfg: Config) -> tuple[int, str] | None:
+    """(bytes a fit task may use, where the figure comes from), or None where the driver cannot know (a
+    CUDA config on a driver without a GPU: set execution.fit_memory_gb to check it)."""
+    ex = cfg.execution
+    if ex.fit_memory_gb is not None:
+        return int(ex.fit_memory_gb * 2**30), f"execution.fit_memory_gb = {ex.fit_memory_gb}"
+    if ex.device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        total, share = torch.cuda.get_device_properties(0).total_memory, min(ex.num_gpus, 1.0) or 1.0
+        return int(total * share), f"the GPU's {gib(total)} x execution.num_gpus {share}"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    at_once = max(1, ex.num_cpus // ex.threads)
+    return total // at_once, f"this machine's {gib(total)} shared by {at_once} tasks at once (num_cpus // threads)"
+
+
 def _estimate(cfg: Config, masks: torch.Tensor, outputs: torch.Tensor, design=None):
-    est = cfg.fit.estimator
+    est, batch = cfg.fit.estimator, model_batch(cfg)
     if est == "lasso":
         lc = cfg.fit.lasso
         return get_estimator("lasso")(masks, outputs, n_lambdas=lc.n_lambdas, eps=lc.eps,
                                       val_fraction=lc.val_fraction, max_iter=lc.max_iter, tol=lc.tol, path_tol=lc.path_tol,
-                                      patience=lc.patience or 1, design=design)
+                                      patience=lc.patience or 1, design=design, model_batch=batch)
     if est == "ridge":
-        return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda)
-    return get_estimator(est)(masks, outputs)
+        return get_estimator("ridge")(masks, outputs, lam=cfg.fit.ridge_lambda, model_batch=batch)
+    return get_estimator(est)(masks, outputs, model_batch=batch)
+
+
+def model_batch(cfg: Config) -> int:
+    """Models per float batch of the masks in every product of a fit task (``pipeline.datamodels.Masks``)."""
+    return cfg.fit.model_batch or MODEL_BATCH
 
 
 def warm_kernels(cfg: Config) -> None:
@@ -249,7 +324,10 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int, forget_se
     (the last chunk's once the block is written), so that progress moves within a block.
 
     The split of the models and the Gram matrices are made once for the block (``lasso_design``),
-    and a chunk's margins and logits of every class are one call: all of them share the masks.
+    and a chunk's margins and logits of every class are one call: all of them share the masks. The masks
+    stay bool; every product with them runs over fit.model_batch models at a time, and what a chunk's
+    result keeps is copied out of it, so no view holds a call's whole output (``pipeline.datamodels.memory``
+    predicts the task's peak from these sizes).
 
     forget_sets: {forget id: indices}, the sets whose part of the forget rows this block writes."""
     torch.set_num_threads(cfg.execution.threads)
@@ -267,12 +345,8 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int, forget_se
     design = None
     if cfg.fit.estimator == "lasso":
         lc = cfg.fit.lasso
-        design = lasso_design(masks, val_fraction=lc.val_fraction)
-    # targets per call: on the CPU a chunk of the zarr arrays (progress every few seconds); on a GPU
-    # enough for the batched solver's ~512 problems per call, as when margins and classes were apart
-    chunk = TARGET_CHUNK
-    if device.type != "cpu":
-        chunk = max(TARGET_CHUNK, 512 // (1 + (classes if logits is not None else 0)) // TARGET_CHUNK * TARGET_CHUNK)
+        design = lasso_design(masks, val_fraction=lc.val_fraction, model_batch=model_batch(cfg))
+    chunk = call_targets(cfg, classes)
     weights, biases, lams, logit_weights, logit_biases = [], [], [], [], []
     for lo in range(0, end - start, chunk):
         hi = min(lo + chunk, end - start)
@@ -281,24 +355,35 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int, forget_se
         if logits is not None:  # column k + t * classes + c: class c of target t
             outputs = torch.cat([outputs, logits[:, lo:hi].reshape(n_fit, k * classes)], 1)
         dm = _estimate(cfg, masks, outputs, design)
-        weights.append(dm.weight[:, :k])
-        biases.append(dm.bias[:k])
-        lams.append(dm.lam[:k] if dm.lam is not None else torch.full_like(dm.bias[:k], float("nan")))
+        del outputs
+        weights.append(dm.weight[:, :k].clone())
+        biases.append(dm.bias[:k].clone())
+        lams.append(dm.lam[:k].clone() if dm.lam is not None else torch.full_like(dm.bias[:k], float("nan")))
         if logits is not None:
             logit_weights.append(dm.weight[:, k:].reshape(-1, k, classes).half())
-            logit_biases.append(dm.bias[k:].reshape(k, classes))
+            logit_biases.append(dm.bias[k:].reshape(k, classes).clone())
+        del dm
         if hi < end - start:
             yield k
+    del masks, margins, logits, design
     weight, bias = torch.cat(weights, 1), torch.cat(biases)
     out = {"theta": weight, "bias": bias, "lam": torch.cat(lams)}
-    out["lds"] = _heldout_lds(plan, meta, weight, bias, start, end, device)
+    del weights, biases, lams
+    fits = {"margins": (weight, bias)}
+    if cfg.fit.per_logit:
+        theta_logit, bias_logit = torch.cat(logit_weights, 1), torch.cat(logit_biases)
+        del logit_weights, logit_biases
+        fits["logits"] = (theta_logit, bias_logit)
+    scores = _heldout_lds(plan, meta, fits, start, end, device)
+    out["lds"] = scores["margins"]
     group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r+")
     written = {"theta": out["theta"].cpu().numpy()}
     written.update({name: out[name].float().cpu().numpy() for name in ("bias", "lam", "lds")})
     vectors = {name: written[name] for name in ("bias", "lam", "lds")}
-    if logits is not None:
-        theta_logit = torch.cat(logit_weights, 1).cpu().numpy()
-        vectors["bias_logit"] = torch.cat(logit_biases).cpu().numpy()
+    if cfg.fit.per_logit:
+        theta_logit = theta_logit.cpu().numpy()
+        vectors["bias_logit"] = bias_logit.cpu().numpy()
+        written["lds_logit"] = vectors["lds_logit"] = scores["logits"].float().cpu().numpy()
         write_forget_parts(plan, start, end, theta_logit, forget_sets or {})
         group["theta_logit"][:, start:end] = theta_logit
     group["theta"][:, start:end] = written["theta"]
@@ -306,17 +391,32 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int, forget_se
     checksums = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in written.items()}
     plan.store.write_json(f"{plan.fit.rel}/markers/targets/{start:07d}-{end:07d}.json",
                           {"start": start, "end": end, "checksums": checksums, "threads": torch.get_num_threads()})
-    yield (end - start) - (len(weights) - 1) * chunk
+    yield (end - start) - (-(-(end - start) // chunk) - 1) * chunk
 
 
-def _heldout_lds(plan: Plan, meta: dict, weight, bias, start: int, end: int, device) -> torch.Tensor:
+def call_targets(cfg: Config, classes: int) -> int:
+    """Targets per estimator call: on the CPU a chunk of the zarr arrays (progress every few seconds); on a
+    GPU enough for the batched solver's ~512 problems per call, as when margins and classes were apart."""
+    if cfg.execution.device == "cpu":
+        return TARGET_CHUNK
+    return max(TARGET_CHUNK, 512 // (1 + (classes if cfg.fit.per_logit else 0)) // TARGET_CHUNK * TARGET_CHUNK)
+
+
+def _heldout_lds(plan: Plan, meta: dict, fits: dict, start: int, end: int, device) -> dict[str, torch.Tensor]:
+    """LDS on the held-out subset models of each fit: {"margins": (weight (n, k), bias (k,)) -> (k,),
+    "logits": (weight (n, k, C), bias (k, C)) -> (k, C), scored per (target, class), of the weights as
+    stored (float16 for theta_logit)}. NaN where there are fewer than 3 held-out models."""
     n_held = plan.cfg.train.subset.heldout
     if n_held < 3:
-        return torch.full((end - start,), float("nan"))
+        return {name: torch.full(bias.shape, float("nan")) for name, (_, bias) in fits.items()}
     held = _subset_reader(plan, meta, "heldout", n_held)
     masks = torch.as_tensor(held("masks"), device=device)
-    actual = torch.as_tensor(held("margins", start, end), device=device)
-    return lds(weight, bias, masks, actual)
+    batch, scores = model_batch(plan.cfg), {}
+    for name, (weight, bias) in fits.items():
+        actual = torch.as_tensor(held(name, start, end), device=device)
+        w = weight.reshape(weight.shape[0], -1).float()
+        scores[name] = lds(w, bias.reshape(-1).float(), masks, actual.reshape(n_held, -1), batch).reshape(bias.shape)
+    return scores
 
 
 def _subset_reader(plan: Plan, meta: dict, role: str, n: int):
