@@ -110,11 +110,17 @@ def test_without_intervals_nothing_is_claimed_from_overlaps():
 
 
 def test_saturated_rows_are_not_ranked_against_each_other():
-    by = _judged(_row("a", (3.0, 2.5, 3.5)), _row("b", (2.0, 1.5, 2.5)),
-                 _row("sat1", (11.0, 10.8, 11.4)), _row("sat2", (11.3, 11.0, 11.5)))
+    rows = [_row("retrain", (1.0, 0.8, 1.2)), _row("do_nothing", (11.45, 11.4, 11.5), retain=(1.2, 1.0, 1.4)),
+            _row("a", (3.0, 2.5, 3.5)), _row("b", (2.0, 1.5, 2.5)), _row("sat1", (10.9, 10.8, 11.0)),
+            _row("sat2", (11.3, 11.0, 11.5))]
+    annotate(rows)
+    by = {r["method"]: r for r in rows}
     assert by["sat1"]["saturated"] and by["sat2"]["saturated"] and not by["a"]["saturated"]
+    assert by["sat1"]["forgets"] is False  # below do-nothing's interval, but at the ceiling: nothing to tell
     assert by["sat1"]["rank"] is None and by["sat2"]["rank"] is None and by["retrain"]["rank"] is None
-    assert (by["b"]["rank"], by["a"]["rank"], by["do_nothing"]["rank"]) == (1, 2, 3)  # mean of the three P95s
+    assert by["do_nothing"]["rank"] is None  # saturated too
+    assert (by["b"]["rank"], by["a"]["rank"]) == (1, 2)  # by the mean of the three P95s
+    assert by["sat1"]["headline"] == "no better than doing nothing"
 
 
 def test_the_good_corner_is_below_do_nothings_interval_and_within_the_retain_bar():

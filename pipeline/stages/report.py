@@ -129,8 +129,8 @@ HEADLINES = {
     "breaks the model": "does not keep utility (the bar, below)",
     "indistinguishable from retraining": "keeps utility, and on forget, retain and val points its P95's interval "
                                          "overlaps the floor's",
-    "better than doing nothing": "keeps utility and forgets: its forget P95's interval lies wholly below "
-                                 "do-nothing's",
+    "better than doing nothing": "keeps utility and forgets: its forget P95, not saturated, has an interval "
+                                 "wholly below do-nothing's",
     "no better than doing nothing": "keeps utility, but its forget P95's interval reaches do-nothing's",
     "not judged": "accuracies or bootstrap intervals unknown (an imported row, or `evaluate.bootstrap: 0`)",
 }
@@ -174,8 +174,8 @@ def judge(sub: list[dict], floor: dict | None, nothing: dict | None, ceiling_flo
     ranked by decision 30's criterion (the mean of the three P95s), retrain excluded."""
     for r in sub:
         r["bar"] = keeps_utility(r, floor, nothing)
-        r["forgets"] = forgets(r, nothing)
         r["saturated"] = any(is_saturated(r["klom"][g]["p95"], ceiling_floor) for g in GROUPS)
+        r["forgets"] = forgets(r, nothing, is_saturated(r["klom"]["forget"]["p95"], ceiling_floor))
         r["headline"] = headline(r)
     ranked = sorted((r for r in sub if r["method"] != "retrain" and not r["saturated"]), key=selection_score)
     for r in sub:
@@ -202,11 +202,14 @@ def keeps_utility(r: dict, floor: dict | None, nothing: dict | None) -> dict | N
     return {"ok": not failures, "accuracy_ok": accuracy_ok, "klom_ok": klom_ok, "failures": failures}
 
 
-def forgets(r: dict, nothing: dict | None) -> bool | None:
+def forgets(r: dict, nothing: dict | None, saturated: bool = False) -> bool | None:
     """Whether the forget P95's interval lies wholly below do-nothing's (None: a reference row, or no
-    intervals)."""
+    intervals). A saturated forget P95 never forgets: below the ceiling's band KLoM cannot tell it from
+    do-nothing's (decision 33)."""
     if r["method"] in REFERENCE_ROWS or nothing is None:
         return None
+    if saturated:
+        return False
     mine, theirs = r["klom"]["forget"], nothing["klom"]["forget"]
     if mine["p95_high"] is None or theirs["p95_low"] is None:
         return None
@@ -474,7 +477,8 @@ def legend(plan: Plan) -> list[str]:
              f"- **keeps utility** (the bar, decision 30): retain and val accuracy within {ACC_SLACK:g} of do-nothing's, "
              f"and retain and val P95 at most max({FLOOR_X:g}x the floor, {NOTHING_X:g}x do-nothing's). "
              "`no (acc)`: an accuracy fails; `no (KLoM)`: a retain or val P95 fails.",
-             "- **forgets**: the forget P95's interval lies wholly below do-nothing's.",
+             "- **forgets**: the forget P95's interval lies wholly below do-nothing's, and the forget P95 is not "
+             "saturated.",
              "- **rank**: by decision 30's criterion on this set (the mean of the forget, retain and val P95), among "
              "the rows that are not saturated; `sat.`: saturated, not ranked.",
              "- **tuning set**: the forget set the row's setting was selected on, against that set's own eval oracles "
