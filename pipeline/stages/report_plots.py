@@ -103,7 +103,8 @@ def compute_plot(plt, fs: str, sub: list[dict], context: dict) -> tuple[str, byt
         v = r["vs_floor"]["forget"]
         color, marker = style(r["method"])
         a, x = (ax0, zero.index(r)) if r["compute"] <= 0 else (ax, r["compute"])
-        a.errorbar([x], [v["x"]], yerr=_yerr(v), color=color, marker=marker, ms=8, capsize=3, ls="none", zorder=3)
+        a.errorbar([x], [v["x"]], yerr=_yerr(v), color=color, marker=marker, ms=8, capsize=3, ls="none", zorder=3,
+                   mec="white", mew=0.6)  # a white rim keeps markers that land together apart
         ys += [v["x"], v["x_high"] or v["x"]]
         if r.get("amortized"):
             total = r["compute"] + r["amortized"]
@@ -185,7 +186,7 @@ def forget_vs_retain(plt, rows: list[dict], context: dict) -> tuple[str, bytes]:
             vf, vr = r["vs_floor"]["forget"], r["vs_floor"]["retain"]
             color, marker = style(r["method"])
             ax.errorbar([vr["x"]], [vf["x"]], xerr=_yerr(vr), yerr=_yerr(vf), color=color, marker=marker, ms=7,
-                        capsize=2, ls="none", lw=0.9, zorder=3)
+                        capsize=2, ls="none", lw=0.9, zorder=3, mec="white", mew=0.6)
             xs += [vr["x_high"] or vr["x"]]
             ys += [vf["x_high"] or vf["x"]]
             if r["method"] not in methods:
