@@ -182,3 +182,12 @@ def test_the_report_draws_its_figures_next_to_their_tables(tiny_report):
         assert md[at:].split("\n\n")[1].startswith("*"), name  # a caption right below it
     section = md.split("## forget set `random10`")[1].split("\n## ")[0]
     assert "](pareto_random10.png)" in section and "](klom_ecdf_random10.png)" in section
+def test_dm_direct_errors_render_per_set_and_group_beside_do_nothings():
+    from pipeline.stages.report import _dm_direct_table
+
+    e = {"points": 50, "rmse": 0.81, "do_nothing_rmse": 2.5, "rmse_of_mean": 0.4, "correlation": 0.97,
+         "shift_correlation": 0.6}
+    lines = _dm_direct_table({"random50": {"inputs": {}, "forget_set": "random50", "forget": e, "retain": e, "val": e}})
+    assert "| `random50` forget | 50 | 0.810 (2.500) | 0.400 | 0.970 | 0.600 |" in lines
+    assert sum(line.startswith("| `random50`") for line in lines) == 3
+    assert _dm_direct_table(None) == [] and _dm_direct_table({}) == []

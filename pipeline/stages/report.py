@@ -385,7 +385,8 @@ def dm_direct_errors_or_none(plan: Plan) -> dict | None:
         return None  # TODO(coordinator): wire forgetrows' dm_direct_errors(plan) here once merged
     if "dm_direct" not in method_grids(plan.cfg):
         return None
-    return dm_direct_errors(plan)
+    reported = {fs.name for fs in plan.cfg.forget_sets}
+    return {name: e for name, e in dm_direct_errors(plan).items() if name in reported}
 
 
 def _fmt(x, digits=3) -> str:
@@ -611,12 +612,30 @@ def _fit_section(fit: dict | None, errors: dict | None) -> list[str]:
                      + ", ".join(f"{c}: {v:.3f}" for c, v in enumerate(per_class)))
     elif fit.get("per_logit"):
         lines.append("- per-logit datamodels: no LDS recorded by this fit (an older store)")
-    if errors:
-        lines.append("- dm-direct against the target oracles' mean logits (decision 34): " + "; ".join(
-            f"`{fs}` " + (", ".join(f"{k} {_fmt(v)}" for k, v in e.items()) if isinstance(e, dict) else _fmt(e))
-            for fs, e in errors.items()))
     lines.append("")
-    return lines
+    return lines + _dm_direct_table(errors)
+
+
+def _dm_direct_table(errors: dict | None) -> list[str]:
+    """dm-direct's predicted logits (each full model's minus the forget rows' sum) against the target
+    oracles' mean logits, per forget set and group (decision 34), in logits; do-nothing's error beside it."""
+    if not errors:
+        return []
+    lines = ["dm-direct against the target oracles' mean logits (decision 34; in logits, over models, points and "
+             "classes): `RMSE` of each model's prediction, do-nothing's (the full models uncorrected) in brackets; "
+             "`RMSE of mean`: the models' mean prediction's; `corr`: Pearson correlation of the mean prediction "
+             "with the target; `shift corr`: of the predicted shift (minus the forget rows' sum) with the oracles' "
+             "(target minus the full models' mean).", "",
+             "| forget set | points | RMSE (do-nothing) | RMSE of mean | corr | shift corr |", "|---|---|---|---|---|---|"]
+    for fs, record in errors.items():
+        for g in GROUPS:
+            e = record.get(g) if isinstance(record, dict) else None
+            if not isinstance(e, dict):
+                continue
+            lines.append(f"| `{fs}` {g} | {e.get('points', '–')} | {_fmt(e.get('rmse'))} ({_fmt(e.get('do_nothing_rmse'))}) "
+                         f"| {_fmt(e.get('rmse_of_mean'))} | {_fmt(e.get('correlation'))} | "
+                         f"{_fmt(e.get('shift_correlation'))} |")
+    return lines + [""]
 
 
 def _selection_section(plan: Plan, rows: list[dict]) -> list[str]:
