@@ -7,11 +7,15 @@ STAMP := $(VENV)/.installed
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 DEMO_CONFIG ?= configs/digits.yaml
 
-.PHONY: demo test test-all setup apt bench clean-store gpu-check gpu-wheels
+.PHONY: demo study test test-all setup apt bench clean-store gpu-check gpu-wheels
 
 demo: setup
 	$(BIN)/oracle-farm run $(DEMO_CONFIG)
 	$(BIN)/oracle-farm status $(DEMO_CONFIG)
+
+study: setup  ## the digits study: every kind's tuning set, the full grids, the upper bound (decision 32)
+	$(BIN)/oracle-farm run configs/digits-study.yaml
+	$(BIN)/oracle-farm status configs/digits-study.yaml
 
 test: setup
 	$(BIN)/pytest

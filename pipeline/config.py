@@ -147,6 +147,7 @@ class AtypicalForget(Frozen):
 ForgetSpec = Annotated[
     Union[RandomForget, ClassForget, IndicesForget, PublishedForget, AtypicalForget], Field(discriminator="kind")
 ]
+ForgetKind = Literal["random", "class", "indices", "published", "atypical"]
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -182,6 +183,9 @@ class UnlearnConfig(Frozen):
     methods: dict[str, dict[str, Any] | list[dict[str, Any]]] = Field(default_factory=lambda: {"do_nothing": {}})
     models: int | None = Field(None, ge=1)  # full models to unlearn; default all (train.full.models)
     seed: int = 0
+    # decision 32: every grid point also runs on every reported set, and the best by the selection rule
+    # against that set's own eval oracles is recorded apart (optimistic: never the headline)
+    upper_bound: bool = False
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -225,7 +229,12 @@ class Config(Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     forget_sets: list[ForgetSpec] = Field(default_factory=list)
-    tuning_forget_set: ForgetSpec | None = None
+    # decision 31: at most one per kind; a reported set is tuned on the one of its own kind. Random, class
+    # and atypical tuning sets are drawn outside every reported set (pipeline.data.forget_sets)
+    tuning_forget_sets: list[ForgetSpec] = Field(default_factory=list)
+    # reported kind -> the kind of tuning set its grids are selected on where no tuning set has its own
+    # kind (e.g. {published: random}); without an entry such a set with a grid to select is an error
+    tuning_fallback: dict[ForgetKind, ForgetKind] = Field(default_factory=dict)
     fit: FitConfig = FitConfig()
     unlearn: UnlearnConfig = UnlearnConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -245,6 +254,20 @@ class Config(Frozen):
                                  "AWS_PROFILE and AWS_ENDPOINT_URL in the environment instead")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_tuning_key(cls, raw: Any) -> Any:
+        """Configs written before decision 31 name one `tuning_forget_set`: it is the one tuning set, and
+        null (as `--set tuning_forget_set=null` always meant) is none."""
+        if not isinstance(raw, dict) or "tuning_forget_set" not in raw:
+            return raw
+        raw = dict(raw)
+        old = raw.pop("tuning_forget_set")
+        if old is not None and raw.get("tuning_forget_sets"):
+            raise ValueError("give `tuning_forget_sets` only (`tuning_forget_set` is its older, one-set form)")
+        raw["tuning_forget_sets"] = [] if old is None else [old]
+        return raw
+
     @model_validator(mode="after")
     def _unique_forget_names(self) -> "Config":
         names = [f.name for f in self.all_forget_sets()]
@@ -253,9 +276,28 @@ class Config(Frozen):
             raise ValueError(f"forget set names must be unique, repeated: {dupes}")
         return self
 
+    @model_validator(mode="after")
+    def _tuning_sets_by_kind(self) -> "Config":
+        kinds = [t.kind for t in self.tuning_forget_sets]
+        repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+        if repeated:
+            raise ValueError(f"tuning_forget_sets: at most one per kind (decision 31), repeated kind {repeated[0]!r}")
+        used = {f.class_id: f.name for f in self.forget_sets if f.kind == "class"}
+        for t in self.tuning_forget_sets:
+            if t.kind == "class" and t.class_id in used:
+                raise ValueError(f"tuning_forget_sets: {t.name!r} uses class {t.class_id}, which the reported set "
+                                 f"{used[t.class_id]!r} uses: a class tuning set needs a class no reported set uses")
+        return self  # a fallback to a kind no tuning set has is named where a grid needs it (Plan.tuning_set)
+
     def all_forget_sets(self) -> list:
-        tuning = [self.tuning_forget_set] if self.tuning_forget_set else []
-        return list(self.forget_sets) + tuning
+        return list(self.forget_sets) + list(self.tuning_forget_sets)
+
+    def tuning_set_for(self, name: str):
+        """The tuning set a reported set's grids are selected on: the one of its kind, else the one of the
+        kind `tuning_fallback` names for it, else None."""
+        kind = self.forget_set(name).kind
+        by_kind = {t.kind: t for t in self.tuning_forget_sets}
+        return by_kind.get(kind) or by_kind.get(self.tuning_fallback.get(kind))
 
     def forget_set(self, name: str):
         for spec in self.all_forget_sets():

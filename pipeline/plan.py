@@ -62,9 +62,46 @@ class Plan:
 
     @cached_property
     def forget_sets(self) -> dict[str, np.ndarray]:
-        """name -> sorted training indices, validated (reported sets and the tuning set)."""
-        return {spec.name: resolve_forget_set(spec, self.train_labels, disagreement=self.neighbour_disagreement)
-                for spec in self.cfg.all_forget_sets()}
+        """name -> sorted training indices, validated: the reported sets, then the tuning sets, drawn
+        outside every reported set and checked disjoint from each (decision 31; ForgetSetError naming
+        both sets and a shared index otherwise)."""
+        from pipeline.data.forget_sets import ForgetSetError
+
+        scores = self.neighbour_disagreement
+        out = {spec.name: resolve_forget_set(spec, self.train_labels, disagreement=scores)
+               for spec in self.cfg.forget_sets}
+        reported = np.unique(np.concatenate([np.zeros(0, np.int64), *out.values()]))
+        for spec in self.cfg.tuning_forget_sets:
+            indices = resolve_forget_set(spec, self.train_labels, disagreement=scores, outside=reported)
+            for name in list(out)[: len(self.cfg.forget_sets)]:
+                shared = np.intersect1d(indices, out[name])
+                if shared.size:
+                    raise ForgetSetError(f"tuning forget set {spec.name!r} shares training point {int(shared[0])} "
+                                         f"({shared.size} in all) with the reported forget set {name!r}: a tuning "
+                                         "set must be disjoint from every reported set (decision 31)")
+            out[spec.name] = indices
+        return out
+
+    def tuning_set(self, forget_name: str) -> str:
+        """The name of the tuning set a reported set's grids are selected on (decision 31); StageError when
+        the config has none of its kind and no `tuning_fallback` for it."""
+        spec = self.cfg.tuning_set_for(forget_name)
+        if spec is None:
+            kind = self.cfg.forget_set(forget_name).kind
+            given = ", ".join(f"{t.name} ({t.kind})" for t in self.cfg.tuning_forget_sets) or "none"
+            raise StageError(f"forget set {forget_name!r} (kind {kind}) has no tuning set of its kind to select "
+                             f"hyperparameter grids on (tuning_forget_sets: {given}): add one of kind {kind}, or "
+                             f"name one in `tuning_fallback: {{{kind}: <kind>}}`")
+        return spec.name
+
+    def selection_sets(self) -> list[str]:
+        """Every set grids are scored on: the tuning sets the reported sets use, then (upper bound,
+        decision 32) the reported sets themselves."""
+        tuning = [self.cfg.tuning_set_for(fs.name) for fs in self.cfg.forget_sets]
+        sets = list(dict.fromkeys(t.name for t in tuning if t is not None))  # a missing one: check_needs says so
+        if self.cfg.unlearn.upper_bound:
+            sets += [fs.name for fs in self.cfg.forget_sets]
+        return sets
 
     def neighbour_disagreement(self, k: int) -> np.ndarray:
         """Scores of the `atypical` forget-set kind, computed once per prepared dataset and kept beside
@@ -305,7 +342,9 @@ def n_unlearned(cfg: Config) -> int:
 # from (stage, model i) alone, so no two unlearned models share batch order or noise (1: one stream per
 # stage, shared by every model of a block).
 UNLEARN_RNG = 2
-SELECTION_VERSION = 2  # 1: forget P95 alone; 2: decision 27 (mean of forget, retain and val P95)
+# 1: forget P95 alone; 2: decision 27 (mean of forget, retain and val P95); 3: decision 30 (that mean among
+# the points that keep the bar), per method and tuning set (decision 31), each point's bar recorded
+SELECTION_VERSION = 3
 
 
 def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
@@ -347,8 +386,24 @@ def method_grids(cfg: Config) -> dict[str, list]:
     return grids
 
 
-def selection_rel(plan: Plan, method: str, grid: list) -> str:
-    payload = json.dumps([method, [g.model_dump(mode="json") for g in grid],
-                          unlearn_ref(plan, method, grid[0], plan.cfg.tuning_forget_set.name).id,
-                          plan.oracle(plan.cfg.tuning_forget_set.name).id, SELECTION_VERSION], sort_keys=True)
+def selection_rel(plan: Plan, method: str, grid: list, set_name: str) -> str:
+    """Where the selection record of a method's grid scored on one set lives (a tuning set, or a reported
+    set for the upper bound): named by the grid, the set's first grid-point stage, its oracles and the
+    rule's version, so any change to them makes a new record."""
+    payload = json.dumps([method, [g.model_dump(mode="json") for g in grid], unlearn_ref(plan, method, grid[0], set_name).id,
+                          plan.oracle(set_name).id, SELECTION_VERSION], sort_keys=True)
     return f"selection/{method}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"
+
+
+def chosen_point(plan: Plan, method: str, grid: list, forget_name: str):
+    """The point a reported set uses: the only one, or the one its tuning set's record chose (None before
+    the selection has run)."""
+    if len(grid) == 1:
+        return grid[0]
+    record = plan.store.read_json(selection_rel(plan, method, grid, plan.tuning_set(forget_name)))
+    return None if record is None else grid[record["chosen"]]
+
+
+def selection_rels(plan: Plan, grids: dict) -> list[str]:
+    """Every selection record a config's grids have (none for a grid of one point)."""
+    return [selection_rel(plan, m, g, s) for m, g in grids.items() if len(g) > 1 for s in plan.selection_sets()]

@@ -37,8 +37,8 @@ def override_error(*items: str) -> str:
          "forget_sets[0].sede: unknown key (did you mean 'seed'?)"),
         ({"forget_sets": [{"name": "a", "kind": "indices", "indices": [1], "fiel": "x.npy"}]},
          "forget_sets[0].fiel: unknown key (did you mean 'file'?)"),
-        ({"tuning_forget_set": {"name": "t", "kind": "class", "class_id": 3, "fracton": 0.5}},
-         "tuning_forget_set.fracton: unknown key (did you mean 'fraction'?)"),
+        ({"tuning_forget_sets": [{"name": "t", "kind": "class", "class_id": 3, "fracton": 0.5}]},
+         "tuning_forget_sets[0].fracton: unknown key (did you mean 'fraction'?)"),
     ],
 )
 def test_unknown_key_names_the_closest_valid_key(raw, expected):
@@ -105,7 +105,7 @@ def test_indices_forget_set_needs_exactly_one_source():
 
 def test_forget_set_names_are_unique():
     msg = error_of({"forget_sets": [{"name": "a", "kind": "random", "size": 3}],
-                    "tuning_forget_set": {"name": "a", "kind": "random", "size": 4}})
+                    "tuning_forget_sets": [{"name": "a", "kind": "random", "size": 4}]})
     assert "forget set names must be unique" in msg and "'a'" in msg
 
 
@@ -378,3 +378,39 @@ def test_scoring_tasks_ask_for_no_gpu_on_a_gpu_config():
     ex = ExecutionConfig(device="cuda", num_gpus=1, threads=4)
     assert task_options(ex)["num_gpus"] == 1 and task_options(ex, gpu=False)["num_gpus"] == 0
     assert task_options(ex, gpu=False)["num_cpus"] == 4
+
+
+# ------------------------------------------------------------------------------------ tuning sets by kind
+_REPORTED = [{"name": "r10", "kind": "random", "size": 10}, {"name": "c3", "kind": "class", "class_id": 3, "size": 5},
+             {"name": "a5", "kind": "atypical", "size": 5}, {"name": "p1", "kind": "published", "number": 1}]
+
+
+def test_each_reported_set_maps_to_the_tuning_set_of_its_kind_or_its_named_fallback():
+    from pipeline.config import parse_config
+
+    cfg = parse_config({"forget_sets": _REPORTED, "tuning_fallback": {"published": "random"},
+                        "tuning_forget_sets": [{"name": "tr", "kind": "random", "size": 8},
+                                               {"name": "tc", "kind": "class", "class_id": 5, "size": 5}]})
+    assert {f.name: getattr(cfg.tuning_set_for(f.name), "name", None) for f in cfg.forget_sets} == {
+        "r10": "tr", "c3": "tc", "a5": None, "p1": "tr"}  # no atypical tuning set and no fallback for it
+
+
+def test_the_older_single_tuning_set_key_still_loads():
+    from pipeline.config import parse_config
+
+    cfg = parse_config({"tuning_forget_set": {"name": "t", "kind": "random", "size": 4}})
+    assert [t.name for t in cfg.tuning_forget_sets] == ["t"]
+    assert load_config(TINY, ["tuning_forget_set=null"]).tuning_forget_sets == []  # the old way to say none
+    assert "give `tuning_forget_sets` only" in error_of({"tuning_forget_set": {"name": "t", "kind": "random", "size": 4},
+                                                        "tuning_forget_sets": [{"name": "u", "kind": "random", "size": 4}]})
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"tuning_forget_sets": [{"name": "t1", "kind": "random", "size": 4}, {"name": "t2", "kind": "random", "size": 5}]},
+     "at most one per kind (decision 31), repeated kind 'random'"),
+    ({"tuning_forget_sets": [{"name": "tc", "kind": "class", "class_id": 3, "size": 5}]},
+     "'tc' uses class 3, which the reported set 'c3' uses"),
+    ({"tuning_fallback": {"published": "randon"}}, "tuning_fallback.published"),
+])
+def test_bad_tuning_sets_are_config_errors(extra, expected):
+    assert expected in error_of({"forget_sets": _REPORTED, **extra})

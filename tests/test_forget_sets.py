@@ -288,3 +288,46 @@ def test_a_plan_resolves_atypical_sets_and_caches_their_scores_beside_the_prepar
     np.testing.assert_array_equal(np.load(cache), want)
     np.save(cache, np.where(np.arange(len(want)) < 12, 99, 0))  # a later plan reads the cache, not the images
     np.testing.assert_array_equal(tiny_plan(tmp_path, sets).forget_sets["odd"], np.arange(12))
+
+
+# ------------------------------------------------------------------------------------------ tuning sets (decision 31)
+def test_tuning_sets_are_drawn_outside_the_reported_points_and_move_only_where_a_new_one_was():
+    outside = np.arange(0, N, 3)  # a third of the points reported
+    rand = RandomForget(kind="random", name="t", size=40, seed=5)
+    cls = ClassForget(kind="class", name="c", class_id=4, size=30, seed=6)
+    for spec in (rand, cls):
+        got = resolve_forget_set(spec, LABELS, outside=outside)
+        check_valid(got)
+        assert len(got) == spec.size and not np.isin(got, outside).any()
+        # a newly reported point the set did not hold leaves it as it was; one it held is replaced alone
+        other = np.setdiff1d(np.arange(N), np.concatenate([got, outside]))[:5]
+        assert np.array_equal(resolve_forget_set(spec, LABELS, outside=np.concatenate([outside, other])), got)
+        moved = resolve_forget_set(spec, LABELS, outside=np.concatenate([outside, got[:1]]))
+        assert len(np.intersect1d(moved, got)) == spec.size - 1
+    assert set(LABELS[resolve_forget_set(cls, LABELS, outside=outside)]) == {4}
+    with pytest.raises(ForgetSetError, match="size 40 exceeds the 0 training points outside the reported forget sets"):
+        resolve_forget_set(rand, LABELS, outside=np.arange(N))
+
+
+def test_an_atypical_tuning_set_takes_the_most_atypical_points_no_reported_set_holds():
+    scores = np.arange(N) % 97  # disagreement: any fixed score will do
+    spec = AtypicalForget(kind="atypical", name="a", size=20)
+    reported = resolve_forget_set(spec, LABELS, disagreement=lambda k: scores)
+    tuning = resolve_forget_set(spec, LABELS, disagreement=lambda k: scores, outside=reported)
+    assert not np.isin(tuning, reported).any()
+    rest = np.setdiff1d(np.arange(N), reported)
+    want = np.sort(rest[np.lexsort((rest, -scores[rest]))][:20])
+    assert np.array_equal(tuning, want)
+
+
+def test_a_tuning_set_changes_no_identity_upstream_of_the_oracles(tmp_path):
+    """Decision 15: adding a tuning set (of another kind) re-identifies neither the full, subset nor fit
+    stages, nor any reported set's oracles, nor the other tuning set."""
+    from helpers import tiny_plan
+
+    one = tiny_plan(tmp_path)
+    two = tiny_plan(tmp_path, "tuning_forget_sets=[{name: tune, kind: random, size: 10, seed: 100}, "
+                              "{name: tune-c, kind: class, class_id: 5, size: 6}]")
+    assert [one.full, one.subset, one.fit] == [two.full, two.subset, two.fit]
+    assert one.oracle("random10") == two.oracle("random10") and one.oracle("tune") == two.oracle("tune")
+    assert "tune-c" in two.forget_sets and not np.isin(two.forget_sets["tune-c"], two.forget_sets["random10"]).any()

@@ -35,7 +35,8 @@ def fake_stages(plan, partial_subset: bool = False) -> None:
     is real): gc and ls see stages exactly as the stage modules would leave them, at no training cost."""
     from pipeline.maintenance.lifecycle import reached_by
     from pipeline.plan import FamilySpec, stage_section
-    from pipeline.stages.unlearn import method_grids, selection_rel, unlearn_ref
+    from pipeline.plan import selection_rels
+    from pipeline.stages.unlearn import method_grids, unlearn_ref
     from pipeline.store import ArraySpec, Family, ensure_stage, mark_complete
 
     store, specs = plan.store, [ArraySpec("margins", (4,), "float32")]
@@ -63,8 +64,8 @@ def fake_stages(plan, partial_subset: bool = False) -> None:
                 ensure_stage(store, ref, {"method": method, "hparams": hp.model_dump(mode="json"), "forget_set": fs},
                              {"full": plan.full.id}, plan.cfg.name)
                 family(ref, "models", 2, 2)
-        if len(grid) > 1:
-            store.write_json(selection_rel(plan, method, grid), {"method": method, "chosen": 0})
+    for rel in selection_rels(plan, method_grids(plan.cfg)):
+        store.write_json(rel, {"chosen": 0})
     store.write_bytes(f"reports/{plan.cfg.name}/report.md", b"# fake report\n")
     stages, _ = reached_by(plan)
     assert all(store.exists(f"{rel}/stage.json") for rel in stages)

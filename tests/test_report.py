@@ -182,6 +182,32 @@ def test_the_report_draws_its_figures_next_to_their_tables(tiny_report):
         assert md[at:].split("\n\n")[1].startswith("*"), name  # a caption right below it
     section = md.split("## forget set `random10`")[1].split("\n## ")[0]
     assert "](pareto_random10.png)" in section and "](klom_ecdf_random10.png)" in section
+
+
+def test_upper_bound_rows_are_shown_apart_and_far_where_they_beat_the_held_out_choice():
+    from pipeline.stages.report import UPPER_BOUND_LABEL, far_from_bound, upper_bound_section
+
+    rows = [_row("retrain", (1.0, 0.8, 1.2)), _row("do_nothing", (8.0, 7.0, 9.0), retain=(1.2, 1.0, 1.4)),
+            _row("m", (6.0, 5.0, 7.0), retain=(1.9, 1.7, 2.1)), _row("m", (2.0, 1.5, 2.5)),
+            _row("k", (3.0, 2.5, 3.5)), _row("k", (2.8, 2.2, 3.4))]
+    for r, hp, optimistic in zip(rows, [{}, {}, {"a": 25}, {"a": 5}, {"a": 1}, {"a": 1}],
+                                 [False, False, False, True, False, True]):
+        r["hparams"], r["optimistic"] = hp, optimistic
+    annotate(rows)
+    held_m, bound_m, held_k, bound_k = rows[2:]
+    assert held_m["rank"] is not None and bound_m["rank"] is None  # never ranked with the rows it bounds
+    assert held_m["headline"] == "breaks the model" and bound_m["headline"] == "better than doing nothing"
+    assert far_from_bound(held_m, bound_m)[0] == "the held-out choice fails the bar, the bound keeps it"
+    assert "forget P95 6.00x against the bound's 2.00x" in far_from_bound(held_m, bound_m)
+    assert far_from_bound(held_k, bound_k) == []
+    md = "\n".join(upper_bound_section(rows))
+    assert f"## Upper bound: {UPPER_BOUND_LABEL}" in md
+    line_m, line_k = (line for line in md.splitlines() if line.startswith("| `s` |"))
+    assert "**the held-out choice is far from the bound**" in line_m and '{"a": 5}' in line_m
+    assert line_k.endswith("| the same point | no |")
+    assert upper_bound_section(rows[:3]) == []
+
+
 def test_dm_direct_errors_render_per_set_and_group_beside_do_nothings():
     from pipeline.stages.report import _dm_direct_table
 

@@ -113,14 +113,15 @@ def _status_tables(plan, rows: list[dict], wide: bool) -> list:
         out.append(grid)
     tune = [r for r in rows if r["section"] == "tune"]
     if tune:
-        out.append(f"hyperparameter grids, on the tuning forget set {escape(tune[0]['forget_set'])}:")
+        out.append("hyperparameter grids, per set they are scored on:")
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("method", "point", "state", "hyperparameters") + (("id", "bytes") if wide else ()):
+        for col in ("method", "set", "point", "state", "hyperparameters") + (("id", "bytes") if wide else ()):
             table.add_column(col, no_wrap=col != "hyperparameters")
         for r in tune:
             point = f"#{r['point']}" + (" chosen" if r["chosen"] else "")
-            table.add_row(escape(r["method"]), point, _state(r, count=True), escape(_hparams_diff(r, tune)),
-                          *((r["id"], _human(r["bytes"])) if wide else ()))
+            where = r["forget_set"] + (" (upper bound)" if r.get("upper_bound") else "")
+            table.add_row(escape(r["method"]), escape(where), point, _state(r, count=True),
+                          escape(_hparams_diff(r, tune)), *((r["id"], _human(r["bytes"])) if wide else ()))
         out.append(table)
     return out
 
@@ -180,8 +181,9 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 
     def go():
         chosen = run_unlearn(_plan(config, set_))
-        for method, hp in chosen.items():
-            console.print(f"unlearn {method}: {hp}", highlight=False)
+        for method, per_set in chosen.items():
+            for forget_set, hp in per_set.items():
+                console.print(f"unlearn {method} on {forget_set}: {hp}", highlight=False)
 
     _guard(go)
 

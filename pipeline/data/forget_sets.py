@@ -20,14 +20,18 @@ class ForgetSetError(ValueError):
 
 
 def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | None = None,
-                       disagreement: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+                       disagreement: Callable[[int], np.ndarray] | None = None,
+                       outside: np.ndarray | None = None) -> np.ndarray:
     """Return the forget set's training indices (int64, sorted, unique) or raise ForgetSetError.
 
     `train_images` (the training images, N x C x H x W, or a function returning them, called only when
     needed) is read by the `atypical` kind alone; `disagreement(k)`, when given, serves that kind's
-    `neighbour_disagreement` scores instead (a cache of them)."""
+    `neighbour_disagreement` scores instead (a cache of them). `outside` (a tuning set's, decision 31:
+    every reported set's points): the random, class and atypical kinds draw only other points."""
     n_train = len(train_labels)
     where = f"forget set {spec.name!r}"
+    if outside is not None and isinstance(spec, (RandomForget, ClassForget)):
+        return _draw_outside(spec, train_labels, np.asarray(outside), where)
     if isinstance(spec, RandomForget):
         if spec.size >= n_train:
             raise ForgetSetError(f"{where}: size {spec.size} must be below the {n_train} training points")
@@ -53,13 +57,33 @@ def resolve_forget_set(spec, train_labels: np.ndarray, train_images: Images | No
             indices = load_index_file(local, where)
         return validate_indices(indices, n_train, f"{where} (published CIFAR-10 set {spec.number})")
     if isinstance(spec, AtypicalForget):
-        return _resolve_atypical(spec, train_labels, train_images, where, disagreement)
+        return _resolve_atypical(spec, train_labels, train_images, where, disagreement, outside)
     raise ForgetSetError(f"{where}: unknown kind")
+
+
+def _draw_outside(spec, labels: np.ndarray, outside: np.ndarray, where: str) -> np.ndarray:
+    """A random or class set drawn from the points not in `outside`: the first `size` of a seeded
+    permutation of the candidates that are not excluded, so the set changes only where a newly excluded
+    point was in it."""
+    if isinstance(spec, ClassForget):
+        candidates = np.flatnonzero(labels == spec.class_id)
+        if candidates.size == 0:
+            raise ForgetSetError(f"{where}: class_id {spec.class_id} has no training points")
+        count = spec.size if spec.size is not None else max(1, int(round(spec.fraction * candidates.size)))
+        pool = f"points of class {spec.class_id}"
+    else:
+        candidates, count, pool = np.arange(len(labels)), spec.size, "training points"
+    order = np.random.default_rng(spec.seed).permutation(candidates)
+    free = order[~np.isin(order, outside)]
+    if count > free.size:
+        raise ForgetSetError(f"{where}: size {count} exceeds the {free.size} {pool} outside the reported forget sets")
+    return np.sort(free[:count]).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------ atypical points
 def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images | None, where: str,
-                      disagreement: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+                      disagreement: Callable[[int], np.ndarray] | None = None,
+                      outside: np.ndarray | None = None) -> np.ndarray:
     n_train = len(labels)
     if spec.neighbours >= n_train:
         raise ForgetSetError(f"{where}: neighbours {spec.neighbours} must be below the {n_train} training points")
@@ -84,6 +108,12 @@ def _resolve_atypical(spec: AtypicalForget, labels: np.ndarray, images: Images |
             raise ForgetSetError(f"{where}: training images of shape {images.shape} do not match "
                                  f"{n_train} labels (expected N x C x H x W)")
         disagree = neighbour_disagreement(images, labels, spec.neighbours)[candidates]
+    if outside is not None:  # a tuning set: the most atypical points no reported set holds
+        free = ~np.isin(candidates, outside)
+        candidates, disagree = candidates[free], disagree[free]
+        if spec.size > candidates.size:
+            raise ForgetSetError(f"{where}: size {spec.size} exceeds the {candidates.size} candidates outside the "
+                                 "reported forget sets")
     order = np.lexsort((candidates, -disagree))  # most disagreeing first, then the lower index
     return np.sort(candidates[order[: spec.size]]).astype(np.int64)
 

@@ -16,9 +16,34 @@ from pipeline.plan import FamilySpec, Plan, StageError, family_store
 
 GROUPS = ("forget", "retain", "val")
 
-# Decision 27, in words: the report prints it and the selection record stores it.
-SELECTION_RULE = ("per method, the grid point with the lowest mean of the tuning forget set's forget, retain and "
-                  "val P95 KLoM against its eval oracles; ties broken by compute (decision 27)")
+# Decision 30's bar and rule. The bar: retain and val accuracy within ACC_SLACK of do-nothing's, retain and
+# val P95 at most max(FLOOR_X x the floor's, NOTHING_X x do-nothing's), all on the set scored.
+ACC_SLACK, FLOOR_X, NOTHING_X = 0.01, 1.5, 1.2
+BAR_GROUPS = ("retain", "val")
+_BAR_EPS = 1e-9  # a value on a limit passes: 1.5 x 0.6 is 0.8999999999999999 in floats
+
+# The rule in words: the report prints it and every selection record stores it.
+SELECTION_RULE = (f"per method and tuning set, among the grid points that keep the bar on the tuning set (retain and val "
+                  f"accuracy within {ACC_SLACK:g} of do-nothing's, retain and val P95 at most max({FLOOR_X:g}x the floor, "
+                  f"{NOTHING_X:g}x do-nothing's)), the lowest mean of the forget, retain and val P95 KLoM against the "
+                  "tuning set's eval oracles; only when no point keeps it, the lowest mean, and the choice is marked "
+                  "(passed_bar false); ties broken by compute (decision 30)")
+
+
+def bar_checks(point: dict, floor: dict, nothing: dict) -> dict:
+    """Decision 30's bar for one scored setting against the floor and do-nothing on the same set; each
+    is {"p95": {group: x}, "accuracy": {group: x}}. Returns passed, its two halves (keeps_utility: the
+    accuracies; keeps_klom: the retain and val P95s) and every check's value, limit and verdict."""
+    checks = {}
+    for g in BAR_GROUPS:
+        limit = nothing["accuracy"][g] - ACC_SLACK
+        value = point["accuracy"][g]
+        checks[f"{g}_accuracy"] = {"value": value, "limit": limit, "ok": value is not None and value >= limit - _BAR_EPS}
+        limit = max(FLOOR_X * floor["p95"][g], NOTHING_X * nothing["p95"][g])
+        checks[f"{g}_p95"] = {"value": point["p95"][g], "limit": limit, "ok": point["p95"][g] <= limit + _BAR_EPS}
+    utility = all(checks[f"{g}_accuracy"]["ok"] for g in BAR_GROUPS)
+    klom_ok = all(checks[f"{g}_p95"]["ok"] for g in BAR_GROUPS)
+    return {"passed": utility and klom_ok, "keeps_utility": utility, "keeps_klom": klom_ok, "checks": checks}
 
 
 # Finished oracle arrays, by (store, stage, role, count, array): a stage's identity fixes its content, and
@@ -104,5 +129,5 @@ def score(plan: Plan, forget_name: str, margins: np.ndarray, accuracy_of, labels
 
 
 def selection_score(row: dict) -> float:
-    """Decision 27's criterion: the mean of the forget, retain and val P95."""
+    """The mean of the forget, retain and val P95 that decision 30's rule minimizes."""
     return float(np.mean([row["klom"][g]["p95"] for g in GROUPS]))

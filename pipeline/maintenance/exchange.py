@@ -321,19 +321,15 @@ def _forget(plan, fs: str, spec: str) -> None:
 
 
 def _unlearn_array(plan, method: str, fs: str, name: str, spec: str, meta: dict):
-    from pipeline.plan import method_grids, n_unlearned, selection_rel, unlearn_family, unlearn_ref
+    from pipeline.plan import chosen_point, method_grids, n_unlearned, unlearn_family, unlearn_ref
 
     grids = method_grids(plan.cfg)
     if method not in grids:
         raise ExchangeError(f"--array {spec}: method {method!r} is not in the config's unlearn.methods "
                             f"({sorted(grids)})")
-    grid = grids[method]
-    hp = grid[0]
-    if len(grid) > 1:
-        record = plan.store.read_json(selection_rel(plan, method, grid))
-        if record is None:
-            raise ExchangeError(f"--array {spec}: the grid of {method} has not been selected: run `oracle-farm unlearn`")
-        hp = grid[record["chosen"]]
+    hp = chosen_point(plan, method, grids[method], fs)
+    if hp is None:
+        raise ExchangeError(f"--array {spec}: the grid of {method} has not been selected: run `oracle-farm unlearn`")
     ref = unlearn_ref(plan, method, hp, fs)
     n = n_unlearned(plan.cfg)
     if not unlearn_family(plan, ref, meta).done_mask(n).all():

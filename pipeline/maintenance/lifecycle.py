@@ -234,17 +234,17 @@ def human_age(seconds: float | None) -> str:
 def reached_by(plan) -> tuple[set[str], set[str]]:
     """(stage rels, other rels) a config reaches (see the module docstring)."""
     from pipeline.maintenance.exchange import external_reached
-    from pipeline.plan import method_grids, selection_rel, unlearn_ref
+    from pipeline.plan import method_grids, selection_rels, unlearn_ref
     from pipeline.store.runrecord import report_dir
 
     stages = {ref.rel for _, ref in plan.all_stage_refs()}
     others = {report_dir(plan.cfg)}
-    for method, grid in method_grids(plan.cfg).items():
+    grids = method_grids(plan.cfg)
+    for method, grid in grids.items():
         for hp in grid:
             for fs in plan.forget_sets:
                 stages.add(unlearn_ref(plan, method, hp, fs).rel)
-        if len(grid) > 1 and plan.cfg.tuning_forget_set is not None:
-            others.add(selection_rel(plan, method, grid))
+    others.update(selection_rels(plan, grids))
     stages |= {r["ref"].rel for r in external_reached(plan)}
     return stages, others
 

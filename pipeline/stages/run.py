@@ -32,6 +32,7 @@ def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | 
 
     grids = method_grids(plan.cfg)  # bad method names or hyperparameters stop before any work
     check_needs(plan, grids)
+    _ = plan.forget_sets  # so do bad forget sets (a tuning set sharing a reported set's point), before the store
     with timed("prepare"):
         run_prepare(plan)
     with timed("train"):
@@ -40,7 +41,8 @@ def run_all(plan: Plan, out_dir: str | None = None, timings: dict[str, float] | 
         with timed("fit"):
             run_fit(plan)
     with timed("unlearn"):
-        chosen = {m: get_method(m).Config.model_validate(hp) for m, hp in run_unlearn(plan).items()}
+        chosen = {m: {fs: get_method(m).Config.model_validate(hp) for fs, hp in per_set.items()}
+                  for m, per_set in run_unlearn(plan).items()}
     with timed("report"):
         key = report_key(plan, chosen)
         out = report_path(plan.cfg, plan.store, out_dir)

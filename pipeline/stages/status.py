@@ -7,8 +7,10 @@ One row (a dict) per stage or cell, in this order:
   section fit       the datamodel fit: targets done, mean LDS (all, train, val points) once finished, and
                     the per-logit datamodels' LDS (mean, train, val, per class) where the fit recorded it
   section unlearn   one per method x reported forget set: the method's point (the selected one for a
-                    grid, none before the selection), models done
-  section tune      one per grid point of a method with a grid, on the tuning forget set
+                    grid, none before the selection; tuning_set: the set it was selected on), models done
+  section tune      one per grid point of a method with a grid and set it is scored on: each tuning set
+                    the reported sets use (decision 31), then, with unlearn.upper_bound, each reported
+                    set (upper_bound: true)
 Every row has stage, section, id, state (done / partial / missing), done, total, detail; bytes when
 asked (`sizes`, which walks every stage's files).
 """
@@ -16,8 +18,8 @@ asked (`sizes`, which walks every stage's files).
 from __future__ import annotations
 
 from pipeline.plan import (
-    Plan, done_targets, family_store, method_grids, n_unlearned, selection_rel, target_blocks, train_families,
-    unlearn_family, unlearn_ref,
+    Plan, chosen_point, done_targets, family_store, method_grids, n_unlearned, selection_rel, target_blocks,
+    train_families, unlearn_family, unlearn_ref,
 )
 
 
@@ -117,23 +119,26 @@ def _one_lds(lds: dict, kind: str) -> str:
 
 def _unlearn_rows(plan: Plan, meta: dict | None, grids: dict) -> list[dict]:
     n = n_unlearned(plan.cfg)
-    tuning = plan.cfg.tuning_forget_set
     rows, tune_rows = [], []
     for method, grid in grids.items():
-        chosen = None if len(grid) > 1 else 0
-        if len(grid) > 1 and tuning is not None:
-            record = plan.store.read_json(selection_rel(plan, method, grid))
-            chosen = record["chosen"] if record else None
-            for i, hp in enumerate(grid):
-                tune_rows.append(_unlearn_row(plan, meta, "tune", method, hp, tuning.name, n, chosen=i == chosen,
-                                              point=i))
+        if len(grid) > 1:
+            for name in plan.selection_sets():  # the tuning sets, then the reported sets of the upper bound
+                record = plan.store.read_json(selection_rel(plan, method, grid, name))
+                chosen = record["chosen"] if record else None
+                bound = name in {fs.name for fs in plan.cfg.forget_sets}
+                tune_rows += [_unlearn_row(plan, meta, "tune", method, hp, name, n, chosen=i == chosen, point=i,
+                                           upper_bound=bound) for i, hp in enumerate(grid)]
         for fs in plan.cfg.forget_sets:
-            if chosen is None:
-                why = "needs a tuning_forget_set" if tuning is None else f"grid of {len(grid)}: not selected yet"
+            tuning = plan.cfg.tuning_set_for(fs.name)
+            hp = chosen_point(plan, method, grid, fs.name) if len(grid) == 1 or tuning else None
+            if hp is None:
+                why = (f"needs a tuning set of kind {fs.kind}" if tuning is None
+                       else f"grid of {len(grid)}: not selected yet on {tuning.name}")
                 rows.append(_row(f"unlearn[{method},{fs.name}]", "unlearn", None, 0, n, why, None,
                                  method=method, forget_set=fs.name, hparams=None))
             else:
-                rows.append(_unlearn_row(plan, meta, "unlearn", method, grid[chosen], fs.name, n))
+                rows.append(_unlearn_row(plan, meta, "unlearn", method, hp, fs.name, n,
+                                         tuning_set=tuning.name if tuning and len(grid) > 1 else None))
     return rows + tune_rows
 
 
