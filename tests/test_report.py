@@ -217,3 +217,25 @@ def test_dm_direct_errors_render_per_set_and_group_beside_do_nothings():
     assert "| `random50` forget | 50 | 0.810 (2.500) | 0.400 | 0.970 | 0.600 |" in lines
     assert sum(line.startswith("| `random50`") for line in lines) == 3
     assert _dm_direct_table(None) == [] and _dm_direct_table({}) == []
+
+
+def test_a_run_with_the_upper_bound_shows_it_apart_and_names_each_rows_tuning_set(tiny_finished, tmp_path):
+    """Tiny with `unlearn.upper_bound` (decision 32): the bound's rows are scored, listed in their own
+    section under the label, never in a forget set's tables, the headline or the figures' rows."""
+    from helpers import copy_store, tiny_plan
+
+    from pipeline.stages.report import UPPER_BOUND_LABEL
+    from pipeline.stages.run import run_all
+
+    root = copy_store(tiny_finished["root"], tmp_path / "store")
+    out = run_all(tiny_plan(root, "unlearn.upper_bound=true"))
+    md = (out / "report.md").read_text()
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    bounds = [r for r in rows if r["optimistic"]]
+    assert [(r["method"], r["forget_set"], r["rank"]) for r in bounds] == [("gradient_ascent", "random10", None)]
+    assert md.count(f"## Upper bound: {UPPER_BOUND_LABEL}") == 1
+    section = md.split("## forget set `random10`")[1].split("\n## ")[0]
+    assert section.count("| gradient_ascent |") == 2  # its row in each of the set's two tables, the bound in neither
+    bound_table = md.split(f"## Upper bound: {UPPER_BOUND_LABEL}")[1].split("\n## ")[0]
+    assert "| `random10` | gradient_ascent |" in bound_table
+    assert "`tune` (random)" in section

@@ -209,7 +209,7 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
         for col in ("forget set", "method", "headline", "forget", "retain", "val", "forget acc", "MIA", "compute"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["forget_set"], r["method"], r["headline"],
+            table.add_row(r["forget_set"], r["method"] + (" (upper bound)" if r.get("optimistic") else ""), r["headline"],
                           *(escape(p95_cell(r, g)) for g in ("forget", "retain", "val")),
                           _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}", _num(r['compute'], 4))
         console.print(table)

@@ -295,13 +295,17 @@ def _amortized(plan: Plan, method: str) -> float:
 # ---------------------------------------------------------------------------------------- writing
 def report_key(plan: Plan, chosen: dict) -> str:
     """Identity of a report: what it scores. Every input stage is content-addressed and complete when
-    this is asked, so an equal key means an equal report (imported families are listed too)."""
+    this is asked, so an equal key means an equal report (imported families and the upper bound's
+    unlearn stages are listed too; a report without a bound keeps the key it had before bounds existed)."""
     from pipeline.config import stage_id
 
     refs = {"full": plan.full.id, "fit": plan.fit.id, "external": plan.store.list("external"),
             "oracle": {fs.name: plan.oracle(fs.name).id for fs in plan.cfg.forget_sets},
             "unlearn": sorted(unlearn_ref(plan, m, per_set[fs.name], fs.name).id for m, per_set in chosen.items()
                               for fs in plan.cfg.forget_sets)}
+    bounds = sorted(info["upper_bound"]["unlearn_id"] for info in tuning_info(plan).values() if info["upper_bound"])
+    if bounds:
+        refs["upper_bound"] = bounds
     section = {"evaluate": plan.cfg.evaluate.model_dump(mode="json"), "models": n_unlearned(plan.cfg),
                "oracles": plan.cfg.train.oracle.model_dump(mode="json")}
     return stage_id("report", section, refs)
