@@ -239,3 +239,13 @@ def test_a_run_with_the_upper_bound_shows_it_apart_and_names_each_rows_tuning_se
     bound_table = md.split(f"## Upper bound: {UPPER_BOUND_LABEL}")[1].split("\n## ")[0]
     assert "| `random10` | gradient_ascent |" in bound_table
     assert "`tune` (random)" in section
+
+
+def test_the_tuning_cell_names_the_set_its_kind_a_fallback_and_a_failed_bar():
+    from pipeline.stages.report import _tuning_cell
+
+    assert _tuning_cell({"tuning": {"tuning_set": "t", "kind": "random", "reported_kind": "random",
+                                    "passed_bar": True}}) == "`t` (random)"
+    assert _tuning_cell({"tuning": {"tuning_set": "t", "kind": "random", "reported_kind": "class",
+                                    "passed_bar": False}}) == "`t` (random: no class tuning set) †"
+    assert _tuning_cell({"tuning": {"tuning_set": None}}) == "– (one setting)"

@@ -429,6 +429,8 @@ def _tuning_cell(r: dict) -> str:
     if info.get("tuning_set") is None:
         return "– (one setting)"
     kind = f" ({info['kind']})" if info.get("kind") else ""
+    if info.get("kind") and info.get("reported_kind") and info["kind"] != info["reported_kind"]:
+        kind = f" ({info['kind']}: no {info['reported_kind']} tuning set)"  # the config's tuning_fallback
     return f"`{info['tuning_set']}`{kind}" + (" †" if info.get("passed_bar") is False else "")
 
 
@@ -476,8 +478,9 @@ def legend(plan: Plan) -> list[str]:
              "- **rank**: by decision 30's criterion on this set (the mean of the forget, retain and val P95), among "
              "the rows that are not saturated; `sat.`: saturated, not ranked.",
              "- **tuning set**: the forget set the row's setting was selected on, against that set's own eval oracles "
-             "(never a reported set's); `†`: the chosen point did not keep the bar there (no grid point did, or the "
-             "rule picked a failing one); `– (one setting)`: no grid.",
+             "(never a reported set's), with its kind (another kind than the row's where the config has no tuning set "
+             "of the row's kind, `tuning_fallback`); `†`: the chosen point did not keep the bar there (no grid point "
+             "did, or the rule picked a failing one); `– (one setting)`: no grid.",
              "- **shift f / r / v** (decision 33): per group, the median over its points of the standardized margin "
              "shift, (mean unlearned margin − mean eval-oracle margin) / the oracles' SD. Negative: the unlearned "
              "models are less sure of the label than retraining; positive: surer (the forget set remembered).",
