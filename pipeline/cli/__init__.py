@@ -205,11 +205,12 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
 
         table = Table(title=escape("KLoM P95 against the eval oracles: the retrain row's own (the floor), the others "
                                    "as multiples of it [bootstrap 95% interval]; = overlaps the floor, ~ overlaps "
-                                   "do-nothing"))
-        for col in ("forget set", "method", "forget", "retain", "val", "forget acc", "MIA", "compute"):
+                                   "do-nothing, sat saturated; headlines as the report defines them"))
+        for col in ("forget set", "method", "headline", "forget", "retain", "val", "forget acc", "MIA", "compute"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["forget_set"], r["method"], *(escape(p95_cell(r, g)) for g in ("forget", "retain", "val")),
+            table.add_row(r["forget_set"], r["method"] + (" (upper bound)" if r.get("optimistic") else ""), r["headline"],
+                          *(escape(p95_cell(r, g)) for g in ("forget", "retain", "val")),
                           _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}", _num(r['compute'], 4))
         console.print(table)
 

@@ -4,7 +4,8 @@
 One row (a dict) per stage or cell, in this order:
   section prepare   the prepared dataset
   section train     a training family (full, subset, oracle[<forget set>]): models done per role
-  section fit       the datamodel fit: targets done, mean LDS (all, train, val points) once finished
+  section fit       the datamodel fit: targets done, mean LDS (all, train, val points) once finished, and
+                    the per-logit datamodels' LDS (mean, train, val, per class) where the fit recorded it
   section unlearn   one per method x reported forget set: the method's point (the selected one for a
                     grid, none before the selection; tuning_set: the set it was selected on), models done
   section tune      one per grid point of a method with a grid and set it is scored on: each tuning set
@@ -79,7 +80,7 @@ def _forget_name(plan: Plan, fam) -> str:
 
 def _fit_row(plan: Plan, meta: dict | None) -> dict:
     ref = plan.fit
-    lds = {"lds_mean": None, "lds_train_mean": None, "lds_val_mean": None}
+    lds = dict.fromkeys(LDS_FIELDS)
     if meta is None:
         return _row("fit", "fit", ref.id, 0, 0, "", ref.rel, **lds)
     n_points = meta["n_train"] + meta["n_val"]
@@ -95,11 +96,25 @@ def _fit_row(plan: Plan, meta: dict | None) -> dict:
     return _row("fit", "fit", ref.id, done, n_points, _lds_detail(lds) or "targets", ref.rel, **lds)
 
 
+# What a finished fit's COMPLETE.json says about its quality; the per-logit ones (decision 34) are absent
+# from older stores, read with .get.
+LDS_FIELDS = ("lds_mean", "lds_train_mean", "lds_val_mean", "lds_logit_mean", "lds_logit_train_mean",
+              "lds_logit_val_mean", "lds_logit_per_class")
+
+
 def _lds_detail(lds: dict) -> str:
-    if lds["lds_mean"] is None:
+    text = ", per-logit ".join(filter(None, (_one_lds(lds, ""), _one_lds(lds, "logit_"))))
+    if text and lds.get("lds_logit_per_class"):
+        text += " (per class " + " ".join(f"{v:.2f}" for v in lds["lds_logit_per_class"]) + ")"
+    return text
+
+
+def _one_lds(lds: dict, kind: str) -> str:
+    if lds.get(f"lds_{kind}mean") is None:
         return ""
-    parts = [f"{name} {lds[f'lds_{name}_mean']:.3f}" for name in ("train", "val") if lds[f"lds_{name}_mean"] is not None]
-    return f"LDS {lds['lds_mean']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
+    parts = [f"{name} {lds[f'lds_{kind}{name}_mean']:.3f}" for name in ("train", "val")
+             if lds.get(f"lds_{kind}{name}_mean") is not None]
+    return f"LDS {lds[f'lds_{kind}mean']:.3f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _unlearn_rows(plan: Plan, meta: dict | None, grids: dict) -> list[dict]:
