@@ -5,6 +5,8 @@ options, the config-to-plan helper and the guard that turns errors into exit cod
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 import typer
@@ -12,8 +14,19 @@ from rich.console import Console
 from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="oracle-farm: model farms, datamodels, unlearning, KLoM.")
-console = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's layout at its width; a pipe or a file (logs, `| tee`) gets every line and
+    table whole, never cut or wrapped (COLUMNS, when set, still decides)."""
+    stream = sys.stderr if stderr else sys.stdout
+    whole = not (hasattr(stream, "isatty") and stream.isatty()) and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, width=UNLIMITED_WIDTH if whole else None, soft_wrap=whole)
+
+
+UNLIMITED_WIDTH = 100_000
+console = _console()
+err = _console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", help="override a config field, e.g. --set train.epochs=3 (repeatable)")
 DataRootOpt = typer.Option(None, "--data-root", help="local folder holding the dataset (cifar10)")
@@ -28,8 +41,9 @@ def _bad_input_errors() -> tuple[type, ...]:
 
     from pipeline.maintenance.exchange import ExchangeError
     from pipeline.store.lease import LeaseHeld
+    from pipeline.unlearn import MethodError
 
-    errors = [ConfigError, DataError, ForgetSetError, StageError, StoreError, LeaseHeld, ExchangeError]
+    errors = [ConfigError, DataError, ForgetSetError, StageError, StoreError, LeaseHeld, ExchangeError, MethodError]
     try:
         from pipeline.stages.query import QueryError
 
@@ -58,17 +72,27 @@ def _finished(config: str, overrides: Optional[list[str]], out: Optional[str]):
 
 
 def _guard(fn):
-    """Run fn; bad input exits 2 with its message, any other failure exits 1."""
+    """Run fn; bad input exits 2 with its message, any other failure exits 1. A failure inside a Ray
+    task reads as its cause (Ray's wrapper repeats the worker's traceback, with terminal colours)."""
     try:
         return fn()
-    except _bad_input_errors() as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        err.print(f"[red]failed:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        cause = _task_cause(exc)
+        if isinstance(cause, _bad_input_errors()):
+            err.print(f"[red]error:[/red] {escape(str(cause))}", highlight=False)
+            raise typer.Exit(2)
+        err.print(f"[red]failed:[/red] {type(cause).__name__}: {escape(str(cause))}", highlight=False)
         raise typer.Exit(1)
+
+
+def _task_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, for one that Ray re-raised in this process; else exc."""
+    ray_exceptions = sys.modules.get("ray.exceptions")  # a command that never started Ray imports none of it
+    if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError) and exc.cause is not None:
+        return _task_cause(exc.cause)
+    return exc
 
 
 def _human(n: int) -> str:
