@@ -13,7 +13,37 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="oracle-farm: model farms, datamodels, unlearning, KLoM.")
+
+
+def _conventional_help() -> None:
+    """This typer writes a required argument as `{config}` in the usage line and each value's type as
+    `<str>`, `<list[str]>`, `<bool>` (for a flag): help says CONFIG, and a value's metavar (or click's
+    TEXT / INTEGER), as click and most command lines do. Guarded: another typer keeps its own."""
+    from typer import core
+
+    argument, option = getattr(core, "TyperArgument", None), getattr(core, "TyperOption", None)
+    if argument is not None and hasattr(argument, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.display_name_raw.upper() + ("..." if self.nargs != 1 else "")
+            return name if self.required else f"[{name}]"
+
+        argument._usage_display_name = usage_name
+        argument._rich_display_name = lambda self: self.display_name_raw.upper()
+        argument.display_type_rich = lambda self, ctx: None
+    if option is not None and hasattr(option, "display_type_rich"):
+        names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "list[str]": "TEXT"}
+
+        def value_name(self, ctx) -> str | None:
+            if self.is_flag:
+                return None
+            return self.metavar or names.get(self.bare_type(), self.bare_type().upper())
+
+        option.display_type_rich = value_name
+
+
+_conventional_help()
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="oracle-farm: model farms, datamodels, unlearning, KLoM.")
 
 
 def _console(stderr: bool = False) -> Console:
@@ -28,7 +58,31 @@ UNLIMITED_WIDTH = 100_000
 console = _console()
 err = _console(stderr=True)
 
-SetOpt = typer.Option(None, "--set", help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("oracle-farm")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"oracle-farm {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="print the version and exit")):
+    """oracle-farm: model farms, datamodels, unlearning, KLoM."""
+
+ConfigArg = typer.Argument(..., metavar="CONFIG", help="the config file (YAML; a relative `store:` in it is "
+                                                       "resolved against its folder)")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set train.epochs=3 (repeatable)")
 DataRootOpt = typer.Option(None, "--data-root", help="local folder holding the dataset (cifar10)")
 
 
@@ -78,6 +132,9 @@ def _guard(fn):
         return fn()
     except typer.Exit:
         raise
+    except BrokenPipeError:  # stdout closed early (`| head`): end quietly, exit 1 as rich's console does
+        _silence_stdout()
+        raise typer.Exit(1)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         cause = _task_cause(exc)
         if isinstance(cause, _bad_input_errors()):
@@ -85,6 +142,15 @@ def _guard(fn):
             raise typer.Exit(2)
         err.print(f"[red]failed:[/red] {type(cause).__name__}: {escape(str(cause))}", highlight=False)
         raise typer.Exit(1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _task_cause(exc: BaseException) -> BaseException:

@@ -126,6 +126,23 @@ def _extremes(values: np.ndarray, k: int, make) -> dict[str, list[Point]]:
     return {"positive": [make(i, values[i]) for i in top], "negative": [make(i, values[i]) for i in bottom]}
 
 
+def ranked_ends(values: np.ndarray, k: int, make) -> tuple[dict[str, list[Point]], list[str]]:
+    """The k highest and the k lowest values, each highest first / lowest first, and notes. A value
+    shared beyond the cut of a list (e.g. the hundreds of exact zeros a LASSO leaves on the diagonal)
+    is skipped from that list, not shown as k arbitrary ties: a note says how many points hold it."""
+    k = max(1, min(k, len(values)))
+    order = np.argsort(values, kind="stable")
+    out, notes = {}, []
+    for name, idx in (("highest", order[::-1][:k]), ("lowest", order[:k])):
+        cut = values[idx[-1]]
+        tied = int(np.count_nonzero(values == cut))
+        if tied > int(np.count_nonzero(values[idx] == cut)):  # the cut splits a tie: which ones show is arbitrary
+            idx = idx[values[idx] != cut]
+            notes.append(f"{name}: {tied} points have exactly {float(cut):+.5g}, not listed")
+        out[name] = [make(int(i), values[i]) for i in idx]
+    return out, notes
+
+
 def open_attribution(config_path: str, overrides: list[str] = ()) -> AttributionMatrix:
     """The attribution matrix of a config's finished fit stage."""
     from pipeline.config import load_config
