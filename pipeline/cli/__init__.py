@@ -314,8 +314,8 @@ def query_self_influence(config: str = ConfigArg, k: int = typer.Option(10, "--k
 def query_predict(config: str = ConfigArg, forget_set: str = typer.Option(..., "--forget-set"),
                   model: int = typer.Option(0, "--model", help="which full model"),
                   set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
-    """dm-direct's predicted margins after removing a forget set from full model --model."""
-    from pipeline.plan import FamilySpec, family_store
+    """dm-direct's predicted margins after removing a forget set from full model --model, beside the
+    full model's and the forget set's eval oracles' (retrained without it: mean and standard deviation)."""
     from pipeline.stages.query import QueryError, open_attribution
 
     def go():
@@ -326,21 +326,24 @@ def query_predict(config: str = ConfigArg, forget_set: str = typer.Option(..., "
         n_full = plan.cfg.train.full.models
         if not 0 <= model < n_full:
             raise QueryError(f"--model {model} is out of range: 0..{n_full - 1}")
-        fam = family_store(plan, FamilySpec(plan.full, "models", n_full, "full"), plan.prepared_meta())
-        logits = fam.array("logits")[model].astype("float32")
+        oracles = am.oracle_margins(forget_set)
+        logits = am.full_logits(model)
         out = am.predict(plan.forget_sets[forget_set], logits, am.labels)
         forget = plan.forget_sets[forget_set]
-        full_m = fam.array("margins")[model]
+        full_m = am.full_margins(model)
         rows = [{"index": int(i), "label": int(am.labels[i]), "full_margin": float(full_m[i]),
-                 "predicted_margin": float(out["margins"][i])} for i in forget]
+                 "predicted_margin": float(out["margins"][i]), "oracle_margin_mean": float(oracles[:, i].mean()),
+                 "oracle_margin_std": float(oracles[:, i].std())} for i in forget]
         if json_out:
-            print(json.dumps({"forget_set": forget_set, "model": model, "points": rows}, indent=1))
+            print(json.dumps({"forget_set": forget_set, "model": model, "oracles": len(oracles), "points": rows}, indent=1))
             return
-        table = Table(title=f"dm-direct on forget set {forget_set}, full model {model}")
-        for col in ("index", "label", "full margin", "predicted margin"):
-            table.add_column(col)
+        table = Table(title=f"dm-direct on forget set {forget_set}, full model {model}; oracles: the "
+                            f"{len(oracles)} eval oracles retrained without it")
+        for col in ("index", "label", "full margin", "predicted margin", "oracle mean", "oracle std"):
+            table.add_column(col, justify="left" if col == "label" else "right")
         for r in rows:
-            table.add_row(str(r["index"]), str(r["label"]), f"{r['full_margin']:+.3f}", f"{r['predicted_margin']:+.3f}")
+            table.add_row(str(r["index"]), str(r["label"]), f"{r['full_margin']:+.3f}", f"{r['predicted_margin']:+.3f}",
+                          f"{r['oracle_margin_mean']:+.3f}", f"{r['oracle_margin_std']:.3f}")
         console.print(table)
 
     _guard(go)

@@ -1,11 +1,23 @@
 """Read precomputed attribution matrices lazily: only the chunks a query needs are read.
 
-    from pipeline.stages.query import open_attribution
-    am = open_attribution("configs/digits.yaml")           # or open_attribution(store_url, fit_id=...)
-    am.top_k(target=1500, k=10)                              # most positive / negative training points
-    am.row(train_index=3)                                    # which targets a training point moves most
-    am.self_influence()                                      # theta[i, i] for every training point
-    am.predict(forget=[1, 2, 3], model=0)                    # dm-direct logits/margins (decision 5)
+On a finished store (here `store` is the folder of a finished `oracle-farm run configs/tiny.yaml`;
+tests/test_cli_conventions.py runs these lines as written):
+
+    >>> from pipeline.stages.query import open_attribution
+    >>> am = open_attribution("configs/tiny.yaml", [f"store={store}"])
+    >>> top = am.top_k(target=1500, k=3)          # the most positive / negative training points
+    >>> sorted(top), len(top["positive"]), top["positive"][0].split
+    (['negative', 'positive'], 3, 'train')
+    >>> am.row(train_index=3).shape               # theta[3, :]: that point's effect on every target
+    (1797,)
+    >>> am.self_influence().shape                 # theta[i, i] of every training point
+    (1437,)
+    >>> forget = am.plan.forget_sets["random10"]
+    >>> out = am.predict(forget, am.full_logits(model=0), am.labels)   # dm-direct (decision 5)
+    >>> out["logits"].shape, out["margins"].shape
+    ((1797, 10), (1797,))
+    >>> am.oracle_margins("random10").shape       # the eval oracles (retrained without it), to compare
+    (4, 1797)
 
 Column reads use `theta` (chunks (4096, 16)); row reads use `theta_rows` (chunks (16, 4096)).
 """
@@ -74,6 +86,8 @@ class AttributionMatrix:
         return self.theta_rows[self._train(train_index), :]
 
     def top_k(self, target: int, k: int = 10) -> dict[str, list[Point]]:
+        """The k training points with the largest (`positive`) and the k with the smallest (`negative`)
+        effect theta[i, target] on the target's margin, each list from the extreme inwards."""
         col = self.column(target)
         return _extremes(col, k, self._point)
 
@@ -92,6 +106,37 @@ class AttributionMatrix:
 
     def lds(self) -> np.ndarray:
         return self.lds_values[:]
+
+    def full_logits(self, model: int = 0) -> np.ndarray:
+        """The stored logits (P, C) of full model `model`, float32: what `predict` starts from."""
+        return self._full_output("logits", model).astype(np.float32)
+
+    def full_margins(self, model: int = 0) -> np.ndarray:
+        """The stored margins (P,) of full model `model`."""
+        return self._full_output("margins", model)
+
+    def _full_output(self, name: str, model: int) -> np.ndarray:
+        from pipeline.plan import FamilySpec, family_store
+
+        n_full = self.plan.cfg.train.full.models
+        if not 0 <= model < n_full:
+            raise QueryError(f"model {model} is out of range: full models are 0..{n_full - 1}")
+        fam = family_store(self.plan, FamilySpec(self.plan.full, "models", n_full, "full"), self.plan.prepared_meta())
+        return fam.array(name)[model]
+
+    def oracle_margins(self, forget_set: str, role: str = "eval") -> np.ndarray:
+        """Margins (oracles, P) of the forget set's oracles of `role` (retrained without it): the truth
+        that dm-direct's prediction approximates."""
+        from pipeline.plan import FamilySpec, family_store
+
+        if forget_set not in self.plan.forget_sets:
+            raise QueryError(f"unknown forget set {forget_set!r}; known: {sorted(self.plan.forget_sets)}")
+        n = getattr(self.plan.cfg.train.oracle, role)
+        fam = family_store(self.plan, FamilySpec(self.plan.oracle(forget_set), role, n, "oracle"),
+                           self.plan.prepared_meta())
+        if n == 0 or not fam.done_mask(n).all():
+            raise QueryError(f"the {role} oracles of {forget_set!r} are not trained: run `oracle-farm train`")
+        return fam.read("margins", n)
 
     def predict(self, forget: np.ndarray, full_logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """dm-direct (decision 5): logits of a full model minus the summed per-logit rows of the forget set.
