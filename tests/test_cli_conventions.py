@@ -143,3 +143,11 @@ def test_query_predict_shows_the_oracles_margins(tiny_finished):
     np.testing.assert_array_equal([p["full_margin"] for p in got["points"]], am.full_margins(0)[forget])
     table = _cli("query", "predict", str(TINY), "--forget-set", "random10", "--set", overrides[0])
     assert "oracle mean" in table.stdout and "predicted margin" in table.stdout
+
+
+def test_a_query_on_a_missing_store_says_where_it_looked(tmp_path):
+    proc = _cli("query", "top-k", str(TINY), "--target", "1", "--set", "store=./nowhere", cwd=tmp_path)
+    assert proc.returncode == 2
+    text = " ".join(proc.stderr.split())
+    assert f"{tmp_path / 'nowhere'} (the config's `store: ./nowhere`, relative to the working directory {tmp_path})" in text
+    assert "holds no store" in text and not (tmp_path / "nowhere").exists()

@@ -25,6 +25,7 @@ Column reads use `theta` (chunks (4096, 16)); row reads use `theta_rows` (chunks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -198,8 +199,13 @@ def open_attribution(config_path: str, overrides: list[str] = ()) -> Attribution
     plan = Plan(cfg, Store(cfg.store))
     plan.store.check_reachable(create=False)
     if not is_complete(plan.store, plan.fit):
-        raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished in {plan.store.root}: "
-                         "run `oracle-farm fit` first")
+        where = plan.store.root
+        if plan.store.is_local and not Path(cfg.store).expanduser().is_absolute():
+            where += f" (the config's `store: {cfg.store}`, relative to the working directory {Path.cwd()})"
+        found = "holds no finished fit" if plan.store.exists("prepare") else "holds no store"
+        raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished: {where} {found}; "
+                         "point `store` (or --set store=...) at the store of the finished run, or run "
+                         "`oracle-farm fit`")
     meta = plan.prepared_meta()
     group = plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")
     labels = np.concatenate([group["labels/train"][:], group["labels/val"][:]])
