@@ -50,10 +50,7 @@ def docker_env() -> dict[str, str]:
 
 
 def pyproject() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
 
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -66,12 +63,12 @@ def pins() -> dict[str, str]:
 
 
 def test_library_dependencies_are_ranges_and_the_local_install_pins_them():
-    """A library pins nothing (a cluster's own torch build, Python 3.10-3.12); `make` installs with
-    constraints.txt, whose every pin is a dependency of the package and within its range."""
+    """A library pins nothing (a cluster's own torch build; Python 3.11 and later, as zarr 3 needs);
+    `make` installs with constraints.txt, whose every pin is a dependency and within its range."""
     from packaging.requirements import Requirement
 
     project = pyproject()["project"]
-    assert project["requires-python"] == ">=3.10"
+    assert project["requires-python"] == ">=3.11"
     deps = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
     assert all("==" not in str(r.specifier) for r in deps.values()), [str(r) for r in deps.values()]
     for name, version in pins().items():
