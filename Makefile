@@ -1,5 +1,6 @@
 # Two commands: `make demo` and `make test`. Each installs what is missing first, and nothing when
-# everything is there (Debian packages for FFCV, a .venv, the package with its pinned torch).
+# everything is there (Debian packages for FFCV, a .venv, the package with the exact versions of
+# constraints.txt: pyproject.toml itself only gives ranges).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -33,9 +34,9 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 bench: setup

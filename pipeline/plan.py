@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.config import Config, stage_id
 from pipeline.data.forget_sets import forget_set_id, resolve_forget_set
 from pipeline.store import ArraySpec, CorruptFile, Family, StageRef, Store, StoreError, file_sha256, is_complete
-from pipeline.unlearn import expand_grid, method_config, method_needs
+from pipeline.unlearn import expand_grid, method_config, method_needs, method_provider
 
 ORACLE_ROLES = ("target", "reference", "eval")
 SUBSET_ROLES = ("fit", "heldout")
@@ -363,6 +363,8 @@ def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
         upstream["oracle"] = plan.oracle(forget_name).id
         upstream["targets"] = plan.cfg.train.oracle.target
     section = {"method": method, "hparams": hparams.model_dump(mode="json")}
+    if (provider := method_provider(method)) is not None:  # a plugin: who provides it (decision 37)
+        section["provider"] = provider
     return StageRef("unlearn", stage_id("unlearn", section, upstream))
 
 

@@ -151,4 +151,5 @@ def test_export_round_trips_through_npy_and_parquet(store, tmp_path):
     back = read_parquet_array(out["l.parquet"])
     assert back.dtype == np.float16 and back.shape == logits.shape and np.array_equal(back, logits)
     table = pq.read_table(out["m.parquet"])
-    assert table.column("index").to_pylist() == list(range(len(margins)))
+    assert table.column_names == ["model", "point", "margins"]  # long layout: a row per model x point
+    assert table.column("model").to_pylist() == np.repeat(np.arange(len(margins)), margins.shape[1]).tolist()

@@ -56,8 +56,24 @@ def pyproject() -> dict:
 
 
 def pins() -> dict[str, str]:
-    """name -> version for every `name==version` dependency of the package."""
-    return dict(d.split("==", 1) for d in pyproject()["project"]["dependencies"] if "==" in d)
+    """name -> version for every `name==version` line of constraints.txt (the local install's exact
+    versions; pyproject.toml's dependencies are ranges)."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    return dict(line.split("==", 1) for line in lines if "==" in line)
+
+
+def test_library_dependencies_are_ranges_and_the_local_install_pins_them():
+    """A library pins nothing (a cluster's own torch build; Python 3.11 and later, as zarr 3 needs);
+    `make` installs with constraints.txt, whose every pin is a dependency and within its range."""
+    from packaging.requirements import Requirement
+
+    project = pyproject()["project"]
+    assert project["requires-python"] == ">=3.11"
+    deps = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
+    assert all("==" not in str(r.specifier) for r in deps.values()), [str(r) for r in deps.values()]
+    for name, version in pins().items():
+        assert name in deps and deps[name].specifier.contains(version), (name, version, str(deps[name]))
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
 
 
 def makefile_apt_packages() -> list[str]:

@@ -15,11 +15,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.cli.common import (  # noqa: F401 - app, console, err, _plan: named from pipeline.cli too
-    DataRootOpt, SetOpt, _finished, _guard, _human, _plan, app, console, err,
+    ConfigArg, DataRootOpt, SetOpt, _finished, _guard, _human, _plan, app, console, err,
 )
 
 @app.command()
-def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt):
+def config(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
+           json_out: bool = typer.Option(False, "--json")):
     """Print the resolved config and every stage identity."""
     from pipeline.config import to_yaml
     from pipeline.plan import method_grids
@@ -27,6 +28,10 @@ def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[
     def go():
         plan = _plan(config, set_, data_root)
         method_grids(plan.cfg)  # the methods' hyperparameters too, as the stages check them
+        if json_out:
+            stages = [{"stage": label, "id": ref.id, "path": plan.store.url(ref.rel)} for label, ref in plan.all_stage_refs()]
+            print(json.dumps({"config": plan.cfg.model_dump(mode="json"), "stages": stages}, indent=1))
+            return
         console.print(to_yaml(plan.cfg), highlight=False)
         table = Table(title="stage identities")
         table.add_column("stage")
@@ -40,7 +45,7 @@ def config(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[
 
 
 @app.command()
-def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
+def prepare(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
             repair: bool = typer.Option(False, "--repair", help="write again prepared files that differ from "
                                                                   "their recorded size or sha256")):
     """Write the dataset as FFCV files and validate the forget sets. On a prepared store, check the
@@ -57,7 +62,7 @@ def prepare(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional
 
 
 @app.command()
-def status(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json"),
+def status(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json"),
            wide: bool = typer.Option(False, "--wide", help="also each stage's id and bytes")):
     """What the store holds for this config: stages done / partial / missing, unlearning as a method x
     forget-set grid. Reads the store only (no torch, no Ray)."""
@@ -140,7 +145,7 @@ def _hparams_diff(row: dict, rows: list[dict]) -> str:
 
 
 @app.command()
-def train(config: str, set_: Optional[list[str]] = SetOpt,
+def train(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt,
           family: Optional[list[str]] = typer.Option(None, "--family", help="full, subset, oracle (repeatable)")):
     """Train the model families (pending blocks only) as Ray tasks."""
     from pipeline.stages.prepare import run_prepare
@@ -162,7 +167,7 @@ def train(config: str, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def fit(config: str, set_: Optional[list[str]] = SetOpt):
+def fit(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt):
     """Fit datamodels (attribution matrices) from the subset models."""
     from pipeline.stages.fit import run_fit
 
@@ -175,7 +180,7 @@ def fit(config: str, set_: Optional[list[str]] = SetOpt):
 
 
 @app.command()
-def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
+def unlearn(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt):
     """Run every configured unlearning method on the full models, for each forget set."""
     from pipeline.stages.unlearn import run_unlearn
 
@@ -189,7 +194,7 @@ def unlearn(config: str, set_: Optional[list[str]] = SetOpt):
 
 
 @app.command()
-def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
+def evaluate(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
     from pipeline.stages.report import collect_rows, p95_cell
 
@@ -218,7 +223,7 @@ def evaluate(config: str, set_: Optional[list[str]] = SetOpt, json_out: bool = t
 
 
 @app.command()
-def report(config: str, set_: Optional[list[str]] = SetOpt,
+def report(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt,
            out: Optional[str] = typer.Option(None, "--out", help="folder for report.md/json and plots")):
     """Write report.md, report.json and plots, from the store alone."""
     from pipeline.stages.report import write_report
@@ -231,7 +236,7 @@ def report(config: str, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def run(config: str, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
+def run(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, data_root: Optional[str] = DataRootOpt,
         out: Optional[str] = typer.Option(None, "--out", help="folder for the report")):
     """Every stage in order, each skipped when its outputs are complete; then the report."""
 
@@ -268,7 +273,7 @@ def _emit(result, json_out: bool, title: str) -> None:
 
 
 @query_app.command("top-k")
-def query_top_k(config: str, target: int = typer.Option(..., "--target"), k: int = typer.Option(10, "--k"),
+def query_top_k(config: str = ConfigArg, target: int = typer.Option(..., "--target"), k: int = typer.Option(10, "--k"),
                 set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """Training points with the most positive / negative effect on a target's margin."""
     from pipeline.stages.query import open_attribution
@@ -277,7 +282,7 @@ def query_top_k(config: str, target: int = typer.Option(..., "--target"), k: int
 
 
 @query_app.command("row")
-def query_row(config: str, train_index: int = typer.Option(..., "--index"), k: int = typer.Option(10, "--k"),
+def query_row(config: str = ConfigArg, train_index: int = typer.Option(..., "--index"), k: int = typer.Option(10, "--k"),
               set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
     """Targets a training point moves most."""
     from pipeline.stages.query import open_attribution
@@ -287,24 +292,31 @@ def query_row(config: str, train_index: int = typer.Option(..., "--index"), k: i
 
 
 @query_app.command("self-influence")
-def query_self_influence(config: str, k: int = typer.Option(10, "--k"), set_: Optional[list[str]] = SetOpt,
+def query_self_influence(config: str = ConfigArg, k: int = typer.Option(10, "--k"), set_: Optional[list[str]] = SetOpt,
                          json_out: bool = typer.Option(False, "--json")):
-    """Self-influence theta[i, i] of every training point (the k highest and lowest shown)."""
-    from pipeline.stages.query import _extremes, open_attribution
+    """Self-influence theta[i, i] of every training point: the k highest and the k lowest (a value tied
+    beyond the cut, e.g. exact zeros, is left out and counted in a note)."""
+    from pipeline.stages.query import open_attribution, ranked_ends
 
     def go():
         am = open_attribution(config, set_ or [])
-        _emit(_extremes(am.self_influence(), k, am._point), json_out, "self-influence")
+        result, notes = ranked_ends(am.self_influence(), k, am._point)
+        if json_out:
+            print(json.dumps({**{d: [p.as_dict() for p in pts] for d, pts in result.items()}, "notes": notes}, indent=1))
+            return
+        console.print(_points_table("self-influence theta[i, i]", result))
+        for note in notes:
+            console.print(note, highlight=False)
 
     _guard(go)
 
 
 @query_app.command("predict")
-def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set"),
+def query_predict(config: str = ConfigArg, forget_set: str = typer.Option(..., "--forget-set"),
                   model: int = typer.Option(0, "--model", help="which full model"),
                   set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
-    """dm-direct's predicted margins after removing a forget set from full model --model."""
-    from pipeline.plan import FamilySpec, family_store
+    """dm-direct's predicted margins after removing a forget set from full model --model, beside the
+    full model's and the forget set's eval oracles' (retrained without it: mean and standard deviation)."""
     from pipeline.stages.query import QueryError, open_attribution
 
     def go():
@@ -315,21 +327,24 @@ def query_predict(config: str, forget_set: str = typer.Option(..., "--forget-set
         n_full = plan.cfg.train.full.models
         if not 0 <= model < n_full:
             raise QueryError(f"--model {model} is out of range: 0..{n_full - 1}")
-        fam = family_store(plan, FamilySpec(plan.full, "models", n_full, "full"), plan.prepared_meta())
-        logits = fam.array("logits")[model].astype("float32")
+        oracles = am.oracle_margins(forget_set)
+        logits = am.full_logits(model)
         out = am.predict(plan.forget_sets[forget_set], logits, am.labels)
         forget = plan.forget_sets[forget_set]
-        full_m = fam.array("margins")[model]
+        full_m = am.full_margins(model)
         rows = [{"index": int(i), "label": int(am.labels[i]), "full_margin": float(full_m[i]),
-                 "predicted_margin": float(out["margins"][i])} for i in forget]
+                 "predicted_margin": float(out["margins"][i]), "oracle_margin_mean": float(oracles[:, i].mean()),
+                 "oracle_margin_std": float(oracles[:, i].std())} for i in forget]
         if json_out:
-            print(json.dumps({"forget_set": forget_set, "model": model, "points": rows}, indent=1))
+            print(json.dumps({"forget_set": forget_set, "model": model, "oracles": len(oracles), "points": rows}, indent=1))
             return
-        table = Table(title=f"dm-direct on forget set {forget_set}, full model {model}")
-        for col in ("index", "label", "full margin", "predicted margin"):
-            table.add_column(col)
+        table = Table(title=f"dm-direct on forget set {forget_set}, full model {model}; oracles: the "
+                            f"{len(oracles)} eval oracles retrained without it")
+        for col in ("index", "label", "full margin", "predicted margin", "oracle mean", "oracle std"):
+            table.add_column(col, justify="left" if col == "label" else "right")
         for r in rows:
-            table.add_row(str(r["index"]), str(r["label"]), f"{r['full_margin']:+.3f}", f"{r['predicted_margin']:+.3f}")
+            table.add_row(str(r["index"]), str(r["label"]), f"{r['full_margin']:+.3f}", f"{r['predicted_margin']:+.3f}",
+                          f"{r['oracle_margin_mean']:+.3f}", f"{r['oracle_margin_std']:.3f}")
         console.print(table)
 
     _guard(go)

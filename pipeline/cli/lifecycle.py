@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli.common import SetOpt, _guard, _human, _plan, app, console, err
+from pipeline.cli.common import ConfigArg, SetOpt, _guard, _human, _plan, app, console, err
 
 
 def _store(root: str):
@@ -112,7 +112,7 @@ def gc(root: str = typer.Argument(..., help="store root"),
 
 
 @app.command("import-margins")
-def import_margins(config: str, file: str,
+def import_margins(config: str = ConfigArg, file: str = typer.Argument(..., metavar="FILE", help="the margins, .npy or .npz"),
                    kind: str = typer.Option(..., "--kind", help="full | oracle | unlearned"),
                    forget_set: Optional[str] = typer.Option(None, "--forget-set", help="oracle/unlearned: the forget set"),
                    method: Optional[str] = typer.Option(None, "--method", help="unlearned: the method's name"),
@@ -132,11 +132,17 @@ def import_margins(config: str, file: str,
 
 
 @app.command("export")
-def export(config: str, array: str = typer.Option(..., "--array", help="fit/theta, full/margins, ... (forms: see --help)"),
+def export(config: str = ConfigArg,
+           array: Optional[str] = typer.Option(None, "--array", help="fit/theta, full/margins, ... (forms: see below)"),
            out: str = typer.Option(..., "--out", help="FILE.npy or FILE.parquet"),
+           forget_set: Optional[str] = typer.Option(None, "--forget-set", help="export this forget set's training "
+                                                                              "indices instead of an array"),
+           layout: str = typer.Option("long", "--layout", help="Parquet: long (a row per model x point, a column "
+                                                               "per axis) or wide (a column per point)"),
            chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", help="rows per chunk (default: ~64 MiB)"),
            set_: Optional[list[str]] = SetOpt):
-    """Write a stored array (an attribution matrix, margins, masks, ...) to .npy or Parquet, chunk by chunk.
+    """Write a stored array (an attribution matrix, margins, masks, ...) or a forget set to .npy or
+    Parquet, chunk by chunk; Parquet columns are named by the array's axes (model, point, class, ...).
 
     --array forms: prepare/labels/train; fit/<theta|theta_rows|bias|lds|lam|theta_logit|bias_logit>;
     full/<margins|logits|accuracy>; subset/[fit|heldout/]<name>; oracle/<forget set>/<role>/<name>;
@@ -145,10 +151,18 @@ def export(config: str, array: str = typer.Option(..., "--array", help="fit/thet
 
     def go():
         plan = _plan(config, set_)
+        if (array is None) == (forget_set is None):
+            raise exchange.ExchangeError("give one of --array SPEC or --forget-set NAME")
+        if forget_set is not None:
+            info = exchange.export_forget_set(plan, forget_set, out)
+            console.print(f"export forget set {forget_set}: {info['shape'][0]} training indices -> {info['out']}",
+                          highlight=False)
+            return
         arr, rows, source = exchange.resolve_array(plan, array)
-        info = exchange.export_array(arr, out, rows, chunk_rows, source=f"{plan.store.url(source)}:{array}")
+        info = exchange.export_array(arr, out, rows, chunk_rows, source=f"{source}:{array}", layout=layout)
+        shown = f", {info['layout']} layout" if info["layout"] else ""
         console.print(f"export {array}: {info['shape']} {info['dtype']} -> {info['out']} "
-                      f"({info['chunks']} chunks of {info['rows_per_chunk']} rows, {_human(info['bytes'])})",
+                      f"({info['chunks']} chunks of {info['rows_per_chunk']} rows{shown}, {_human(info['bytes'])})",
                       highlight=False)
 
     _guard(go)

@@ -15,10 +15,16 @@ id = stage_id("external", {sha256 of the file, kind, method, forget set id, name
 scored by `evaluate` / `report` as the row `M (imported)` (see `imported_rows`).
 
 Export (`oracle-farm export`): any stored array to `.npy` (written through a memory map) or Parquet
-(one row group per chunk of rows), chunk by chunk, never the whole array in memory. Parquet layout:
-column `index` (int64, the row) and `value` (1-D arrays) or `values` (a fixed-size list of the row's
-flattened trailing dimensions); the key-value metadata `oracle_farm` holds the shape, dtype and source
-(`read_parquet_array` rebuilds the array).
+(one row group per chunk of rows), chunk by chunk, never the whole array in memory. Parquet columns are
+named by the array's `dimension_names` (`pipeline.store.ARRAY_DOCS`), in one of two layouts:
+  long (default): one row per element, an int64 column per axis and the values, e.g. full/margins ->
+                  `model`, `point`, `margins` (N x P rows);
+  wide:           one row per entry of the first axis, a column per entry of the others, e.g.
+                  `model`, `point_0`, ..., `point_{P-1}`; 3-D: `point_0_class_0`, ...
+1-D arrays are the same in both (`target`, `lds`). The key-value metadata `oracle_farm` holds the shape,
+dtype, axes, layout, the stage (relative to the store root: no local path) and the --array spec
+(`read_parquet_array` rebuilds the array). `--forget-set NAME` exports a forget set's sorted training
+indices (column `train_point`).
 """
 
 from __future__ import annotations
@@ -267,7 +273,7 @@ def resolve_array(plan, spec: str):
     kind = parts[0]
     if parts[1].startswith(f"{kind}-") and len(parts) >= 3:  # raw: a stage of any config in this store
         rel = f"{kind}/{parts[1]}"
-        return _zarr_array(store, rel, "/".join(parts[2:]), spec), None, f"{store.url(rel)}/arrays.zarr"
+        return _zarr_array(store, rel, "/".join(parts[2:]), spec), None, rel
     if kind == "prepare":
         return _zarr_array(store, plan.prepare.rel, "/".join(parts[1:]), spec), None, plan.prepare.rel
     if kind == "fit":
@@ -379,13 +385,25 @@ def chunk_rows(arr, chunk_rows: int | None = None) -> int:
     return rows // c0 * c0 if rows >= c0 else rows
 
 
+LAYOUTS = ("long", "wide")
+
+
+def array_dims(arr) -> tuple[str, ...]:
+    """The array's dimension names (Zarr v3 metadata), or dim_0, dim_1, ... where it has none."""
+    names = getattr(getattr(arr, "metadata", None), "dimension_names", None)
+    return tuple(names) if names and all(names) else tuple(f"dim_{i}" for i in range(arr.ndim))
+
+
 def export_array(arr, out: str | Path, n_rows: int | None = None, rows_per_chunk: int | None = None,
-                 source: str = "") -> dict:
-    """Write rows 0..n_rows of a stored array to .npy or .parquet, chunk by chunk."""
+                 source: str = "", layout: str = "long") -> dict:
+    """Write rows 0..n_rows of a stored array to .npy or .parquet (`layout`: see the module docstring),
+    chunk by chunk. `source` is recorded in the Parquet metadata: keep it free of local paths."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".npy", ".parquet"):
         raise ExchangeError(f"--out {out}: expected a .npy or .parquet file name")
+    if layout not in LAYOUTS:
+        raise ExchangeError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if arr.ndim == 0:
         raise ExchangeError(f"{source}: a 0-d array; nothing to chunk")
     n = arr.shape[0] if n_rows is None else min(int(n_rows), arr.shape[0])
@@ -403,34 +421,73 @@ def export_array(arr, out: str | Path, n_rows: int | None = None, rows_per_chunk
             mm.flush()
             del mm
         else:
-            chunks = _write_parquet(arr, tmp, n, shape, step, source)
+            name = getattr(arr, "basename", None) or "value"
+            chunks = _write_parquet(arr, tmp, n, shape, step, source, layout, array_dims(arr), name)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return {"out": str(out), "shape": list(shape), "dtype": str(arr.dtype), "chunks": chunks, "rows_per_chunk": step,
-            "bytes": out.stat().st_size}
+            "bytes": out.stat().st_size, "layout": layout if suffix == ".parquet" else None}
 
 
-def _write_parquet(arr, tmp: Path, n: int, shape: tuple, step: int, source: str) -> int:
+def export_forget_set(plan, name: str, out: str | Path) -> dict:
+    """A forget set's sorted training indices to .npy or .parquet (column `train_point`)."""
+    if name not in plan.forget_sets:
+        raise ExchangeError(f"--forget-set {name!r}: unknown; the config's forget sets are {sorted(plan.forget_sets)}")
+    from pipeline.data.forget_sets import forget_set_id
+
+    indices = np.asarray(plan.forget_sets[name], dtype=np.int64)
+    out = Path(out)
+    if out.suffix.lower() not in (".npy", ".parquet"):
+        raise ExchangeError(f"--out {out}: expected a .npy or .parquet file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npy":
+        np.save(out, indices)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        meta = {"oracle_farm": json.dumps({"forget_set": name, "forget_id": forget_set_id(indices),
+                                           "shape": [len(indices)], "dtype": "int64", "dims": ["train_point"]})}
+        pq.write_table(pa.table({"train_point": indices}).replace_schema_metadata(meta), out)
+    return {"out": str(out), "shape": [len(indices)], "dtype": "int64", "bytes": out.stat().st_size}
+
+
+def _chunk_table(rows: np.ndarray, start: int, layout: str, dims: tuple, name: str):
+    """One chunk of rows (start..start+len) as a pyarrow table of the layout."""
     import pyarrow as pa
+
+    if rows.ndim == 1:
+        return pa.table({dims[0]: np.arange(start, start + len(rows), dtype=np.int64), name: rows})
+    if layout == "wide":
+        columns = {dims[0]: np.arange(start, start + len(rows), dtype=np.int64)}
+        flat = rows.reshape(len(rows), -1)
+        for j, label in enumerate(_wide_names(rows.shape[1:], dims[1:])):
+            columns[label] = flat[:, j]
+        return pa.table(columns)
+    grid = np.indices(rows.shape, dtype=np.int64).reshape(rows.ndim, -1)
+    grid[0] += start
+    return pa.table({**{d: grid[k] for k, d in enumerate(dims)}, name: rows.reshape(-1)})
+
+
+def _wide_names(tail: tuple, dims: tuple) -> list[str]:
+    return ["_".join(f"{d}_{i}" for d, i in zip(dims, idx)) for idx in np.ndindex(*tail)]
+
+
+def _write_parquet(arr, tmp: Path, n: int, shape: tuple, step: int, source: str, layout: str, dims: tuple,
+                   name: str) -> int:
     import pyarrow.parquet as pq
 
-    width = int(np.prod(shape[1:], dtype=np.int64))
-    meta = {"oracle_farm": json.dumps({"shape": list(shape), "dtype": str(arr.dtype), "source": source})}
+    meta = {"oracle_farm": json.dumps({"shape": list(shape), "dtype": str(arr.dtype), "dims": list(dims),
+                                       "layout": layout, "name": name, "source": source})}
     writer = None
     chunks = 0
     try:
         for start in range(0, n, step):
-            rows = np.ascontiguousarray(arr[start : min(n, start + step)])
-            index = pa.array(np.arange(start, start + len(rows), dtype=np.int64))
-            if len(shape) == 1:
-                table = pa.table({"index": index, "value": pa.array(rows)})
-            else:
-                values = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
-                table = pa.table({"index": index, "values": values})
+            table = _chunk_table(np.ascontiguousarray(arr[start : min(n, start + step)]), start, layout, dims, name)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema.with_metadata(meta))
-            writer.write_table(table.replace_schema_metadata(meta), row_group_size=max(1, len(rows)))
+            writer.write_table(table.replace_schema_metadata(meta), row_group_size=max(1, table.num_rows))
             chunks += 1
     finally:
         if writer is not None:
@@ -445,11 +502,10 @@ def read_parquet_array(path: str | Path) -> np.ndarray:
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[b"oracle_farm"])
     shape, dtype = tuple(meta["shape"]), np.dtype(meta["dtype"])
-    if "value" in table.column_names:
-        flat = table.column("value").combine_chunks().to_numpy(zero_copy_only=False)
-    else:
-        flat = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(flat, dtype=dtype).reshape(shape)
+    if len(shape) > 1 and meta["layout"] == "wide":
+        columns = [table.column(c).to_numpy() for c in table.column_names[1:]]
+        return np.stack(columns, axis=1).astype(dtype).reshape(shape)
+    return table.column(meta["name"]).to_numpy().astype(dtype).reshape(shape)
 
 
 def warn(lines: list[str]) -> None:

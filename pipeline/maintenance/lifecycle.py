@@ -179,8 +179,9 @@ def list_stages(store: Store, plan=None) -> list[dict]:
         sections = _config_sections(plan)
         grids = method_grids(plan.cfg)
     rows = []
-    for kind, sid, rel in walk_stages(store):
-        record = store.read_json(f"{rel}/stage.json")
+    stages = [(kind, sid, rel, store.read_json(f"{rel}/stage.json")) for kind, sid, rel in walk_stages(store)]
+    names = forget_set_names([r for *_, r in stages if r], plan)
+    for kind, sid, rel, record in stages:
         lease = store.read_json(lease_rel(rel))
         state = stage_state(store, kind, rel, record)
         row = {"kind": kind, "id": sid, "rel": rel, "config": (record or {}).get("label"),
@@ -190,7 +191,11 @@ def list_stages(store: Store, plan=None) -> list[dict]:
             row["lease"] = {k: lease.get(k) for k in ("host", "pid", "started", "heartbeat", "ttl", "command")}
             row["lease"]["live"] = not is_stale(lease)
             row["lease"]["holder_gone"] = holder_gone(lease)  # dead, but its lease has not expired yet
-        if kind == "unlearn" and record:
+        if kind == "oracle" and record:
+            fid = record.get("upstream", {}).get("forget")
+            row["forget_set"] = names.get(fid)
+            row["detail"] = f"forget set {' / '.join(names[fid])}" if fid in names else f"forget set {fid} (unnamed here)"
+        elif kind == "unlearn" and record:
             row["detail"] = f"{record['config'].get('method')} on {record['config'].get('forget_set')}"
         elif kind == "external" and record:
             c = record["config"]
@@ -200,6 +205,22 @@ def list_stages(store: Store, plan=None) -> list[dict]:
             row["diff"] = [] if row["reached"] or record is None else describe_difference(plan, kind, record, sections, grids)
         rows.append(row)
     return rows
+
+
+def forget_set_names(records: list[dict], plan=None) -> dict[str, list[str]]:
+    """Forget-set content id -> the names it goes by: the config's (with a plan), and those the unlearn
+    and external stages of this store recorded with it (an oracle stage is named by content only)."""
+    named: dict[str, set] = {}
+    if plan is not None:
+        from pipeline.data.forget_sets import forget_set_id
+
+        for name, indices in plan.forget_sets.items():
+            named.setdefault(forget_set_id(indices), set()).add(name)
+    for record in records:
+        fid, name = record.get("upstream", {}).get("forget"), (record.get("config") or {}).get("forget_set")
+        if fid and name and record.get("kind") in ("unlearn", "external"):
+            named.setdefault(fid, set()).add(name)
+    return {fid: sorted(names) for fid, names in named.items()}
 
 
 def state_text(row: dict) -> str:

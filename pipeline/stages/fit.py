@@ -90,7 +90,7 @@ def _create_arrays(plan: Plan, meta: dict) -> None:
         specs["lds_logit"] = ((p, c), (vector, c), "float32", None)
     for name, (shape, chunks, dtype, shards) in specs.items():
         if name not in group:
-            group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0)
+            plan.store.create_array(group, name, stage=plan.fit, shape=shape, chunks=chunks, shards=shards, dtype=dtype)
 
 
 def run_fit(plan: Plan) -> dict:

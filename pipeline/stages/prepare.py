@@ -55,7 +55,7 @@ def _run_prepare(plan: Plan) -> dict:
     group = store.open_group(f"{ref.rel}/arrays.zarr")
     labels = group.require_group("labels")
     for split, y in (("train", dataset.train_y), ("val", dataset.val_y)):
-        labels.create_array(split, shape=y.shape, dtype="int64", chunks=y.shape, overwrite=True)[:] = y
+        store.create_array(labels, split, stage=ref, shape=y.shape, dtype="int64", chunks=y.shape, overwrite=True)[:] = y
     meta = {"dataset": dataset.name, "n_train": len(dataset.train_y), "n_val": len(dataset.val_y),
             "shape": list(dataset.shape), "classes": dataset.classes, "mean": mean, "std": std,
             "data_root": plan.cfg.data.root if plan.cfg.data.dataset == "cifar10" else None, "files": files}

@@ -1,11 +1,23 @@
 """Read precomputed attribution matrices lazily: only the chunks a query needs are read.
 
-    from pipeline.stages.query import open_attribution
-    am = open_attribution("configs/digits.yaml")           # or open_attribution(store_url, fit_id=...)
-    am.top_k(target=1500, k=10)                              # most positive / negative training points
-    am.row(train_index=3)                                    # which targets a training point moves most
-    am.self_influence()                                      # theta[i, i] for every training point
-    am.predict(forget=[1, 2, 3], model=0)                    # dm-direct logits/margins (decision 5)
+On a finished store (here `store` is the folder of a finished `oracle-farm run configs/tiny.yaml`;
+tests/test_cli_conventions.py runs these lines as written):
+
+    >>> from pipeline.stages.query import open_attribution
+    >>> am = open_attribution("configs/tiny.yaml", [f"store={store}"])
+    >>> top = am.top_k(target=1500, k=3)          # the most positive / negative training points
+    >>> sorted(top), len(top["positive"]), top["positive"][0].split
+    (['negative', 'positive'], 3, 'train')
+    >>> am.row(train_index=3).shape               # theta[3, :]: that point's effect on every target
+    (1797,)
+    >>> am.self_influence().shape                 # theta[i, i] of every training point
+    (1437,)
+    >>> forget = am.plan.forget_sets["random10"]
+    >>> out = am.predict(forget, am.full_logits(model=0), am.labels)   # dm-direct (decision 5)
+    >>> out["logits"].shape, out["margins"].shape
+    ((1797, 10), (1797,))
+    >>> am.oracle_margins("random10").shape       # the eval oracles (retrained without it), to compare
+    (4, 1797)
 
 Column reads use `theta` (chunks (4096, 16)); row reads use `theta_rows` (chunks (16, 4096)).
 """
@@ -13,6 +25,7 @@ Column reads use `theta` (chunks (4096, 16)); row reads use `theta_rows` (chunks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +87,8 @@ class AttributionMatrix:
         return self.theta_rows[self._train(train_index), :]
 
     def top_k(self, target: int, k: int = 10) -> dict[str, list[Point]]:
+        """The k training points with the largest (`positive`) and the k with the smallest (`negative`)
+        effect theta[i, target] on the target's margin, each list from the extreme inwards."""
         col = self.column(target)
         return _extremes(col, k, self._point)
 
@@ -92,6 +107,37 @@ class AttributionMatrix:
 
     def lds(self) -> np.ndarray:
         return self.lds_values[:]
+
+    def full_logits(self, model: int = 0) -> np.ndarray:
+        """The stored logits (P, C) of full model `model`, float32: what `predict` starts from."""
+        return self._full_output("logits", model).astype(np.float32)
+
+    def full_margins(self, model: int = 0) -> np.ndarray:
+        """The stored margins (P,) of full model `model`."""
+        return self._full_output("margins", model)
+
+    def _full_output(self, name: str, model: int) -> np.ndarray:
+        from pipeline.plan import FamilySpec, family_store
+
+        n_full = self.plan.cfg.train.full.models
+        if not 0 <= model < n_full:
+            raise QueryError(f"model {model} is out of range: full models are 0..{n_full - 1}")
+        fam = family_store(self.plan, FamilySpec(self.plan.full, "models", n_full, "full"), self.plan.prepared_meta())
+        return fam.array(name)[model]
+
+    def oracle_margins(self, forget_set: str, role: str = "eval") -> np.ndarray:
+        """Margins (oracles, P) of the forget set's oracles of `role` (retrained without it): the truth
+        that dm-direct's prediction approximates."""
+        from pipeline.plan import FamilySpec, family_store
+
+        if forget_set not in self.plan.forget_sets:
+            raise QueryError(f"unknown forget set {forget_set!r}; known: {sorted(self.plan.forget_sets)}")
+        n = getattr(self.plan.cfg.train.oracle, role)
+        fam = family_store(self.plan, FamilySpec(self.plan.oracle(forget_set), role, n, "oracle"),
+                           self.plan.prepared_meta())
+        if n == 0 or not fam.done_mask(n).all():
+            raise QueryError(f"the {role} oracles of {forget_set!r} are not trained: run `oracle-farm train`")
+        return fam.read("margins", n)
 
     def predict(self, forget: np.ndarray, full_logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         """dm-direct (decision 5): logits of a full model minus the summed per-logit rows of the forget set.
@@ -126,6 +172,23 @@ def _extremes(values: np.ndarray, k: int, make) -> dict[str, list[Point]]:
     return {"positive": [make(i, values[i]) for i in top], "negative": [make(i, values[i]) for i in bottom]}
 
 
+def ranked_ends(values: np.ndarray, k: int, make) -> tuple[dict[str, list[Point]], list[str]]:
+    """The k highest and the k lowest values, each highest first / lowest first, and notes. A value
+    shared beyond the cut of a list (e.g. the hundreds of exact zeros a LASSO leaves on the diagonal)
+    is skipped from that list, not shown as k arbitrary ties: a note says how many points hold it."""
+    k = max(1, min(k, len(values)))
+    order = np.argsort(values, kind="stable")
+    out, notes = {}, []
+    for name, idx in (("highest", order[::-1][:k]), ("lowest", order[:k])):
+        cut = values[idx[-1]]
+        tied = int(np.count_nonzero(values == cut))
+        if tied > int(np.count_nonzero(values[idx] == cut)):  # the cut splits a tie: which ones show is arbitrary
+            idx = idx[values[idx] != cut]
+            notes.append(f"{name}: {tied} points have exactly {float(cut):+.5g}, not listed")
+        out[name] = [make(int(i), values[i]) for i in idx]
+    return out, notes
+
+
 def open_attribution(config_path: str, overrides: list[str] = ()) -> AttributionMatrix:
     """The attribution matrix of a config's finished fit stage."""
     from pipeline.config import load_config
@@ -136,8 +199,13 @@ def open_attribution(config_path: str, overrides: list[str] = ()) -> Attribution
     plan = Plan(cfg, Store(cfg.store))
     plan.store.check_reachable(create=False)
     if not is_complete(plan.store, plan.fit):
-        raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished in {plan.store.root}: "
-                         "run `oracle-farm fit` first")
+        where = plan.store.root
+        if plan.store.is_local and not Path(cfg.store).expanduser().is_absolute():
+            where += f" (the config's `store: {cfg.store}`, relative to the working directory {Path.cwd()})"
+        found = "holds no finished fit" if plan.store.exists("prepare") else "holds no store"
+        raise QueryError(f"the fit stage {plan.fit.id} of {config_path} is not finished: {where} {found}; "
+                         "point `store` (or --set store=...) at the store of the finished run, or run "
+                         "`oracle-farm fit`")
     meta = plan.prepared_meta()
     group = plan.store.open_group(f"{plan.prepare.rel}/arrays.zarr", mode="r")
     labels = np.concatenate([group["labels/train"][:], group["labels/val"][:]])

@@ -233,6 +233,21 @@ class Store:
 
         return zarr.open_group(store=self.zarr_store(rel), mode=mode, zarr_format=3)
 
+    @staticmethod
+    def create_array(group: zarr.Group, name: str, *, stage: StageRef, shape: tuple, chunks: tuple, dtype: str,
+                     shards: tuple | None = None, fill_value=0, overwrite: bool = False) -> zarr.Array:
+        """Every stored array is created here: with its `dimension_names` and attributes (what it is, its
+        units, the stage and config section that made it; `ARRAY_DOCS`), so that xarray, or any Zarr v3
+        reader, can name its axes."""
+        dims, description, units = array_doc(group.basename, name)
+        if len(dims) != len(shape):
+            raise StoreError(f"{name}: {len(shape)} axes, but ARRAY_DOCS names {len(dims)}: {dims}")
+        section = STAGE_SECTIONS[stage.kind] + (f".{group.basename}" if stage.kind == "oracle" else "")
+        attributes = {"description": description, "units": units, "stage": stage.rel, "stage_id": stage.id,
+                      "config_section": section}
+        return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=fill_value,
+                                  overwrite=overwrite, dimension_names=dims, attributes=attributes)
+
     def check_reachable(self, create: bool = True) -> None:
         """Fail early, with a message naming the store, when it cannot be used: a local root that
         cannot be created (create=True) or an object store whose URL has no bucket, whose bucket does
@@ -353,6 +368,44 @@ def mark_complete(store: Store, ref: StageRef, info: dict) -> None:
     store.write_json(f"{ref.rel}/COMPLETE.json", {**info, "finished": time.time()})
 
 
+# ---------------------------------------------------------------------------------------- array docs
+# name (or group/name) -> (dimension names, description, units): what `Store.create_array` records with
+# each array. Axes: model (a row of a family), point (train then val, P = n_train + n_val), class,
+# split (train, val), train_point (n_train), val_point (n_val), target (a fit target: a point, P).
+ARRAY_DOCS = {
+    "margins": (("model", "point"), "margin of each model on each point (train then val): z_y - logsumexp_{j != y} "
+                "z_j of its logits z and the point's label y (storage_layout.md)", "nats"),
+    "logits": (("model", "point", "class"), "logits of each model on each point (train then val)", "nats"),
+    "accuracy": (("model", "split"), "top-1 accuracy of each model on train, val", "fraction"),
+    "masks": (("model", "train_point"), "whether the training point was in the model's training subset", "bool"),
+    "theta": (("train_point", "target"), "per-margin datamodels: weight of training point i in the linear model "
+              "of target t's margin, t a column", "nats per inclusion"),
+    "theta_rows": (("train_point", "target"), "theta, chunked for row reads (one training point's effect "
+                   "on every target)", "nats per inclusion"),
+    "bias": (("target",), "intercept of each target's per-margin datamodel", "nats"),
+    "lds": (("target",), "linear datamodeling score of each target: Spearman correlation of predicted and "
+            "true margins over the held-out subset models", "1"),
+    "lam": (("target",), "regularization of each target's fit (LASSO lambda chosen on the path)", "1"),
+    "theta_logit_rows": (("train_point", "target", "class"), "theta_logit, sharded for row reads (one training "
+                         "point's per-logit effect on every target)", "nats per inclusion"),
+    "theta_logit": (("train_point", "target", "class"), "per-logit datamodels: weight of training point i in "
+                    "the linear model of target t's logit of class c", "nats per inclusion"),
+    "bias_logit": (("target", "class"), "intercept of each target's per-logit datamodels", "nats"),
+    "labels/train": (("train_point",), "label of each training point", "class index"),
+    "labels/val": (("val_point",), "label of each validation point", "class index"),
+}
+# stage kind -> the config section that makes it (an oracle family adds its role: train.oracle.eval)
+STAGE_SECTIONS = {"prepare": "data", "full": "train.full", "subset": "train.subset", "oracle": "train.oracle",
+                  "fit": "fit", "unlearn": "unlearn", "external": "import-margins"}
+
+
+def array_doc(group_name: str, name: str) -> tuple[tuple[str, ...], str, str]:
+    doc = ARRAY_DOCS.get(f"{group_name}/{name}") or ARRAY_DOCS.get(name)
+    if doc is None:
+        raise StoreError(f"{group_name}/{name}: no entry in pipeline.store.ARRAY_DOCS (its axes and meaning)")
+    return doc
+
+
 # ---------------------------------------------------------------------------------------- families
 @dataclass(frozen=True)
 class ArraySpec:
@@ -397,8 +450,8 @@ class Family:
                 if arr.shape[0] < n_models:
                     arr.resize((n_models, *spec.tail))
             else:
-                group.create_array(spec.name, shape=(n_models, *spec.tail),
-                                   chunks=spec.chunks(model_chunk), dtype=spec.dtype, fill_value=0)
+                self.store.create_array(group, spec.name, stage=self.ref, shape=(n_models, *spec.tail),
+                                        chunks=spec.chunks(model_chunk), dtype=spec.dtype)
         return self.model_chunk()
 
     def model_chunk(self) -> int:
