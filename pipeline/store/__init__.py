@@ -391,6 +391,8 @@ ARRAY_DOCS = {
     "theta_logit": (("train_point", "target", "class"), "per-logit datamodels: weight of training point i in "
                     "the linear model of target t's logit of class c", "nats per inclusion"),
     "bias_logit": (("target", "class"), "intercept of each target's per-logit datamodels", "nats"),
+    "lds_logit": (("target", "class"), "linear datamodeling score of each target's per-logit datamodel of "
+                  "class c: Spearman correlation of predicted and true logits over the held-out subset models", "1"),
     "labels/train": (("train_point",), "label of each training point", "class index"),
     "labels/val": (("val_point",), "label of each validation point", "class index"),
 }
