@@ -1,9 +1,9 @@
 """Run a fit task's arrays at one size in this process and print its measured peak beside the prediction.
 
 python tests/fit_memory_probe.py '{"estimator": "diff_in_means", "models": 2048, ...}' -> one JSON line:
-{"measured": bytes, "predicted": bytes, "phase": ...}. The measured peak is ru_maxrss less the RSS before
-the inputs were made (after a small warm-up run that loads the kernels), so it counts what the task's
-arrays add, as ``fit_peak_bytes`` does; run each size in a fresh process (ru_maxrss only grows).
+{"measured": bytes, "predicted": bytes, "phase": ...}. The measured peak is the highest resident anonymous
+memory sampled while the task's arrays are made, less that before (after a small warm-up run that loads
+the kernels), so it counts what the task's arrays add, as ``fit_peak_bytes`` does.
 The computation is ``fit_block_task``'s, with its inputs made here instead of read from a store: the
 block's masks and outputs, the LASSO design, one estimator call per TARGET_CHUNK targets whose results
 are copied out, then the LDS of the margins and of the float16 per-logit weights on held-out models.
@@ -12,15 +12,37 @@ are copied out, then the LDS of the margins and of the float16 per-logit weights
 from __future__ import annotations
 
 import json
-import resource
 import sys
+import threading
 
 import torch
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def anon_rss() -> int:
+    """Resident anonymous memory (what arrays take): file-backed pages such as libtorch's code are left
+    out, since a loaded machine evicts and refaults them and ru_maxrss then counts them as the task's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+class PeakAnon:
+    """The highest anon_rss() seen while the block runs, sampled every 0.2 ms by a thread (the arrays
+    that make a peak live for milliseconds at least)."""
+
+    def __enter__(self):
+        self.peak, self._stop = anon_rss(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.0002):
+            self.peak = max(self.peak, anon_rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_rss())
 
 
 def bool_masks(rows: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -75,9 +97,10 @@ def main(spec: dict) -> dict:
     cfg = Config.model_validate({"fit": fit, "execution": {"threads": 1}})
     sizes = {k: spec[k] for k in ("models", "n", "targets", "classes", "heldout")}
     run(cfg, **{**sizes, "models": 40, "heldout": 8})  # warm-up: kernels, allocator, numba's cache
-    before = rss()
-    run(cfg, **sizes)
-    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    before = anon_rss()
+    with PeakAnon() as peak:
+        run(cfg, **sizes)
+    measured = peak.peak - before
     pred = fit_peak_bytes(estimator=cfg.fit.estimator, models=sizes["models"], n_train=sizes["n"],
                           targets=sizes["targets"], call_targets=call_targets(cfg, sizes["classes"]),
                           classes=sizes["classes"], per_logit=True, heldout=sizes["heldout"],

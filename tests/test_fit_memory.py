@@ -15,7 +15,7 @@ from helpers import REPO, TINY, cli, copy_store, store_snapshot, tiny_plan
 
 PROBE = REPO / "tests" / "fit_memory_probe.py"
 
-# measured / predicted peak (ru_maxrss growth of a subprocess running a fit task's arrays, tests/
+# measured / predicted peak (growth of resident anonymous memory in a subprocess running a fit task's arrays, tests/
 # fit_memory_probe.py, glibc's mmap threshold fixed at 64 KiB so that a freed array leaves RSS at once), on
 # this CPU: diff-in-means 8,192 models x 1,437 points in batches of 1,000: 0.90; LASSO (cd) 2,048 models
 # 0.84; ridge 2,048 models (primal) 1.01, 1,000 models x 3,000 points (dual) 0.72; held-out scoring of 2,000
