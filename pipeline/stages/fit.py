@@ -22,6 +22,7 @@ import torch
 from pipeline.config import Config
 from pipeline.datamodels import get_estimator, lasso_design, lds
 from pipeline.execution import init_ray, run_streaming_tasks, task_options
+from pipeline.execution.gate import pass_gate
 from pipeline.plan import TARGET_CHUNK, done_targets as _done_targets, target_blocks
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.store import Store, ensure_stage, is_complete, mark_complete
@@ -110,7 +111,8 @@ def _run_fit(plan: Plan) -> dict:
         # a generator task: it yields the targets it has done, chunk by chunk, so progress moves
         remote = ray.remote(fit_block_task).options(num_returns="streaming", **task_options(plan.cfg.execution))
         gens = [remote.remote(plan.store.root, plan.cfg, a, b) for a, b in todo]
-        run_streaming_tasks("fit", gens, sum(b - a for a, b in todo), unit="targets")
+        run_streaming_tasks("fit", gens, sum(b - a for a, b in todo), unit="targets",
+                            names=[f"targets {a}..{b}" for a, b in todo])
     _write_rows_copy(plan, meta)
     scores = plan.store.open_group(f"{ref.rel}/arrays.zarr", mode="r")["lds"][:]
     n = meta["n_train"]
@@ -158,6 +160,7 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int):
 
     The split of the models and the Gram matrices are made once for the block (``lasso_design``),
     and a chunk's margins and logits of every class are one call: all of them share the masks."""
+    pass_gate(f"fit-{start}")  # tests only (pipeline/execution/gate.py): off by default
     torch.set_num_threads(cfg.execution.threads)
     plan = Plan(cfg, Store(store_root))
     meta = plan.prepared_meta()

@@ -1,0 +1,67 @@
+"""Helpers of the fault tests (tests/test_faults_*.py): the task gate seen from the test, and every
+stored array of a stage kind, to compare a disturbed run with an undisturbed one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+# ------------------------------------------------------------------------------------------ the gate
+def reset_gate(gate: Path) -> None:
+    """Closed and empty: every task that starts waits at it."""
+    for p in gate.iterdir():
+        p.unlink()
+
+
+def open_gate(gate: Path) -> None:
+    (gate / "open").touch()
+
+
+def held_tasks(cluster) -> list[dict]:
+    """The tasks waiting at the gate right now and the live worker node each runs on:
+    [{"pid", "what", "node"}] (`pipeline/execution/gate.py` names a waiting file after its pid)."""
+    out = []
+    for p in sorted(cluster.gate.glob("waiting-*")):
+        _, pid, what = p.name.split("-", 2)
+        node = cluster.node_of(int(pid))
+        if node is not None:
+            out.append({"pid": int(pid), "what": what, "node": node})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ arrays
+def stage_arrays(root: Path, kind: str) -> dict[str, np.ndarray]:
+    """Every array of every stage of a kind under a store root: '<stage>/<array path>' -> values."""
+    import zarr
+
+    out = {}
+    for stage in sorted(Path(root, kind).glob(f"{kind}-*")):
+        if not (stage / "arrays.zarr").exists():
+            continue
+        group = zarr.open_group(str(stage / "arrays.zarr"), mode="r")
+        for path, arr in _walk(group):
+            out[f"{stage.name}/{path}"] = arr[...]
+    return out
+
+
+def _walk(group, prefix: str = ""):
+    for name, arr in group.arrays():
+        yield f"{prefix}{name}", arr
+    for name, sub in group.groups():
+        yield from _walk(sub, f"{prefix}{name}/")
+
+
+def stage_markers(root: Path, kind: str) -> list[str]:
+    """The marker and COMPLETE files of every stage of a kind (paths relative to the root)."""
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for pattern in ("*/markers/*/*.json", "*/COMPLETE.json")
+                  for p in root.glob(f"{kind}/{pattern}"))
+
+
+def copy_store_without(src: Path, dst: Path, *kinds: str) -> Path:
+    """A copy of a store root without the stages of some kinds (to run them again)."""
+    shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == Path(src) and n in kinds])
+    return dst
