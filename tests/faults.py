@@ -33,6 +33,30 @@ def held_tasks(cluster) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ arrays
+def family_rows(plan, kind: str) -> dict[str, np.ndarray]:
+    """Every output array of the training families of one kind ('full', 'subset', 'oracle'):
+    '<role>/<name>' -> rows 0..N (the families of other kinds may not exist in the store)."""
+    from pipeline.plan import family_store, train_families
+
+    meta = plan.prepared_meta()
+    out = {}
+    for fam in train_families(plan):
+        if fam.kind == kind and fam.n_models:
+            family = family_store(plan, fam, meta)
+            out.update({f"{fam.ref.rel}/{fam.role}/{s.name}": family.read(s.name, fam.n_models) for s in family.specs})
+    return out
+
+
+def assert_marked_rows_whole(plan) -> None:
+    """Every marked block's rows match its marker's checksums (no marker without its rows)."""
+    from pipeline.plan import family_store, train_families
+
+    meta = plan.prepared_meta()
+    for fam in train_families(plan):
+        if fam.n_models and plan.store.exists(f"{fam.ref.rel}/arrays.zarr/{fam.role}"):
+            assert family_store(plan, fam, meta).verify(fam.n_models) == [], fam.ref.rel
+
+
 def stage_arrays(root: Path, kind: str) -> dict[str, np.ndarray]:
     """Every array of every stage of a kind under a store root: '<stage>/<array path>' -> values."""
     import zarr
@@ -65,3 +89,12 @@ def copy_store_without(src: Path, dst: Path, *kinds: str) -> Path:
     """A copy of a store root without the stages of some kinds (to run them again)."""
     shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if Path(d) == Path(src) and n in kinds])
     return dst
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    """The same arrays, byte for byte (NaN where the undisturbed run has NaN: `lam` of a target never fitted)."""
+    assert sorted(got) == sorted(want)
+    for key in want:
+        a, b = got[key], want[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), key

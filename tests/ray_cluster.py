@@ -43,8 +43,7 @@ def serve(state_path: Path, workers: int, worker_cpus: int, dashboard_port: int 
     nodes = []
 
     def add() -> None:
-        nodes.append(cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1"))
-        cluster.wait_for_nodes()
+        nodes.append(cluster.add_node(num_cpus=worker_cpus, node_ip_address="127.0.0.1"))  # waits until it is up
         state = {"address": cluster.address, "head_raylet_pid": _node_state(cluster.head_node)["raylet_pid"],
                  "workers": [_node_state(n) for n in nodes], "pid": os.getpid()}
         tmp = state_path.with_suffix(".tmp")

@@ -21,9 +21,9 @@ import time
 
 import pytest
 
-from faults import copy_store_without, held_tasks, open_gate, reset_gate, stage_arrays
+from faults import assert_bit_identical, assert_marked_rows_whole, copy_store_without, held_tasks, open_gate, reset_gate, stage_arrays
 from helpers import (
-    CLI, TINY, assert_same_arrays, cli, copy_store, family_arrays, kill_tree, marker_files, start_session,
+    CLI, TINY, cli, copy_store, family_arrays, kill_tree, marker_files, start_session,
     tiny_plan, total_models, wait_for,
 )
 from ray_cluster import LocalCluster
@@ -88,9 +88,9 @@ def test_node_lost_during_train_the_task_is_retried_and_the_arrays_are_identical
     assert code == 0, log[-4000:]
     plan = tiny_plan(root)
     assert f"train: {total_models(plan)} models trained" in log
-    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=True)
+    assert_bit_identical(family_arrays(plan), family_arrays(tiny_store.plan))
     assert sorted(marker_files(root)) == sorted(marker_files(tiny_store.root))
-    assert_markers_have_rows(plan)
+    assert_marked_rows_whole(plan)
     RECOVERY["train"] = seconds
 
 
@@ -106,12 +106,12 @@ def test_node_lost_during_train_without_retries_exits_1_naming_it_then_a_rerun_c
     assert f"train: the task of {kind}/{'-'.join(role)} {start}.." in log and "was lost with its worker or node" in log, \
         log[-3000:]
     plan = tiny_plan(root)
-    assert_markers_have_rows(plan)  # what the first driver marked is whole
+    assert_marked_rows_whole(plan)  # what the first driver marked is whole
     marked = sum(m["end"] - m["start"] for m in map(json.loads, marker_files(root).values()))
     again = cli(*command, env={"RAY_ADDRESS": two_nodes.address})
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"train: {total_models(plan) - marked} models trained" in again.stdout  # only the unmarked blocks
-    assert_same_arrays(family_arrays(plan), family_arrays(tiny_store.plan), exact=True)
+    assert_bit_identical(family_arrays(plan), family_arrays(tiny_store.plan))
 
 
 # ------------------------------------------------------------------------------------------ fit, unlearn
@@ -123,7 +123,7 @@ def test_node_lost_during_fit_the_task_is_retried_and_the_arrays_are_identical(t
                                                     "fit")
     assert victim["what"].startswith("fit-"), victim
     assert code == 0, log[-4000:]
-    assert_same_arrays(stage_arrays(root, "fit"), stage_arrays(tiny_finished["root"], "fit"), exact=True)
+    assert_bit_identical(stage_arrays(root, "fit"), stage_arrays(tiny_finished["root"], "fit"))
     RECOVERY["fit"] = seconds
 
 
@@ -135,15 +135,5 @@ def test_node_lost_during_unlearn_the_task_is_retried_and_the_arrays_are_identic
                                                     ["unlearn", str(TINY), "--set", f"store={root}"], "unlearn")
     assert victim["what"].startswith("unlearn-"), victim
     assert code == 0, log[-4000:]
-    assert_same_arrays(stage_arrays(root, "unlearn"), stage_arrays(tiny_finished["root"], "unlearn"), exact=True)
+    assert_bit_identical(stage_arrays(root, "unlearn"), stage_arrays(tiny_finished["root"], "unlearn"))
     RECOVERY["unlearn"] = seconds
-
-
-def assert_markers_have_rows(plan) -> None:
-    """Every marked block's rows match its marker's checksums (no marker without its rows)."""
-    from pipeline.plan import family_store, train_families
-
-    meta = plan.prepared_meta()
-    for fam in train_families(plan):
-        if fam.n_models and plan.store.exists(f"{fam.ref.rel}/arrays.zarr"):
-            assert family_store(plan, fam, meta).verify(fam.n_models) == [], fam.ref.rel

@@ -13,12 +13,13 @@ from pipeline.progress import Progress
 
 
 # Store settings a joined cluster's workers need to reach the same store as the driver. Only where the
-# store is, never who may read it: secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-# AWS_SESSION_TOKEN) are not copied into the runtime_env, which Ray keeps in its job table and shows
+# store is and how patiently to call it (pipeline.store.s3_client_config), never who may read it:
+# secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are not copied into the runtime_env, which Ray keeps in its job table and shows
 # on the dashboard; a cluster's nodes get them from their own environment (infra/cluster.yaml,
 # infra/rayjob.yaml), as do per-node settings (AWS_PROFILE names files on the node, ORACLE_FARM_CACHE
 # a local folder). A local instance started here inherits this process's whole environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "ORACLE_FARM_S3_ATTEMPTS", "ORACLE_FARM_S3_TIMEOUT")
 
 
 # Every worker hashes strings the same way, whichever process runs a task.

@@ -48,6 +48,58 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+# The S3 client's retries and timeouts: the one place they are set, for every Store (the driver's and each
+# task's) and for Zarr's chunk I/O, which gets the same storage options. botocore's standard mode retries
+# throttling (503 SlowDown), 5xx answers, reset connections and timeouts, up to S3_MAX_ATTEMPTS attempts
+# with exponential backoff (at most 20 s apart); s3fs runs each call in its own loop of up to
+# `S3FileSystem.retries` (5) tries for what it knows to be transient (timeouts, SlowDown, truncated
+# bodies). A store that stays down fails a call after at most 5 x S3_MAX_ATTEMPTS attempts. Every write
+# retried this way is idempotent: an object is written whole by one PUT (markers, JSON, chunks), so a
+# PUT applied but answered with an error and sent again leaves the same object. The two variables
+# shorten both for tests (a fault-injecting proxy) or a store known to be close.
+S3_MAX_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT = 10.0  # seconds
+S3_READ_TIMEOUT = 60.0  # seconds
+S3_ATTEMPTS_ENV, S3_TIMEOUT_ENV = "ORACLE_FARM_S3_ATTEMPTS", "ORACLE_FARM_S3_TIMEOUT"
+
+
+def s3_client_config() -> dict:
+    """botocore `Config` arguments of every S3 client (see above)."""
+    attempts = int(os.environ.get(S3_ATTEMPTS_ENV) or S3_MAX_ATTEMPTS)
+    timeout = float(os.environ.get(S3_TIMEOUT_ENV) or 0)
+    return {"retries": {"max_attempts": attempts, "mode": "standard"},
+            "connect_timeout": min(timeout, S3_CONNECT_TIMEOUT) if timeout else S3_CONNECT_TIMEOUT,
+            "read_timeout": timeout or S3_READ_TIMEOUT}
+
+
+class StoreUnavailable(RuntimeError):
+    """An object store failed a call after all the client's retries (s3_client_config): a failure, not
+    bad input (exit 1). Every block with a marker is done; a re-run redoes the rest."""
+
+
+def store_unavailable(store: "Store", exc: BaseException) -> StoreUnavailable | None:
+    """`exc` as a StoreUnavailable naming the store, when it is an object store's failure to answer (an
+    OSError from s3fs, a botocore error, as raised here or in a Ray task); None for anything else (a
+    missing or refused object, a full local disk, an error of the code's own)."""
+    import errno
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if store.is_local:
+        return None
+    cause = getattr(exc, "cause", None) or exc  # a task's error, as Ray re-raises it
+    if isinstance(cause, (FileNotFoundError, PermissionError)) or getattr(cause, "errno", None) in (
+            errno.ENOSPC, errno.EDQUOT):
+        return None
+    if not isinstance(cause, (OSError, BotoCoreError, ClientError)):
+        return None
+    where = store.root + (f" (endpoint {_s3_endpoint()})" if _s3_endpoint() else "")
+    said = " ".join(str(cause).split())[:300]
+    return StoreUnavailable(f"{where}: the object store is unavailable ({type(cause).__name__}: {said}) after "
+                            f"{s3_client_config()['retries']['max_attempts']} attempts per call; every block with a "
+                            "marker is done: re-run the same command once the store answers")
+
+
 def default_storage_options(root: str) -> dict:
     """fsspec options for a store URL. Credentials are never among them: s3fs/botocore read
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE from the environment.
@@ -56,7 +108,7 @@ def default_storage_options(root: str) -> dict:
     add markers while this one runs."""
     if not root.startswith(("s3://", "s3a://")):
         return {}
-    options: dict = {"use_listings_cache": False}
+    options: dict = {"use_listings_cache": False, "config_kwargs": s3_client_config()}
     endpoint = _s3_endpoint()
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -233,8 +285,14 @@ class Store:
                                                       "retries": {"max_attempts": 2, "mode": "standard"}}})
         probe.retries = 1
         try:
-            probe.call_s3("head_bucket", Bucket=bucket)
-            probe.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+            try:
+                self._probe_s3(probe, bucket, prefix)
+            except Exception as exc:
+                if _cannot_connect(exc) or isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise
+                # it answered, but badly (503 SlowDown, a 5xx, a reset, a timeout): a flaky store, not a wrong
+                # one; the stages' own client, with all its retries (s3_client_config), has the last word
+                self._probe_s3(self.fs, bucket, prefix)
         except FileNotFoundError:
             raise StoreError(f"{where}: bucket {bucket!r} does not exist") from None
         except PermissionError as exc:
@@ -243,6 +301,19 @@ class Store:
         except Exception as exc:
             raise StoreError(f"{where}: store not reachable ({type(exc).__name__}: {exc}); check "
                              "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network") from None
+
+
+    @staticmethod
+    def _probe_s3(fs, bucket: str, prefix: str) -> None:
+        fs.call_s3("head_bucket", Bucket=bucket)
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+
+
+def _cannot_connect(exc: Exception) -> bool:
+    """Whether an S3 call failed because nothing answered at the endpoint (refused, no such host)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    return isinstance(exc, EndpointConnectionError)
 
 
 def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
