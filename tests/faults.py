@@ -4,9 +4,11 @@ stored array of a stage kind, to compare a disturbed run with an undisturbed one
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 # ------------------------------------------------------------------------------------------ the gate
@@ -57,17 +59,18 @@ def assert_marked_rows_whole(plan) -> None:
             assert family_store(plan, fam, meta).verify(fam.n_models) == [], fam.ref.rel
 
 
-def stage_arrays(root: Path, kind: str) -> dict[str, np.ndarray]:
-    """Every array of every stage of a kind under a store root: '<stage>/<array path>' -> values."""
-    import zarr
+def stage_arrays(root, kind: str) -> dict[str, np.ndarray]:
+    """Every array of every stage of a kind under a store root (a path or an s3:// URL):
+    '<stage>/<array path>' -> values."""
+    from pipeline.store import Store
 
+    store = Store(str(root))
     out = {}
-    for stage in sorted(Path(root, kind).glob(f"{kind}-*")):
-        if not (stage / "arrays.zarr").exists():
+    for stage in store.list(kind):
+        if not store.exists(f"{kind}/{stage}/arrays.zarr/zarr.json"):
             continue
-        group = zarr.open_group(str(stage / "arrays.zarr"), mode="r")
-        for path, arr in _walk(group):
-            out[f"{stage.name}/{path}"] = arr[...]
+        for path, arr in _walk(store.open_group(f"{kind}/{stage}/arrays.zarr", mode="r")):
+            out[f"{stage}/{path}"] = arr[...]
     return out
 
 
@@ -98,3 +101,40 @@ def assert_bit_identical(got: dict, want: dict) -> None:
         a, b = got[key], want[key]
         assert a.shape == b.shape and a.dtype == b.dtype, key
         assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes(), key
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+class Tmpfs:
+    """A tmpfs of `kib` KiB mounted at `path` for the test; `grow` remounts it larger (files kept)."""
+
+    def __init__(self, path: Path, kib: int):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(self.path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+
+    def grow(self, kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.path)], check=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def mounts():
+    made = []
+    yield lambda path, kib: made.append(Tmpfs(path, kib)) or made[-1]
+    for m in made:
+        m.unmount()
+
+
+def kib_used(root: Path) -> int:
+    """What a tree takes on a tmpfs: whole 4 KiB pages per file and folder."""
+    pages = sum(-(-p.stat().st_size // 4096) if p.is_file() else 1 for p in [root, *root.rglob("*")])
+    return pages * 4
+
+
+def no_temporaries(root: Path) -> list[str]:
+    return [str(p) for p in Path(root).rglob("*") if p.name.startswith(".tmp-") or ".part" in p.name]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -72,8 +73,10 @@ class LocalCluster:
         self.temp = tempfile.mkdtemp(prefix="of-rc-", dir="/tmp")  # short: Ray's unix sockets live under it
         self.state_path = Path(log_dir) / "cluster.json"
         self.dashboard_port = free_port() if dashboard else None
+        # with a dashboard (the job server), token authentication, with a token made for this cluster
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)} if dashboard else {}
         self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": self.temp,
-                    "PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **(env or {})}
+                    "PYTHONPATH": str(REPO), **FAST_HEALTH_CHECKS, **auth, **(env or {})}
         cmd = [sys.executable, str(Path(__file__)), str(self.state_path), str(workers), str(worker_cpus),
                str(self.dashboard_port or 0)]
         self.log = Path(log_dir) / "cluster.log"

@@ -6,10 +6,10 @@ pipeline.store.s3_client_config's, shortened here by ORACLE_FARM_S3_TIMEOUT so a
 seconds.
 
 Default suite: `oracle-farm train --family full` through the proxy (every kind of fault injected) gives
-the rows, markers and weights of the clean local run; a store that goes down for good mid-train ends
-in exit 1 naming the store, every marker left has its rows, and a re-run once it is back completes
-with the same arrays. Slow: the whole tiny config (`oracle-farm run`) through the proxy, every stage's
-arrays equal to the clean run's.
+the rows, markers and weights of the clean local run. Slow: a store that goes down for good mid-train
+ends in exit 1 naming the store, every marker left has its rows, and a re-run once it is back
+completes with the same arrays; the whole tiny config (`oracle-farm run`) through the proxy, every
+stage's arrays equal to the clean run's; a full worker cache.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from faults import assert_bit_identical, assert_marked_rows_whole, family_rows, open_gate, reset_gate
+from faults import (  # noqa: F401 - mounts: a fixture
+    assert_bit_identical, assert_marked_rows_whole, family_rows, mounts, no_temporaries, open_gate, reset_gate,
+    stage_arrays,
+)
 from flaky_proxy import FAULTS, FlakyProxy
 from helpers import (
     CLI, TINY, cli, full_weights, kill_tree, start_session, tiny_plan, wait_for,
@@ -31,7 +34,6 @@ from test_s3 import ACCESS_KEY, SECRET_KEY, STRAY, MotoServer
 
 READ_TIMEOUT = 2.0  # seconds (ORACLE_FARM_S3_TIMEOUT); the proxy holds a delayed answer longer
 RATE = 0.08  # of requests given a fault
-RECOVERY: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +95,10 @@ def test_train_through_a_flaky_store_gives_the_clean_runs_arrays(moto, proxy, fl
     assert_marked_rows_whole(plan)
     marked = sorted(k.split("/", 1)[1] for k in s3_markers(moto, bucket) if "/markers/" in k)
     assert marked == [m for m in local_markers(tiny_store.root) if m.startswith("full/")]
-    RECOVERY["train"] = elapsed
-    print(f"flaky train: {proxy.counts} in {elapsed:.1f} s")
+    print(f"fault-table: flaky store {proxy.counts} | train full | retried | {elapsed:.1f} s whole command")
 
 
+@pytest.mark.slow
 def test_a_store_that_never_recovers_exits_1_naming_it_then_a_rerun_completes(moto, proxy, flaky_env, tiny_store,
                                                                              tmp_path):
     bucket = moto.bucket("flaky-down")
@@ -131,5 +133,48 @@ def test_a_store_that_never_recovers_exits_1_naming_it_then_a_rerun_completes(mo
     t0 = time.monotonic()
     again = cli("train", str(TINY), "--family", "subset", *settings, "--set", "execution.lease_wait=30", env=flaky_env)
     assert again.returncode == 0, again.stdout + again.stderr[-3000:]
-    RECOVERY["down"] = time.monotonic() - t0
+    print(f"fault-table: store down | train subset | exit 1, re-run | {time.monotonic() - t0:.1f} s re-run")
     assert_bit_identical(family_rows(plan, "subset"), family_rows(tiny_store.plan, "subset"))
+
+
+# ------------------------------------------------------------------------------------------ a full cache
+@pytest.mark.slow
+def test_a_full_worker_cache_exits_1_naming_it_then_a_rerun_after_freeing_space_completes(moto, mounts, tiny_store,
+                                                                                           tmp_path):
+    """$ORACLE_FARM_CACHE on a tmpfs smaller than the `.beton` a task copies into it (tests/faults.py)."""
+    bucket = moto.bucket("full-cache")
+    root = f"s3://{bucket}/farm"
+    cache = tmp_path / "cache"
+    disk = mounts(cache, 4 * 1024)
+    env = {"ORACLE_FARM_CACHE": str(cache), "COLUMNS": "250"}
+    args = ["train", str(TINY), "--set", f"store={root}", "--family", "full", "--set", "execution.lease_ttl=2"]
+    first = cli(*args, env=env)
+    message = " ".join(first.stderr.split())
+    assert first.returncode == 1, first.stdout + first.stderr[-3000:]
+    assert f"{cache}/" in message and "no space left on the device" in message and "bytes needed" in message, message
+    assert not no_temporaries(cache)
+    disk.grow(128 * 1024)
+    t0 = time.monotonic()
+    again = cli(*args, env=env)
+    print(f"fault-table: full cache | train full | exit 1, re-run | {time.monotonic() - t0:.1f} s re-run")
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    plan = tiny_plan(root)
+    assert_bit_identical(family_rows(plan, "full"), family_rows(tiny_store.plan, "full"))
+
+
+# ------------------------------------------------------------------------------------------ a whole run
+@pytest.mark.slow
+def test_the_whole_tiny_run_through_a_flaky_store_gives_the_clean_runs_arrays(moto, proxy, flaky_env, tiny_finished):
+    bucket = moto.bucket("flaky-run")
+    root = f"s3://{bucket}/farm"
+    t0 = time.monotonic()
+    report = Path(flaky_env["ORACLE_FARM_CACHE"]).parent / "out"
+    out = cli("run", str(TINY), "--set", f"store={root}", "--out", str(report), env=flaky_env, timeout=1800)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+    assert all(proxy.counts[k] for k in FAULTS), proxy.counts
+    for kind in ("prepare", "full", "subset", "oracle", "fit", "unlearn"):
+        want = stage_arrays(tiny_finished["root"], kind)
+        assert want, kind
+        assert_bit_identical(stage_arrays(root, kind), want)
+    print(f"fault-table: flaky store {proxy.counts} | run | retried | {elapsed:.1f} s whole command")

@@ -39,6 +39,30 @@ class CorruptFile(StoreError):
     message names it and how to have it written again. Bad input (exit 2), like every StoreError."""
 
 
+class NoSpace(RuntimeError):
+    """A local disk is full (a local store, the worker cache $ORACLE_FARM_CACHE): the message names the
+    path, the bytes the write needed and what is free. A failure, not bad input (exit 1): nothing half-written
+    is taken as done (a block's marker comes after its rows), and a re-run after freeing space redoes the rest."""
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    import errno
+
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: str | Path, needed: int) -> NoSpace:
+    """The NoSpace error of a write of `needed` bytes to `path` (free space read from its nearest existing folder)."""
+    import shutil
+
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return NoSpace(f"{path}: no space left on the device ({needed:,} bytes needed for this write, {free:,} bytes "
+                   "free there); free space there and re-run the same command (every block with a marker is kept)")
+
+
 def _is_url(root: str) -> bool:
     return "://" in root
 
@@ -151,9 +175,15 @@ class Store:
         if self.is_local:  # a local reader must never see half an object
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except OSError as exc:  # never leave the temporary file behind (on a full disk, least of all)
+                Path(tmp).unlink(missing_ok=True)
+                if _is_no_space(exc):
+                    raise no_space(target, len(data)) from None
+                raise
         else:  # an object PUT is atomic on S3
             self.fs.pipe_file(target, data)
 
@@ -188,8 +218,14 @@ class Store:
         if self.is_local:
             Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path(rel) + ".partial"
-            self.fs.put_file(str(local), tmp)
-            os.replace(tmp, self.path(rel))
+            try:
+                self.fs.put_file(str(local), tmp)
+                os.replace(tmp, self.path(rel))
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                if _is_no_space(exc):
+                    raise no_space(self.path(rel), Path(local).stat().st_size) from None
+                raise
         else:  # one PUT, or a multipart upload that appears only when completed: no rename on S3
             self.fs.put_file(str(local), self.path(rel))
 
@@ -212,10 +248,18 @@ class Store:
         target = cache / key / Path(rel).name
         if target.is_file() and target.stat().st_size == size and (sha256 is None or file_sha256(target) == sha256):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise no_space(target, size) if _is_no_space(exc) else exc from None
         tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
         try:
-            self.fs.get_file(self.path(rel), str(tmp))
+            try:
+                self.fs.get_file(self.path(rel), str(tmp))
+            except OSError as exc:
+                if _is_no_space(exc):
+                    raise no_space(target, size) from None
+                raise
             got = tmp.stat().st_size
             if got != size:
                 raise StoreError(f"{self.url(rel)}: copied {got} bytes, expected {size}")
@@ -444,7 +488,13 @@ class Family:
         for spec in self.specs:
             data = np.ascontiguousarray(arrays[spec.name], dtype=spec.dtype)
             n = data.shape[0] if n is None else n
-            group[spec.name][start : start + n] = data
+            try:
+                group[spec.name][start : start + n] = data
+            except OSError as exc:
+                if _is_no_space(exc) and self.store.is_local:  # at most the rows' bytes (chunks are compressed)
+                    raise no_space(self.store.path(f"{self.group_rel}/{self.role}/{spec.name}"),
+                                   sum(np.asarray(a).nbytes for a in arrays.values())) from None
+                raise
             checksums[spec.name] = hashlib.sha256(data.tobytes()).hexdigest()
         marker = {"start": start, "end": start + n, "checksums": checksums, "info": info or {}}
         self.store.write_json(f"{self.marker_rel}/{start:07d}-{start + n:07d}.json", marker)

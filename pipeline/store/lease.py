@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.store import Store, StoreError, store_unavailable
+from pipeline.store import NoSpace, Store, StoreError, store_unavailable
 
 LEASE_NAME = "LEASE.json"
 _RETRY = object()
@@ -352,6 +352,9 @@ class Lease:
             if not self.quiet:
                 print(f"warning: could not release the lease ({type(failed).__name__}: {failed}); it expires "
                       f"{self.ttl:g} s after its last heartbeat", file=sys.stderr, flush=True)
+        cause = getattr(exc, "cause", None)  # a Ray task's own error, as ray.get re-raises it
+        if isinstance(cause, NoSpace):  # its message says it all; Ray's traceback around it would bury it
+            raise cause from None
         lost = store_unavailable(self.store, exc)
         if lost is not None:  # an object store that stayed down: say which, exit 1
             raise lost from exc
