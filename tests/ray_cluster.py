@@ -30,6 +30,14 @@ FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_fai
                       "RAY_health_check_initial_delay_ms": "0"}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _node_state(node) -> dict:
     return {"node_id": node.node_id, "raylet_pid": node.all_processes["raylet"][0].process.pid}
 
@@ -37,7 +45,8 @@ def _node_state(node) -> dict:
 def serve(state_path: Path, workers: int, worker_cpus: int, dashboard_port: int | None) -> None:
     from ray.cluster_utils import Cluster
 
-    head_args = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": dashboard_port is not None}
+    head_args = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": dashboard_port is not None,
+                 "dashboard_agent_listen_port": _free_port()}  # not Ray's fixed default, which others may hold
     if dashboard_port is not None:
         head_args.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     cluster = Cluster(initialize_head=True, head_node_args=head_args)

@@ -105,15 +105,12 @@ def store_unavailable(store: "Store", exc: BaseException) -> StoreUnavailable | 
     """`exc` as a StoreUnavailable naming the store, when it is an object store's failure to answer (an
     OSError from s3fs, a botocore error, as raised here or in a Ray task); None for anything else (a
     missing or refused object, a full local disk, an error of the code's own)."""
-    import errno
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
     if store.is_local:
         return None
+    from botocore.exceptions import BotoCoreError, ClientError
+
     cause = getattr(exc, "cause", None) or exc  # a task's error, as Ray re-raises it
-    if isinstance(cause, (FileNotFoundError, PermissionError)) or getattr(cause, "errno", None) in (
-            errno.ENOSPC, errno.EDQUOT):
+    if isinstance(cause, (FileNotFoundError, PermissionError)) or _is_no_space(cause):
         return None
     if not isinstance(cause, (OSError, BotoCoreError, ClientError)):
         return None
