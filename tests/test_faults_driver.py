@@ -50,7 +50,7 @@ def test_a_driver_lost_mid_stage_is_taken_over_by_one_from_another_host(tiny_sto
                  "--set", f"execution.lease_ttl={TTL}", "--set", "execution.lease_wait=300"]
         reset_gate(gate)
         (gate / "ticket-1").touch()
-        first = job(cluster, "--no-wait", "--submission-id", "of-first", "--", shlex.join(train), timeout=120)
+        first = job(cluster, "--no-wait", "--submission-id", "of-first", "--", *train, timeout=120)
         assert first.returncode == 0, first.stdout + first.stderr
         wait_for(lambda: marker_files(root) and len(list(gate.glob("waiting-*"))) >= 2, timeout=600, every=0.2,
                  what="one block marked, a task held on each node")
@@ -64,7 +64,7 @@ def test_a_driver_lost_mid_stage_is_taken_over_by_one_from_another_host(tiny_sto
         open_gate(gate)
         other = (f"hostname {OTHER_HOST} && echo driver host: $(hostname), pid: $$ && exec {shlex.join(train)}")
         second = job(cluster, "--submission-id", "of-second", "--",
-                     f"unshare --uts --pid --fork --mount-proc sh -c {shlex.quote(other)}")
+                     "unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", other)
         recovered = time.monotonic() - lost_at
         log = second.stdout + second.stderr
         assert second.returncode == 0, log[-4000:]
