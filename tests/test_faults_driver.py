@@ -3,8 +3,9 @@
 
 The first job (`jobs/train.py`) runs until one block of its stage is marked and the next tasks are
 held at the task gate; then its driver (the pid in the stage's LEASE.json) is SIGKILLed, as when its
-machine goes away. The second job runs the same command under `unshare --uts --pid --fork
---mount-proc` with another host name: to it the lease is another machine's, so it cannot tell the
+machine goes away. The second job runs the same command under `unshare --uts --pid --fork` with
+another host name (and no /proc of its own: Ray's driver finds the local raylet by listing processes):
+to it the lease is another machine's, so it cannot tell the
 holder is gone; it waits until the heartbeat is older than the ttl, takes the lease over, trains only
 the blocks without a marker, and the arrays are bit-identical to the session's undisturbed run.
 """
@@ -27,7 +28,8 @@ from helpers import RAY, REPO, TINY, copy_store, family_arrays, marker_files, ti
 from ray_cluster import LocalCluster
 
 OTHER_HOST = "of-other-host"
-TTL = 5  # seconds: execution.lease_ttl of both jobs
+TTL = 90  # seconds: execution.lease_ttl of both jobs, longer than a job takes to start here (~50 s under load),
+# so that the second driver finds the lease still live and has to wait it out
 
 
 def job(cluster, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -64,7 +66,7 @@ def test_a_driver_lost_mid_stage_is_taken_over_by_one_from_another_host(tiny_sto
         open_gate(gate)
         other = (f"hostname {OTHER_HOST} && echo driver host: $(hostname), pid: $$ && exec {shlex.join(train)}")
         second = job(cluster, "--submission-id", "of-second", "--",
-                     "unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c", other)
+                     "unshare", "--uts", "--pid", "--fork", "sh", "-c", other)
         recovered = time.monotonic() - lost_at
         log = second.stdout + second.stderr
         assert second.returncode == 0, log[-4000:]
