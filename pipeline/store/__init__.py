@@ -343,7 +343,6 @@ class Store:
             raise StoreError(f"{where}: store not reachable ({type(exc).__name__}: {exc}); check "
                              "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network") from None
 
-
     @staticmethod
     def _probe_s3(fs, bucket: str, prefix: str) -> None:
         fs.call_s3("head_bucket", Bucket=bucket)
