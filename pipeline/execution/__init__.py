@@ -13,12 +13,13 @@ from pipeline.progress import Progress
 
 
 # Store settings a joined cluster's workers need to reach the same store as the driver. Only where the
-# store is, never who may read it: secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-# AWS_SESSION_TOKEN) are not copied into the runtime_env, which Ray keeps in its job table and shows
+# store is and how patiently to call it (pipeline.store.s3_client_config), never who may read it:
+# secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are not copied into the runtime_env, which Ray keeps in its job table and shows
 # on the dashboard; a cluster's nodes get them from their own environment (infra/cluster.yaml,
 # infra/rayjob.yaml), as do per-node settings (AWS_PROFILE names files on the node, ORACLE_FARM_CACHE
 # a local folder). A local instance started here inherits this process's whole environment.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "ORACLE_FARM_S3_ATTEMPTS", "ORACLE_FARM_S3_TIMEOUT")
 
 
 # Every worker hashes strings the same way, whichever process runs a task.
@@ -89,40 +90,68 @@ def task_options(cfg: ExecutionConfig, gpu: bool = True) -> dict:
             "max_retries": cfg.max_retries, "retry_exceptions": False}
 
 
+class TaskLost(RuntimeError):
+    """A task was lost with its worker or its node (killed, preempted, out of memory) after the retries
+    `execution.max_retries` allows: not an error of the task's own (exit 1). What it had not marked is
+    redone by a re-run of the same command."""
+
+
+# Ray's errors for work lost with a worker process or a node, as opposed to an exception a task raised
+# (which `ray.get` re-raises as itself, so a StoreError in a task is still a StoreError here).
+_LOST = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.LocalRayletDiedError,
+         ray.exceptions.ObjectLostError)
+
+
+def _lost(label: str, name: str | None, exc: Exception, done: int, total: int, unit: str) -> TaskLost:
+    what = f"the task of {name}" if name else "a task"
+    said = ". ".join(" ".join(str(exc).split()).split(". ")[:2])[:300]  # Ray's first two sentences: what, where
+    return TaskLost(f"{label}: {what} was lost with its worker or node after its retries "
+                    f"(execution.max_retries): {type(exc).__name__}: {said}; {done} of this run's {total} "
+                    f"{unit} were finished and marked: re-run the same command to redo the rest")
+
+
 def run_tasks(label: str, refs_with_weight: list[tuple], total: int, unit: str = "models") -> list:
-    """Wait for Ray object refs, each worth `weight` units of progress; re-raise the first failure."""
+    """Wait for Ray object refs, each worth `weight` units of progress (a tuple (ref, weight) or
+    (ref, weight, name), the name used where the task is lost); re-raise the first failure of a task's
+    own, and raise TaskLost, naming the task, for one lost with its worker or node."""
     progress = Progress(label, total, unit)
-    weights = {ref: w for ref, w in refs_with_weight}
+    weights = {entry[0]: entry[1] for entry in refs_with_weight}
+    names = {entry[0]: entry[2] for entry in refs_with_weight if len(entry) > 2}
     pending = list(weights)
     done, results = 0, {}
     progress.update(0)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
         for ref in ready:
-            results[ref] = ray.get(ref)
+            try:
+                results[ref] = ray.get(ref)
+            except _LOST as exc:
+                raise _lost(label, names.get(ref), exc, done, total, unit) from None
             done += weights[ref]
         progress.update(done)
     progress.close()
-    return [results[r] for r, _ in refs_with_weight]
+    return [results[entry[0]] for entry in refs_with_weight]
 
 
-def run_streaming_tasks(label: str, generators: list, total: int, unit: str = "models") -> int:
+def run_streaming_tasks(label: str, generators: list, total: int, unit: str = "models",
+                        names: list[str] | None = None) -> int:
     """Wait for Ray generator tasks (``num_returns="streaming"``) that yield the units they have done
-    as they go, so that progress moves within a task; re-raise the first failure. Returns the units
-    done."""
+    as they go, so that progress moves within a task; re-raise the first failure (TaskLost, naming the
+    task, for one lost with its worker or node). Returns the units done."""
     progress = Progress(label, total, unit)
     pending = list(generators)
+    named = dict(zip(map(id, generators), names or []))
     done = 0
     progress.update(0)
     while pending:
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
         for gen in ready:
             try:
-                ref = next(gen)
+                done += ray.get(next(gen))
             except StopIteration:
                 pending.remove(gen)
-                continue
-            done += ray.get(ref)
+            except _LOST as exc:
+                raise _lost(label, named.get(id(gen)), exc, done, total, unit) from None
         progress.update(done)
     progress.close()
     return done

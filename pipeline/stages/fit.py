@@ -31,6 +31,7 @@ from pipeline.datamodels import MODEL_BATCH, get_estimator, lasso_design, lds
 from pipeline.datamodels.lasso_problem import GRAM_MAX_FEATURES
 from pipeline.datamodels.memory import FitMemory, fit_peak_bytes, gib
 from pipeline.execution import init_ray, run_streaming_tasks, run_tasks, task_options
+from pipeline.execution.gate import pass_gate
 from pipeline.plan import TARGET_CHUNK, target_blocks, target_markers
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.store import CorruptFile, Store, ensure_stage, is_complete, mark_complete
@@ -132,7 +133,8 @@ def _run_fit(plan: Plan) -> dict:
         # a generator task: it yields the targets it has done, chunk by chunk, so progress moves
         remote = ray.remote(fit_block_task).options(num_returns="streaming", **task_options(plan.cfg.execution))
         gens = [remote.remote(plan.store.root, plan.cfg, a, b, forget) for a, b in todo]
-        run_streaming_tasks("fit", gens, sum(b - a for a, b in todo), unit="targets")
+        run_streaming_tasks("fit", gens, sum(b - a for a, b in todo), unit="targets",
+                            names=[f"targets {a}..{b}" for a, b in todo])
         markers = _finished_blocks(plan)
     _write_rows_copy(plan, meta, markers)
     scores = _consolidate_vectors(plan, markers)
@@ -330,6 +332,7 @@ def fit_block_task(store_root: str, cfg: Config, start: int, end: int, forget_se
     predicts the task's peak from these sizes).
 
     forget_sets: {forget id: indices}, the sets whose part of the forget rows this block writes."""
+    pass_gate(f"fit-{start}")  # tests only (pipeline/execution/gate.py): off by default
     torch.set_num_threads(cfg.execution.threads)
     plan = Plan(cfg, Store(store_root))
     meta = plan.prepared_meta()

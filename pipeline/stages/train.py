@@ -93,9 +93,9 @@ def _run_train(plan: Plan, kinds: tuple[str, ...] = ("full", "subset", "oracle")
     jobs.sort(key=lambda job: -len(job[3]) * (job[0].alpha if job[0].kind == "subset" else 1.0))
     init_ray(ex)
     remote = ray.remote(train_block_task).options(**task_options(ex))
-    refs = [(remote.remote(plan.store.root, plan.cfg, fam, start, end, todo.tolist()), len(todo))
-            for fam, start, end, todo in jobs]
-    total = sum(w for _, w in refs)
+    refs = [(remote.remote(plan.store.root, plan.cfg, fam, start, end, todo.tolist()), len(todo),
+             f"{fam.ref.kind}/{fam.role} {start}..{end}") for fam, start, end, todo in jobs]
+    total = sum(len(todo) for *_, todo in jobs)
     run_tasks("train", refs, total)
     return {"trained": total}
 

@@ -19,6 +19,7 @@ import torch
 from pipeline.batches import derive_seed
 from pipeline.config import Config
 from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.execution.gate import pass_gate
 from pipeline.models import build_model
 from pipeline.stages.fit import dm_direct_error, forget_rows
 from pipeline.plan import (  # noqa: F401 - re-exported: callers name them from here
@@ -79,13 +80,14 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
         dm_direct_error(plan, fs)  # recorded beside them (decision 34), once its target oracles exist
     init_ray(ex)
     remote = ray.remote(unlearn_block_task).options(**task_options(ex))
-    refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo))
-            for m, hp, fs, a, b, todo in tasks]
-    run_tasks(label, refs, sum(w for _, w in refs))
+    refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo),
+             f"{m} on {fs}, models {a}..{b}") for m, hp, fs, a, b, todo in tasks]
+    run_tasks(label, refs, sum(len(todo) for *_, todo in tasks))
 
 
 def unlearn_block_task(store_root: str, cfg: Config, method: str, hparams: dict, forget_name: str,
                        start: int, end: int, todo: list[int]) -> int:
+    pass_gate(f"unlearn-{method}-{forget_name}-{start}")  # tests only (pipeline/execution/gate.py): off by default
     torch.set_num_threads(cfg.execution.threads)
     plan = Plan(cfg, Store(store_root))
     meta = plan.prepared_meta()

@@ -39,6 +39,30 @@ class CorruptFile(StoreError):
     message names it and how to have it written again. Bad input (exit 2), like every StoreError."""
 
 
+class NoSpace(RuntimeError):
+    """A local disk is full (a local store, the worker cache $ORACLE_FARM_CACHE): the message names the
+    path, the bytes the write needed and what is free. A failure, not bad input (exit 1): nothing half-written
+    is taken as done (a block's marker comes after its rows), and a re-run after freeing space redoes the rest."""
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    import errno
+
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: str | Path, needed: int) -> NoSpace:
+    """The NoSpace error of a write of `needed` bytes to `path` (free space read from its nearest existing folder)."""
+    import shutil
+
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    return NoSpace(f"{path}: no space left on the device ({needed:,} bytes needed for this write, {free:,} bytes "
+                   "free there); free space there and re-run the same command (every block with a marker is kept)")
+
+
 def _is_url(root: str) -> bool:
     return "://" in root
 
@@ -46,6 +70,55 @@ def _is_url(root: str) -> bool:
 def _s3_endpoint() -> str | None:
     """The S3 endpoint named by the environment (as botocore reads it), or None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+# The S3 client's retries and timeouts: the one place they are set, for every Store (the driver's and each
+# task's) and for Zarr's chunk I/O, which gets the same storage options. botocore's standard mode retries
+# throttling (503 SlowDown), 5xx answers, reset connections and timeouts, up to S3_MAX_ATTEMPTS attempts
+# with exponential backoff (at most 20 s apart); s3fs runs each call in its own loop of up to
+# `S3FileSystem.retries` (5) tries for what it knows to be transient (timeouts, SlowDown, truncated
+# bodies). A store that stays down fails a call after at most 5 x S3_MAX_ATTEMPTS attempts. Every write
+# retried this way is idempotent: an object is written whole by one PUT (markers, JSON, chunks), so a
+# PUT applied but answered with an error and sent again leaves the same object. The two variables
+# shorten both for tests (a fault-injecting proxy) or a store known to be close.
+S3_MAX_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT = 10.0  # seconds
+S3_READ_TIMEOUT = 60.0  # seconds
+S3_ATTEMPTS_ENV, S3_TIMEOUT_ENV = "ORACLE_FARM_S3_ATTEMPTS", "ORACLE_FARM_S3_TIMEOUT"
+
+
+def s3_client_config() -> dict:
+    """botocore `Config` arguments of every S3 client (see above)."""
+    attempts = int(os.environ.get(S3_ATTEMPTS_ENV) or S3_MAX_ATTEMPTS)
+    timeout = float(os.environ.get(S3_TIMEOUT_ENV) or 0)
+    return {"retries": {"max_attempts": attempts, "mode": "standard"},
+            "connect_timeout": min(timeout, S3_CONNECT_TIMEOUT) if timeout else S3_CONNECT_TIMEOUT,
+            "read_timeout": timeout or S3_READ_TIMEOUT}
+
+
+class StoreUnavailable(RuntimeError):
+    """An object store failed a call after all the client's retries (s3_client_config): a failure, not
+    bad input (exit 1). Every block with a marker is done; a re-run redoes the rest."""
+
+
+def store_unavailable(store: "Store", exc: BaseException) -> StoreUnavailable | None:
+    """`exc` as a StoreUnavailable naming the store, when it is an object store's failure to answer (an
+    OSError from s3fs, a botocore error, as raised here or in a Ray task); None for anything else (a
+    missing or refused object, a full local disk, an error of the code's own)."""
+    if store.is_local:
+        return None
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    cause = getattr(exc, "cause", None) or exc  # a task's error, as Ray re-raises it
+    if isinstance(cause, (FileNotFoundError, PermissionError)) or _is_no_space(cause):
+        return None
+    if not isinstance(cause, (OSError, BotoCoreError, ClientError)):
+        return None
+    where = store.root + (f" (endpoint {_s3_endpoint()})" if _s3_endpoint() else "")
+    said = " ".join(str(cause).split())[:300]
+    return StoreUnavailable(f"{where}: the object store is unavailable ({type(cause).__name__}: {said}) after "
+                            f"{s3_client_config()['retries']['max_attempts']} attempts per call; every block with a "
+                            "marker is done: re-run the same command once the store answers")
 
 
 def default_storage_options(root: str) -> dict:
@@ -56,7 +129,7 @@ def default_storage_options(root: str) -> dict:
     add markers while this one runs."""
     if not root.startswith(("s3://", "s3a://")):
         return {}
-    options: dict = {"use_listings_cache": False}
+    options: dict = {"use_listings_cache": False, "config_kwargs": s3_client_config()}
     endpoint = _s3_endpoint()
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -99,9 +172,15 @@ class Store:
         if self.is_local:  # a local reader must never see half an object
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=Path(target).parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except OSError as exc:  # never leave the temporary file behind (on a full disk, least of all)
+                Path(tmp).unlink(missing_ok=True)
+                if _is_no_space(exc):
+                    raise no_space(target, len(data)) from None
+                raise
         else:  # an object PUT is atomic on S3
             self.fs.pipe_file(target, data)
 
@@ -171,8 +250,14 @@ class Store:
         if self.is_local:
             Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path(rel) + ".partial"
-            self.fs.put_file(str(local), tmp)
-            os.replace(tmp, self.path(rel))
+            try:
+                self.fs.put_file(str(local), tmp)
+                os.replace(tmp, self.path(rel))
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                if _is_no_space(exc):
+                    raise no_space(self.path(rel), Path(local).stat().st_size) from None
+                raise
         else:  # one PUT, or a multipart upload that appears only when completed: no rename on S3
             self.fs.put_file(str(local), self.path(rel))
 
@@ -195,10 +280,18 @@ class Store:
         target = cache / key / Path(rel).name
         if target.is_file() and target.stat().st_size == size and (sha256 is None or file_sha256(target) == sha256):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise no_space(target, size) if _is_no_space(exc) else exc from None
         tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
         try:
-            self.fs.get_file(self.path(rel), str(tmp))
+            try:
+                self.fs.get_file(self.path(rel), str(tmp))
+            except OSError as exc:
+                if _is_no_space(exc):
+                    raise no_space(target, size) from None
+                raise
             got = tmp.stat().st_size
             if got != size:
                 raise StoreError(f"{self.url(rel)}: copied {got} bytes, expected {size}")
@@ -283,8 +376,14 @@ class Store:
                                                       "retries": {"max_attempts": 2, "mode": "standard"}}})
         probe.retries = 1
         try:
-            probe.call_s3("head_bucket", Bucket=bucket)
-            probe.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+            try:
+                self._probe_s3(probe, bucket, prefix)
+            except Exception as exc:
+                if _cannot_connect(exc) or isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise
+                # it answered, but badly (503 SlowDown, a 5xx, a reset, a timeout): a flaky store, not a wrong
+                # one; the stages' own client, with all its retries (s3_client_config), has the last word
+                self._probe_s3(self.fs, bucket, prefix)
         except FileNotFoundError:
             raise StoreError(f"{where}: bucket {bucket!r} does not exist") from None
         except PermissionError as exc:
@@ -293,6 +392,18 @@ class Store:
         except Exception as exc:
             raise StoreError(f"{where}: store not reachable ({type(exc).__name__}: {exc}); check "
                              "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the network") from None
+
+    @staticmethod
+    def _probe_s3(fs, bucket: str, prefix: str) -> None:
+        fs.call_s3("head_bucket", Bucket=bucket)
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+
+
+def _cannot_connect(exc: Exception) -> bool:
+    """Whether an S3 call failed because nothing answered at the endpoint (refused, no such host)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    return isinstance(exc, EndpointConnectionError)
 
 
 READ_WORKERS = 32  # concurrent reads of one `read_many` on local disk
@@ -473,7 +584,13 @@ class Family:
         for spec in self.specs:
             data = np.ascontiguousarray(arrays[spec.name], dtype=spec.dtype)
             n = data.shape[0] if n is None else n
-            group[spec.name][start : start + n] = data
+            try:
+                group[spec.name][start : start + n] = data
+            except OSError as exc:
+                if _is_no_space(exc) and self.store.is_local:  # at most the rows' bytes (chunks are compressed)
+                    raise no_space(self.store.path(f"{self.group_rel}/{self.role}/{spec.name}"),
+                                   sum(np.asarray(a).nbytes for a in arrays.values())) from None
+                raise
             checksums[spec.name] = hashlib.sha256(data.tobytes()).hexdigest()
         marker = {"start": start, "end": start + n, "checksums": checksums, "info": info or {}}
         self.store.write_json(f"{self.marker_rel}/{start:07d}-{start + n:07d}.json", marker)

@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.store import Store, StoreError
+from pipeline.store import NoSpace, Store, StoreError, store_unavailable
 
 LEASE_NAME = "LEASE.json"
 _RETRY = object()
@@ -342,8 +342,22 @@ class Lease:
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.release()
+            return
+        try:  # best effort: a store that failed the stage may fail this too, and the lease then expires
+            self.release()
+        except Exception as failed:  # noqa: BLE001 - the stage's own error is the one to report
+            if not self.quiet:
+                print(f"warning: could not release the lease ({type(failed).__name__}: {failed}); it expires "
+                      f"{self.ttl:g} s after its last heartbeat", file=sys.stderr, flush=True)
+        cause = getattr(exc, "cause", None)  # a Ray task's own error, as ray.get re-raises it
+        if isinstance(cause, NoSpace):  # its message says it all; Ray's traceback around it would bury it
+            raise cause from None
+        lost = store_unavailable(self.store, exc)
+        if lost is not None:  # an object store that stayed down: say which, exit 1
+            raise lost from exc
 
 
 def hold(store: Store, stage_rels, execution=None, **kwargs) -> Lease:
