@@ -45,7 +45,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = 60_000  # CIFAR-10's 50,000 + 10,000 points: the fit's targets
 EXTRAPOLATE_TO = (20_000, 40_000, 300_000)
 RSS_CAP = 6.5e9  # bytes, the bench's whole process tree (driver, Ray, moto): it stops above this
 
@@ -310,12 +309,13 @@ def measured_fit_block_task(store_root: str, cfg, start: int, end: int):
 
 
 # ---------------------------------------------------------------------------------------- the store
-def bench_config(root: str, m: int, heldout: int, estimator: str, block_targets: int, lasso: dict | None = None):
+def bench_config(root: str, m: int, heldout: int, estimator: str, block_targets: int, lasso: dict | None = None,
+                 points: tuple[int, int] = (50_000, 10_000)):
     """configs/cifar10.yaml on the synthetic CIFAR-shaped dataset, on the CPU, with m subset models."""
     from pipeline.config import load_config
 
     sets = [f"data.synthetic.{k}={v}" for k, v in
-            (("n_train", 50_000), ("n_val", 10_000), ("classes", 10), ("shape", "[1,2,2]"))]
+            (("n_train", points[0]), ("n_val", points[1]), ("classes", 10), ("shape", "[1,2,2]"))]
     overrides = [f"store={root}", "data.dataset=synthetic", "data.verify_md5=false", *sets,
                  "model.name=mlp", "model.hidden=8", f"train.subset.models={m}", f"train.subset.heldout={heldout}",
                  f"fit.estimator={estimator}", "execution.device=cpu", "execution.num_gpus=0",
@@ -447,14 +447,25 @@ def run_fit_stage(plan, blocks: int, records: Path) -> dict:
     for p in records.glob("task-*.json"):
         p.unlink()
     cut = lambda n, size, _real=fit.target_blocks: _real(n, size)[:blocks]  # noqa: E731
-    saved = fit.target_blocks, fit.fit_block_task
+    saved = fit.target_blocks, fit.fit_block_task, fit._write_rows_copy
     fit.target_blocks, fit.fit_block_task = cut, me.measured_fit_block_task
+    fit._write_rows_copy = lambda plan, meta: None  # noqa: E731 - measured apart (run_rows_copy): m-independent
     try:
         with Probe() as probe:
             summary = fit.run_fit(plan)
     finally:
-        fit.target_blocks, fit.fit_block_task = saved
+        fit.target_blocks, fit.fit_block_task, fit._write_rows_copy = saved
     return {"driver": probe.result, "tasks": _records(records), "summary": summary}
+
+
+def run_rows_copy(plan) -> dict:
+    """The fit driver's row-major copy of theta (`_write_rows_copy`), measured on its own: its work is
+    theta's shape (n_train x targets), whatever m."""
+    from pipeline.stages import fit
+
+    with Probe() as probe:
+        fit._write_rows_copy(plan, plan.prepared_meta())
+    return probe.result
 
 
 def forget_row_sets(plan) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -504,9 +515,9 @@ def run_forget_rows(plan, width: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- one case
-def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto | None) -> dict:
-    """Build (or reuse) the store for (backend, m), run the fit (and, for diff-in-means, the forget
-    rows), all measured."""
+def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto | None, tail: bool) -> dict:
+    """Build (or reuse) the store for (backend, m), run the fit; with `tail` also the fit driver's
+    row-major copy and the forget rows (both independent of m: measured once per backend), all measured."""
     import ray
 
     from pipeline.plan import Plan
@@ -514,7 +525,7 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
 
     root = str(work / f"local-m{m}") if backend == "local" else f"s3://scale/m{m}"
     lasso = {"n_lambdas": args.lasso_lambdas, "max_iter": args.lasso_iter} if estimator == "lasso" else None
-    cfg = bench_config(root, m, args.heldout, estimator, args.block_targets, lasso)
+    cfg = bench_config(root, m, args.heldout, estimator, args.block_targets, lasso, tuple(args.points))
     plan = Plan(cfg, Store(cfg.store))
     width = args.blocks * args.block_targets
     t0 = time.perf_counter()
@@ -525,12 +536,13 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
     os.environ["SCALE_RECORDS"] = str(records)
     try:
         fit_result = run_fit_stage(plan, args.blocks, records)
-        rows = run_forget_rows(plan, width) if estimator == "diff_in_means" else None
+        rows = run_forget_rows(plan, width) if tail else None
+        copy = run_rows_copy(plan) if tail else None
     finally:
         ray.shutdown()  # fresh workers for the next case: a worker's caches would carry over
     return {"backend": backend, "m": m, "estimator": estimator, "heldout": args.heldout, "blocks": args.blocks,
-            "block_targets": args.block_targets, "fitted_targets": width, "build_s": built,
-            "moto_rss": moto.rss() if moto else None, "fit": fit_result, "forget_rows": rows}
+            "block_targets": args.block_targets, "fitted_targets": width, "targets": sum(args.points), "build_s": built,
+            "moto_rss": moto.rss() if moto else None, "fit": fit_result, "forget_rows": rows, "rows_copy": copy}
 
 
 # ---------------------------------------------------------------------------------------- analysis
@@ -555,7 +567,7 @@ def metrics(case: dict) -> dict[str, float]:
     """The figures per case that the table shows and the line extrapolates. Per task: measured, per
     task of `fit_block_targets` targets; stage: the tasks' sums x 60,000 / targets fitted, plus the
     driver's own traffic as measured."""
-    fit, scale = case["fit"], TARGETS / case["fitted_targets"]
+    fit, scale = case["fit"], case["targets"] / case["fitted_targets"]
     tasks = task_totals(fit["tasks"])
     per = len(fit["tasks"])
     t_req, t_bytes = reads(tasks["io"])
@@ -569,10 +581,10 @@ def metrics(case: dict) -> dict[str, float]:
         "fit.driver.wall_s": fit["driver"]["wall_s"], "fit.driver.peak_rss_gb": fit["driver"]["peak_rss"] / 1e9,
         "fit.driver.read_req": d_req, "fit.driver.read_gb": d_bytes / 1e9,
         "fit.driver.write_req": dw_req, "fit.driver.write_gb": dw_bytes / 1e9,
-        "fit.stage60k.task_hours": tasks["wall_s"] * scale / 3600,
-        "fit.stage60k.read_req": t_req * scale + d_req, "fit.stage60k.read_gb": t_bytes * scale / 1e9 + d_bytes / 1e9,
-        "fit.stage60k.write_req": w_req * scale + dw_req,
-        "fit.stage60k.write_gb": w_bytes * scale / 1e9 + dw_bytes / 1e9,
+        "fit.stage.task_hours": tasks["wall_s"] * scale / 3600,
+        "fit.stage.read_req": t_req * scale + d_req, "fit.stage.read_gb": t_bytes * scale / 1e9 + d_bytes / 1e9,
+        "fit.stage.write_req": w_req * scale + dw_req,
+        "fit.stage.write_gb": w_bytes * scale / 1e9 + dw_bytes / 1e9,
     }
     if tasks["device_peak"]:
         out["fit.task.device_peak_gb"] = tasks["device_peak"] / 1e9
@@ -582,12 +594,18 @@ def metrics(case: dict) -> dict[str, float]:
             r = rows[part]
             req, nbytes = reads(r["io"])
             own = r["rows"] * r["row_bytes"]
-            out[f"rows.{part}.wall_s60k"] = r["wall_s"] * scale
+            out[f"rows.{part}.wall_s_all"] = r["wall_s"] * scale
             out[f"rows.{part}.peak_rss_gb"] = r["peak_rss"] / 1e9
-            out[f"rows.{part}.read_req60k"] = req * scale
-            out[f"rows.{part}.read_gb60k"] = nbytes * scale / 1e9
+            out[f"rows.{part}.read_req_all"] = req * scale
+            out[f"rows.{part}.read_gb_all"] = nbytes * scale / 1e9
             out[f"rows.{part}.rows_own_gb"] = own / 1e9
             out[f"rows.{part}.read_over_own"] = nbytes * scale / own
+    copy = case.get("rows_copy")
+    if copy:  # the whole array (its unfitted columns empty: requests as at full depth, bytes not)
+        req, nbytes = reads(copy["io"])
+        w_req, w_bytes = writes(copy["io"])
+        out.update({"fit.rows_copy.wall_s": copy["wall_s"], "fit.rows_copy.peak_rss_gb": copy["peak_rss"] / 1e9,
+                    "fit.rows_copy.read_req": req, "fit.rows_copy.write_req": w_req})
     return out
 
 
@@ -610,11 +628,12 @@ def summarize(cases: list[dict]) -> list[dict]:
         group.sort(key=lambda c: c["m"])
         per_case = [metrics(c) for c in group]
         ms = [c["m"] for c in group]
-        for name in per_case[0]:
-            ys = [p[name] for p in per_case]
-            a, b = fit_line(ms, ys)
+        names = list(dict.fromkeys(name for p in per_case for name in p))
+        for name in names:
+            have = [(m, p[name]) for m, p in zip(ms, per_case) if name in p]
+            a, b = fit_line([m for m, _ in have], [y for _, y in have])
             rows.append({"backend": backend, "estimator": estimator, "metric": name,
-                         "measured": dict(zip(map(str, ms), ys)), "slope_per_1k_models": b * 1000,
+                         "measured": {str(m): y for m, y in have}, "slope_per_1k_models": b * 1000,
                          "line": {str(x): a + b * x for x in EXTRAPOLATE_TO}})
     return rows
 
@@ -630,11 +649,11 @@ def _fmt(x: float) -> str:
 def table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    ms = list(rows[0]["measured"])
+    ms = sorted({m for r in rows for m in r["measured"]}, key=int)
     head = ["backend", "estimator", "metric", *[f"m={m}" for m in ms], *[f"line m={x}" for x in EXTRAPOLATE_TO]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["backend"], r["estimator"], r["metric"], *[_fmt(r["measured"].get(m, float("nan"))) for m in ms],
+        cells = [r["backend"], r["estimator"], r["metric"], *[_fmt(r["measured"][m]) if m in r["measured"] else "" for m in ms],
                  *[_fmt(r["line"][str(x)]) for x in EXTRAPOLATE_TO]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -643,11 +662,14 @@ def table(rows: list[dict]) -> str:
 LEGEND = """\
 fit.task.*: one fit task of {bt} targets (measured; per-logit, so {bt} x 11 outputs), mean over its {blocks}
 tasks, peak RSS the largest. fit.driver.*: the driver of `run_fit` (markers, the row-major copy of theta,
-COMPLETE) as measured, with only {width} of 60,000 targets fitted. fit.stage60k.*: the tasks' sums scaled
-to the 60,000 targets (x {scale:g}) plus the driver's own. rows.configured.*: `sum_forget_rows` for the
+COMPLETE) as measured, with only {width} of {targets:,} targets fitted. fit.stage.*: the tasks' sums scaled
+to the {targets:,} targets (x {scale:g}) plus the driver's own. rows.configured.*: `sum_forget_rows` for the
 config's {nsets} forget sets; rows.late.*: for published set 10 added later; both over the fitted columns,
-scaled x {scale:g} to 60,000 (`*60k`); read_over_own: bytes read / the rows' own bytes (|F| x 60,000 x 10
-float16). read_req counts GET (found or absent), LIST and HEAD; write_req PUT and DELETE. GB = 1e9 bytes."""
+scaled x {scale:g} to all {targets:,} (`*_all`); read_over_own: bytes read / the rows' own bytes
+(|F| x {targets:,} x 10 float16). read_req counts GET (found or absent), LIST and HEAD; write_req PUT and
+DELETE. GB = 1e9 bytes. The rows copy and the forget rows do not depend on m (theta's and theta_logit's
+shapes do not): measured once per backend, at the largest m; fit.rows_copy.* runs over the whole array,
+whose unfitted columns are empty chunks (its requests are as at full depth, its bytes are not shown)."""
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -665,9 +687,11 @@ def run_bench(args) -> dict:
                     os.environ.update(moto.env())
                     moto.bucket("scale")
                 for estimator in args.estimators:
-                    for m in (args.m if estimator == "diff_in_means" else args.m_lasso):
+                    ms = args.m if estimator == "diff_in_means" else args.m_lasso
+                    for m in ms:
                         print(f"scale: {backend} {estimator} m={m}", file=sys.stderr, flush=True)
-                        cases.append(run_case(backend, m, estimator, args, work, moto))
+                        tail = estimator == "diff_in_means" and m == ms[-1]
+                        cases.append(run_case(backend, m, estimator, args, work, moto, tail))
                         if watch.over:
                             raise SystemExit(f"scale: stopped, the process tree passed {RSS_CAP / 1e9:.1f} GB")
                 if moto:
@@ -688,7 +712,8 @@ def run_bench(args) -> dict:
             "bench_s": time.perf_counter() - started, "tree_peak_rss": tree_peak, "cases": cases,
             "rows": summarize(cases), "legend": LEGEND.format(bt=args.block_targets, blocks=args.blocks,
                                                               width=args.blocks * args.block_targets,
-                                                              scale=TARGETS / (args.blocks * args.block_targets),
+                                                              scale=sum(args.points) / (args.blocks * args.block_targets),
+                                                              targets=sum(args.points),
                                                               nsets=10)}
 
 
@@ -698,13 +723,14 @@ def moto_env_keys() -> tuple[str, ...]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="m = 100, 200, diff-in-means on local disk, one block of 16 targets (seconds)")
+    p.add_argument("--quick", action="store_true", help="m = 100, 200, diff-in-means on local disk, 5,000 + 1,000 points, one block of 16 targets (tests)")
     p.add_argument("--m", type=int, nargs="+", default=[1000, 2000, 4000])
     p.add_argument("--m-lasso", type=int, nargs="+", default=[500, 1000, 2000],
                    help="LASSO's m (its designs take ~5x the masks' float32 bytes today: 4k would pass the cap)")
     p.add_argument("--backends", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     p.add_argument("--estimators", nargs="+", default=["diff_in_means", "lasso"], choices=["diff_in_means", "lasso"])
     p.add_argument("--heldout", type=int, default=500)
+    p.add_argument("--points", type=int, nargs=2, default=[50_000, 10_000], metavar=("N_TRAIN", "N_VAL"))
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--block-targets", type=int, default=32)
     p.add_argument("--lasso-lambdas", type=int, default=3)
@@ -715,7 +741,7 @@ def parse_args(argv=None):
     p.add_argument("--sizing", action="store_true", help="print infra/README.md's sizing tables and exit")
     args = p.parse_args(argv)
     if args.quick:
-        args.m, args.heldout, args.block_targets, args.blocks = [100, 200], 20, 16, 1
+        args.m, args.heldout, args.block_targets, args.blocks, args.points = [100, 200], 20, 16, 1, [5_000, 1_000]
         args.backends, args.estimators = ["local"], ["diff_in_means"]
     return args
 
