@@ -93,7 +93,8 @@ def sizing() -> dict:
     t = cfg.train
     retrain = retrain_example_passes(t, n_train)
     reported = [fs.name for fs in cfg.forget_sets]
-    tuning = cfg.tuning_forget_set.name
+    tunings = sorted({cfg.tuning_set_for(fs).name for fs in reported if cfg.tuning_set_for(fs) is not None})
+    upper = cfg.unlearn.upper_bound  # decision 32: every grid point on every reported set as well
     n_u = n_unlearned(cfg)
     alpha = t.subset.alpha
     oracle_models = sum(getattr(t.oracle, r) for r in ("target", "reference", "eval"))
@@ -110,16 +111,18 @@ def sizing() -> dict:
         per_point = [example_passes(name, hp, 0, n_train, points) for hp in grid]
         rep = sum(sum(example_passes(name, hp, sizes[fs], n_train, points)[0] for hp in grid) / len(grid)
                   for fs in reported) * n_u
-        tune = sum(example_passes(name, hp, sizes[tuning], n_train, points)[0] for hp in grid) * n_u if len(grid) > 1 else 0.0
+        tuned_on = (tunings + (reported if upper else [])) if len(grid) > 1 else []
+        tune = sum(example_passes(name, hp, sizes[fs], n_train, points)[0] for hp in grid for fs in tuned_on) * n_u
         methods.append({"method": name, "grid_points": len(grid), "estimate": any(e for _, e in per_point),
-                        "reported_runs": len(reported) * n_u, "tuning_runs": len(grid) * n_u if len(grid) > 1 else 0,
+                        "reported_runs": len(reported) * n_u, "tuning_runs": len(grid) * len(tuned_on) * n_u,
                         "retrainings_reported": rep / retrain, "retrainings_tuning": tune / retrain})
     train_equiv = sum(f[3] for f in families)
     unlearn_equiv = sum(m["retrainings_reported"] + m["retrainings_tuning"] for m in methods)
     gpu_hours = (train_equiv + unlearn_equiv) / TRAININGS_PER_GPU_HOUR
-    storage = _storage(cfg, sizes, (n_train, n_val, classes), grids, n_u)
+    runs = sum(m["reported_runs"] + m["tuning_runs"] for m in methods)
+    storage = _storage(cfg, sizes, (n_train, n_val, classes), runs)
     return {"config": str(CONFIG.relative_to(REPO)), "retrain_example_passes": retrain,
-            "forget_set_sizes": sizes, "families": [
+            "forget_set_sizes": sizes, "tuning_sets": tunings, "upper_bound": upper, "families": [
                 {"family": f[0], "models": f[1], "data": f[2], "retrainings": f[3]} for f in families],
             "trainings": sum(f[1] for f in families), "training_retrainings": train_equiv,
             "methods": methods, "grid_points": sum(m["grid_points"] for m in methods),
@@ -127,7 +130,7 @@ def sizing() -> dict:
             "gpu_hours": gpu_hours, "storage": storage}
 
 
-def _storage(cfg, sizes: dict, shape: tuple, grids: dict, n_u: int) -> list[dict]:
+def _storage(cfg, sizes: dict, shape: tuple, unlearn_runs: int) -> list[dict]:
     """Uncompressed bytes per stored array, from the shapes the stages create (storage_layout.md)."""
     n_train, n_val, classes = shape
     p = n_train + n_val
@@ -135,7 +138,6 @@ def _storage(cfg, sizes: dict, shape: tuple, grids: dict, n_u: int) -> list[dict
     per_model = {"margins": p * 4, "logits": p * classes * 2, "accuracy": 8}
     sub = t.subset.models + t.subset.heldout
     oracles = len(sizes) * sum(getattr(t.oracle, r) for r in ("target", "reference", "eval"))
-    unlearn_runs = sum(len(cfg.forget_sets) * n_u + (len(g) * n_u if len(g) > 1 else 0) for g in grids.values())
     rows = [
         ("full", "margins + logits + accuracy", t.full.models, sum(per_model.values())),
         ("full", "weights (float32 safetensors)", t.full.models, RESNET9_PARAMS * 4 + 64 * 1024),
@@ -163,8 +165,9 @@ def sizing_markdown(s: dict | None = None) -> str:
     for f in s["families"]:
         out.append(f"| {f['family']} | {f['models']:,} | {f['data']} | {f['retrainings']:,.0f} |")
     out.append(f"| **trainings** | **{s['trainings']:,}** | | **{s['training_retrainings']:,.0f}** |")
-    out += ["", f"#### Unlearning ({len(s['methods'])} methods, {s['grid_points']} grid points; one retraining = "
-                f"{s['retrain_example_passes']:,} example-passes)", "",
+    tuned = ", ".join(s["tuning_sets"]) + (" and every reported set (upper bound)" if s["upper_bound"] else "")
+    out += ["", f"#### Unlearning ({len(s['methods'])} methods, {s['grid_points']} grid points; grids tuned on "
+                f"{tuned}; one retraining = {s['retrain_example_passes']:,} example-passes)", "",
             "| method | grid points | reported runs | tuning runs | retrainings (reported) | retrainings (tuning) |",
             "|---|---|---|---|---|---|"]
     for m in s["methods"]:
