@@ -297,15 +297,29 @@ class TreeWatch:
 
 
 # ---------------------------------------------------------------------------------------- the task
-def measured_fit_block_task(store_root: str, cfg, start: int, end: int):
+def measured_fit_block_task(store_root: str, cfg, start: int, end: int, *rest):
     """The fit stage's own task (`fit_block_task`), measured inside its worker: a record per task in
     $SCALE_RECORDS. A generator as the original: it yields what the original yields."""
     from pipeline.stages import fit
 
     with Probe() as probe:
-        yield from fit.fit_block_task(store_root, cfg, start, end)
-    record = {"start": start, "end": end, "pid": os.getpid(), **probe.result}
-    Path(os.environ["SCALE_RECORDS"], f"task-{start:07d}-{end:07d}.json").write_text(json.dumps(record))
+        yield from fit.fit_block_task(store_root, cfg, start, end, *rest)
+    _record("task", start, end, probe.result)
+
+
+def measured_rows_block_task(store_root: str, cfg, start: int, end: int, *rest):
+    """The fit's rows-copy task (`rows_block_task`, where the fit has one), measured as the fit task."""
+    from pipeline.stages import fit
+
+    with Probe() as probe:
+        out = fit.rows_block_task(store_root, cfg, start, end, *rest)
+    _record("rows", start, end, probe.result)
+    return out
+
+
+def _record(kind: str, start: int, end: int, result: dict) -> None:
+    record = {"start": start, "end": end, "pid": os.getpid(), **result}
+    Path(os.environ["SCALE_RECORDS"], f"{kind}-{start:07d}-{end:07d}.json").write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------------------------------- the store
@@ -366,7 +380,10 @@ def write_subset_families(plan, planted: Planted) -> None:
         ensure_stage(plan.store, fam.ref, section, upstream, plan.cfg.name)
         family = family_store(plan, fam, meta)
         family.ensure_arrays(fam.n_models, block)
+        done = family.done_mask(fam.n_models)
         for start in range(0, fam.n_models, block):
+            if done[start : start + block].all():  # a kept working folder: written already
+                continue
             end = min(start + block, fam.n_models)
             masks = np.stack([fam.member(i, meta["n_train"])[1] for i in range(start, end)])
             margins, logits = planted.outputs(masks, points, seed=zlib.crc32(f"{fam.role}-{start}".encode()))
@@ -437,8 +454,8 @@ class Moto:
 
 
 # ---------------------------------------------------------------------------------------- stages
-def _records(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("task-*.json"))]
+def _records(folder: Path, kind: str = "task") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{kind}-*.json"))]
 
 
 def run_fit_stage(plan, blocks: int, records: Path) -> dict:
@@ -447,12 +464,12 @@ def run_fit_stage(plan, blocks: int, records: Path) -> dict:
     import pipeline.stages.fit as fit
     from bench import scale as me  # by reference, so Ray's workers import it (and the original task)
 
-    for p in records.glob("task-*.json"):
+    for p in [*records.glob("task-*.json"), *records.glob("rows-*.json")]:
         p.unlink()
     cut = lambda n, size, _real=fit.target_blocks: _real(n, size)[:blocks]  # noqa: E731
     saved = fit.target_blocks, fit.fit_block_task, fit._write_rows_copy
     fit.target_blocks, fit.fit_block_task = cut, me.measured_fit_block_task
-    fit._write_rows_copy = lambda plan, meta: None  # noqa: E731 - measured apart (run_rows_copy): m-independent
+    fit._write_rows_copy = lambda *a: None  # noqa: E731 - measured apart (run_rows_copy): m-independent
     try:
         with Probe() as probe:
             summary = fit.run_fit(plan)
@@ -461,14 +478,28 @@ def run_fit_stage(plan, blocks: int, records: Path) -> dict:
     return {"driver": probe.result, "tasks": _records(records), "summary": summary}
 
 
-def run_rows_copy(plan) -> dict:
-    """The fit driver's row-major copy of theta (`_write_rows_copy`), measured on its own: its work is
-    theta's shape (n_train x targets), whatever m."""
-    from pipeline.stages import fit
+def run_rows_copy(plan, records: Path) -> dict:
+    """The fit's row-major copies (`_write_rows_copy`: theta_rows, and theta_logit_rows where the fit
+    has it, by Ray tasks there), measured on its own: its work is theta's shape, whatever m. -> the
+    driver's probe, with the tasks' records under "tasks" (none where the driver copies)."""
+    import inspect
 
-    with Probe() as probe:
-        fit._write_rows_copy(plan, plan.prepared_meta())
-    return probe.result
+    import pipeline.stages.fit as fit
+    from bench import scale as me
+
+    args = [plan, plan.prepared_meta()]
+    if len(inspect.signature(fit._write_rows_copy).parameters) == 3:  # the fit with row-copy tasks
+        args.append(fit._finished_blocks(plan))
+    saved = getattr(fit, "rows_block_task", None)
+    if saved is not None:
+        fit.rows_block_task = me.measured_rows_block_task
+    try:
+        with Probe() as probe:
+            fit._write_rows_copy(*args)
+    finally:
+        if saved is not None:
+            fit.rows_block_task = saved
+    return {**probe.result, "tasks": _records(records, "rows")}
 
 
 def forget_row_sets(plan) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -506,18 +537,24 @@ def run_forget_rows(plan, width: int) -> dict:
     from pipeline.stages import fit
 
     sets, late = forget_row_sets(plan)
-    theta_logit = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")["theta_logit"]
-    narrowed = _Columns(theta_logit, width)
-    row_bytes = int(np.prod(theta_logit.shape[1:])) * theta_logit.dtype.itemsize
+    group = plan.store.open_group(f"{plan.fit.rel}/arrays.zarr", mode="r")
+    shape = (group["theta_logit_rows"] if "theta_logit_rows" in group else group["theta_logit"]).shape
+    row_bytes = int(np.prod(shape[1:])) * 2
+    parts = hasattr(fit, "write_forget_parts")  # the fit writes forget rows (issue 28, item 2)
+    if parts:  # the driver's own function, whole: it never reads theta_logit's columns
+        rows = lambda forget: fit.forget_rows(plan, forget, keep=False)  # noqa: E731
+    else:  # today's: theta_logit's column chunks, over the fitted columns only (x 60,000 / width after)
+        narrowed = _Columns(group["theta_logit"], width)
+        rows = lambda forget: fit.sum_forget_rows(narrowed, forget)  # noqa: E731
     out = {}
     with Probe() as probe:
         for forget in sets.values():
-            fit.sum_forget_rows(narrowed, forget)
+            rows(forget)
     out["configured"] = {**probe.result, "rows": int(sum(len(f) for f in sets.values())),
-                         "row_bytes": row_bytes, "sets": len(sets)}
+                         "row_bytes": row_bytes, "sets": len(sets), "requests_scale": not parts}
     with Probe() as probe:
-        fit.sum_forget_rows(narrowed, late)
-    out["late"] = {**probe.result, "rows": len(late), "row_bytes": row_bytes, "sets": 1}
+        rows(late)
+    out["late"] = {**probe.result, "rows": len(late), "row_bytes": row_bytes, "sets": 1, "requests_scale": not parts}
     return out
 
 
@@ -543,8 +580,8 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
     os.environ["SCALE_RECORDS"] = str(records)
     try:
         fit_result = run_fit_stage(plan, args.blocks, records)
+        copy = run_rows_copy(plan, records) if tail and backend in args.rows_copy_on else None
         rows = run_forget_rows(plan, width) if tail else None
-        copy = run_rows_copy(plan) if tail and backend in args.rows_copy_on else None
     finally:
         ray.shutdown()  # fresh workers for the next case: a worker's caches would carry over
     return {"backend": backend, "m": m, "estimator": estimator, "heldout": args.heldout, "blocks": args.blocks,
@@ -603,14 +640,17 @@ def metrics(case: dict) -> dict[str, float]:
             own = r["rows"] * r["row_bytes"]
             out[f"rows.{part}.wall_s_all"] = r["wall_s"] * scale
             out[f"rows.{part}.peak_rss_gb"] = r["peak_rss"] / 1e9
-            out[f"rows.{part}.read_req_all"] = req * scale
+            out[f"rows.{part}.read_req_all"] = req * (scale if r.get("requests_scale", True) else 1)
             out[f"rows.{part}.read_gb_all"] = nbytes * scale / 1e9
             out[f"rows.{part}.rows_own_gb"] = own / 1e9
             out[f"rows.{part}.read_over_own"] = nbytes * scale / own
     copy = case.get("rows_copy")
     if copy:  # the whole array (its unfitted columns empty: requests as at full depth, bytes not)
-        req, nbytes = reads(copy["io"])
-        w_req, w_bytes = writes(copy["io"])
+        req, w_req = reads(copy["io"])[0], writes(copy["io"])[0]
+        if copy.get("tasks"):  # the copy by Ray tasks: theirs too
+            io = task_totals(copy["tasks"])["io"]
+            req, w_req = req + reads(io)[0], w_req + writes(io)[0]
+            out["fit.rows_copy.task_peak_rss_gb"] = max(t["peak_rss"] for t in copy["tasks"]) / 1e9
         out.update({"fit.rows_copy.wall_s": copy["wall_s"], "fit.rows_copy.peak_rss_gb": copy["peak_rss"] / 1e9,
                     "fit.rows_copy.read_req": req, "fit.rows_copy.write_req": w_req})
     return out
