@@ -585,7 +585,7 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
     finally:
         ray.shutdown()  # fresh workers for the next case: a worker's caches would carry over
     return {"backend": backend, "m": m, "estimator": estimator, "heldout": args.heldout, "blocks": args.blocks,
-            "block_targets": args.block_targets, "fitted_targets": width, "targets": sum(args.points), "build_s": built,
+            "block_targets": args.block_targets, "fitted_targets": width, "targets": sum(args.points), "points": list(args.points), "build_s": built,
             "moto_rss": moto.rss() if moto else None, "fit": fit_result, "forget_rows": rows, "rows_copy": copy}
 
 
@@ -719,6 +719,49 @@ shapes do not): measured once per backend, at the largest m; fit.rows_copy.* run
 whose unfitted columns are empty chunks (its requests are as at full depth, its bytes are not shown)."""
 
 
+# ---------------------------------------------------------------------------------------- predictions
+def predictions(cases: list[dict]) -> list[dict]:
+    """Where the fit predicts a task's peak before it starts (decision 35, `predict_task_memory`): the
+    prediction for each measured case beside its measured peak, and for configs/cifar10.yaml as it is
+    (fit_block_targets 2,048, on CUDA) at 20k, 40k and 300k models. Empty where the fit has none."""
+    import pipeline.stages.fit as fit
+    from pipeline.config import load_config
+
+    if not hasattr(fit, "predict_task_memory"):
+        return []
+    meta = {"n_train": 50_000, "n_val": 10_000, "classes": 10}
+    out = []
+    for case in cases:
+        cfg = bench_config(str(REPO / "unused-store"), case["m"], case["heldout"], case["estimator"],
+                           case["block_targets"], points=tuple(case["points"]))
+        points = {"n_train": case["points"][0], "n_val": case["points"][1], "classes": 10}
+        pred = fit.predict_task_memory(cfg, points)
+        out.append({"config": "bench", "backend": case["backend"], "estimator": case["estimator"], "m": case["m"],
+                    "block_targets": case["block_targets"], "predicted_gb": pred.peak / 1e9, "phase": pred.phase,
+                    "measured_gb": max(t["peak_rss"] for t in case["fit"]["tasks"]) / 1e9})
+    for estimator in ("diff_in_means", "lasso"):
+        for m in EXTRAPOLATE_TO:
+            cfg = load_config(REPO / "configs" / "cifar10.yaml", [f"train.subset.models={m}", f"fit.estimator={estimator}"])
+            pred = fit.predict_task_memory(cfg, meta)
+            out.append({"config": "configs/cifar10.yaml", "estimator": estimator, "m": m,
+                        "block_targets": cfg.execution.fit_block_targets, "device": cfg.execution.device,
+                        "predicted_gb": pred.peak / 1e9, "phase": pred.phase, "parts": pred.describe()})
+    return out
+
+
+def predictions_table(preds: list[dict]) -> str:
+    if not preds:
+        return ""
+    lines = ["| config | estimator | m | targets per task | predicted peak (GB) | measured peak RSS (GB) | phase |",
+             "|---|---|---|---|---|---|---|"]
+    for p in preds:
+        measured = f"{p['measured_gb']:.2f}" if "measured_gb" in p else ""
+        where = p["config"] + (f" ({p['backend']})" if "backend" in p else f" ({p['device']})")
+        lines.append(f"| {where} | {p['estimator']} | {p['m']:,} | {p['block_targets']:,} | {p['predicted_gb']:.2f} | "
+                     f"{measured} | {p['phase']} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------- main
 def run_bench(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-bench-"))
@@ -757,7 +800,7 @@ def run_bench(args) -> dict:
     return {"command": " ".join(["bench/scale.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
             "bench_s": time.perf_counter() - started, "tree_peak_rss": tree_peak, "cases": cases,
-            "rows": summarize(cases), "legend": LEGEND.format(bt=args.block_targets, blocks=args.blocks,
+            "rows": summarize(cases), "predictions": predictions(cases), "legend": LEGEND.format(bt=args.block_targets, blocks=args.blocks,
                                                               width=args.blocks * args.block_targets,
                                                               scale=sum(args.points) / (args.blocks * args.block_targets),
                                                               targets=sum(args.points),
@@ -810,6 +853,9 @@ def main(argv=None) -> int:
           f"{result['bench_s']:.0f} s, process tree peak {result['tree_peak_rss'] / 1e9:.2f} GB)")
     print(result["legend"])
     print(table(result["rows"]))
+    if result["predictions"]:
+        print("\nA fit task's peak as the fit predicts it before it starts (decision 35):\n")
+        print(predictions_table(result["predictions"]))
     return 0
 
 
