@@ -782,6 +782,8 @@ def run_bench(args) -> dict:
                         print(f"scale: {backend} {estimator} m={m}", file=sys.stderr, flush=True)
                         tail = estimator == "diff_in_means" and m == ms[-1]
                         cases.append(run_case(backend, m, estimator, args, work, moto, tail))
+                        if args.json:  # as it goes: a run stopped later keeps what it measured
+                            Path(args.json + ".partial").write_text(json.dumps(cases))
                         if watch.over:
                             raise SystemExit(f"scale: stopped, the process tree passed {RSS_CAP / 1e9:.1f} GB")
                 if moto:
