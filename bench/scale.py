@@ -578,6 +578,7 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
     records = work / "records"
     records.mkdir(exist_ok=True)
     os.environ["SCALE_RECORDS"] = str(records)
+    plan.store.remove(plan.fit.rel)  # a kept working folder's fit: fitted again, measured
     try:
         fit_result = run_fit_stage(plan, args.blocks, records)
         copy = run_rows_copy(plan, records) if tail and backend in args.rows_copy_on else None
