@@ -573,7 +573,10 @@ def run_case(backend: str, m: int, estimator: str, args, work: Path, moto: Moto 
     plan = Plan(cfg, Store(cfg.store))
     width = args.blocks * args.block_targets
     t0 = time.perf_counter()
-    build_store(plan, width)
+    # planted over the whole point chunks the fitted blocks read (a fit task reads its band of 4,096 points)
+    from pipeline.plan import SUBSET_POINT_CHUNK
+
+    build_store(plan, min(sum(args.points), -(-width // SUBSET_POINT_CHUNK) * SUBSET_POINT_CHUNK))
     built = time.perf_counter() - t0
     records = work / "records"
     records.mkdir(exist_ok=True)
