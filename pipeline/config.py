@@ -183,12 +183,16 @@ class FitConfig(Frozen):
     # keep theta_logit (column-major, 60 GB float16 at CIFAR-10 size) once the fit is complete; false keeps
     # only its row-major copy theta_logit_rows (same bytes), dropping theta_logit after the copy (storage_layout.md)
     store_theta_logit: bool = True
+    # the name of an attribution brought in with `oracle-farm import-attribution`: dm-direct and DMM read it
+    # instead of this fit (their unlearn stages then name its id); not part of the fit stage's identity
+    attribution: str | None = None
 
     def section(self) -> dict:
-        """The fit stage's recorded config section and identity: unset optional fields left out, and
+        """The fit stage's recorded config section and identity: unset optional fields left out,
         store_theta_logit only when false (a fit that dropped theta_logit cannot serve one that keeps it;
-        the default leaves every earlier fit's identity as it was)."""
-        section = self.model_dump(mode="json", exclude_none=True)
+        the default leaves every earlier fit's identity as it was), and never the attribution the datamodel
+        methods read (it is not this fit's)."""
+        section = self.model_dump(mode="json", exclude_none=True, exclude={"attribution"})
         if section["store_theta_logit"]:
             del section["store_theta_logit"]
         return section

@@ -9,6 +9,7 @@ Family sizes, block size, CPUs/GPUs, threads and the store root are execution se
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -152,11 +153,61 @@ class Plan:
         upstream = {"subset": self.subset.id, "models": sub.models, "heldout": sub.heldout}
         return StageRef("fit", stage_id("fit", self.cfg.fit.section(), upstream))
 
+    @cached_property
+    def attribution(self) -> StageRef:
+        """The fit datamodel methods read: this config's fit, or (`fit.attribution: NAME`) the external
+        stage `oracle-farm import-attribution --name NAME` made on this prepared dataset (StageError
+        when there is none, or it is not complete)."""
+        name = self.cfg.fit.attribution
+        if name is None:
+            return self.fit
+        found = attribution_stages(self.store, self.prepare.id)
+        if name not in found:
+            known = ", ".join(sorted(found)) or "none"
+            raise StageError(f"fit.attribution {name!r}: no attribution of that name is imported on this prepared "
+                             f"dataset (imported: {known}); run `oracle-farm import-attribution CONFIG FILE --name {name}`")
+        ref = found[name]
+        if not is_complete(self.store, ref):
+            raise StageError(f"fit.attribution {name!r}: {ref.rel} is not complete: import it again")
+        return ref
+
+    def reading_fit(self, ref: StageRef) -> Plan:
+        """A copy of this plan whose `fit` is ref: the functions that read a finished fit (forget_rows) then
+        read an imported attribution stage, which has the fit's arrays and layout, the same way."""
+        view = copy.copy(self)
+        view.__dict__["fit"] = ref
+        return view
+
+    def datamodel_plan(self) -> Plan:
+        """The plan dm-direct and DMM read datamodels through (`attribution`)."""
+        return self if self.cfg.fit.attribution is None else self.reading_fit(self.attribution)
+
     def all_stage_refs(self) -> list[tuple[str, StageRef]]:
         refs = [("prepare", self.prepare), ("full", self.full), ("subset", self.subset)]
         refs += [(f"oracle[{n}]", self.oracle(n)) for n in self.forget_sets]
         refs.append(("fit", self.fit))
+        name = self.cfg.fit.attribution
+        found = attribution_stages(self.store, self.prepare.id) if name is not None else {}
+        if name in found:
+            refs.append((f"attribution[{name}]", found[name]))
         return refs
+
+
+EXTERNAL_ATTRIBUTION = "attribution"  # the import kind of an external stage holding attribution matrices
+
+
+def attribution_stages(store: Store, prepare_id: str) -> dict[str, StageRef]:
+    """name -> external attribution stage made on this prepared dataset (`import-attribution` keeps names
+    unique per prepared dataset)."""
+    out = {}
+    for entry in store.list("external"):
+        if not entry.startswith("external-"):
+            continue
+        rec = store.read_json(f"external/{entry}/stage.json") or {}
+        section = rec.get("config") or {}
+        if section.get("kind") == EXTERNAL_ATTRIBUTION and (rec.get("upstream") or {}).get("prepare") == prepare_id:
+            out[section["name"]] = StageRef("external", rec["id"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------- prepared files
@@ -358,7 +409,7 @@ def unlearn_ref(plan: Plan, method: str, hparams, forget_name: str) -> StageRef:
     upstream = {"full": plan.full.id, "forget": forget_set_id(plan.forget_sets[forget_name]),
                 "models": n_unlearned(plan.cfg), "seed": plan.cfg.unlearn.seed, "rng": UNLEARN_RNG}
     if "datamodels" in needs:
-        upstream["fit"] = plan.fit.id
+        upstream["fit"] = plan.attribution.id  # the config's fit, or the imported attribution it names
     if "target_oracles" in needs:
         upstream["oracle"] = plan.oracle(forget_name).id
         upstream["targets"] = plan.cfg.train.oracle.target

@@ -1,4 +1,4 @@
-"""`oracle-farm ls | gc | import-margins | export`: store lifecycle and exchange (registered on
+"""`oracle-farm ls | gc | import-margins | import-attribution | export`: store lifecycle and exchange (registered on
 the app of pipeline.cli.common; exit codes as everywhere: 0 ok, 2 bad input, 1 failure)."""
 
 from __future__ import annotations
@@ -127,6 +127,29 @@ def import_margins(config: str = ConfigArg, file: str = typer.Argument(..., meta
         exchange.warn(out["warnings"])
         what = f"{out['written']} models written" if out["written"] else "already imported, nothing written"
         console.print(f"import-margins: {out['models']} models -> {out['url']} ({what})", highlight=False)
+
+    _guard(go)
+
+
+@app.command("import-attribution")
+def import_attribution(config: str, file: str = typer.Argument(..., help=".npy, .npz or a Zarr group (a folder)"),
+                       name: str = typer.Option(..., "--name", help="the name `fit.attribution: NAME` uses"),
+                       kind: Optional[str] = typer.Option(None, "--kind", help="per_logit | per_margin: take only this "
+                                                          "matrix (default: whatever the file holds)"),
+                       set_: Optional[list[str]] = SetOpt):
+    """Bring your own attribution: per-logit (train points x targets x classes) and/or per-margin (train points
+    x targets) scores, as an external stage with a fit's arrays; its LDS is measured on the held-out subset
+    models when they are trained. dm-direct and DMM read it with `--set fit.attribution=NAME`."""
+    from pipeline.maintenance import exchange
+
+    def go():
+        out = exchange.import_attribution(_plan(config, set_), file, name, kind)
+        what = "written" if out["written"] else "already imported, nothing written"
+        scores = [f"{label} {out[key]:.3f}" for label, key in (("LDS", "lds_mean"), ("per-logit LDS", "lds_logit_mean"))
+                  if out.get(key) is not None]
+        lds = ", ".join(scores) + f" on {out['heldout']} held-out models" if scores else "LDS not measured (no "\
+            "held-out subset models trained)"
+        console.print(f"import-attribution {name}: {out['url']} ({what}); {lds}", highlight=False)
 
     _guard(go)
 

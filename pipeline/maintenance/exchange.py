@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import ArraySpec, Family, StageRef, Store, ensure_stage
+from pipeline.store import ArraySpec, Family, StageRef, Store, ensure_stage, is_complete, mark_complete
 
 IMPORT_KINDS = ("full", "oracle", "unlearned")
 EXTERNAL = "external"
@@ -60,45 +60,64 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_margins_file(path: str | Path, n_points: int) -> tuple[np.ndarray, list[str]]:
-    """The margins array of a .npy/.npz (memory-mapped when .npy), validated; warnings to show."""
+def open_arrays(path: str | Path, what: str) -> dict:
+    """The arrays of a .npy ({"": array}, memory-mapped), a .npz (by key) or a Zarr group (a folder, by
+    name), read with allow_pickle=False: ExchangeError naming the file for anything else (a pickle)."""
     path = Path(path)
+    if path.is_dir():
+        return _open_zarr(path)
     if not path.is_file():
         raise ExchangeError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise ExchangeError(f"{path}: expected a .npy or .npz file, got {suffix or 'no suffix'!r}")
+        raise ExchangeError(f"{path}: expected a .npy or .npz file or a Zarr group (a folder), got {suffix or 'no suffix'!r}")
     with open(path, "rb") as fh:
         head = fh.read(6)
     if not head.startswith(b"\x93NUMPY" if suffix == ".npy" else b"PK"):
         raise ExchangeError(f"{path}: not a readable NumPy file (no {'.npy' if suffix == '.npy' else 'zip'} header)")
+    pickled = f"{path}: holds Python objects (a pickled object array); refused: save a float array of {what}"
     try:
         if suffix == ".npy":
             try:
-                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                return {"": np.load(path, mmap_mode="r", allow_pickle=False)}
             except ValueError as exc:
                 if "memory-mapped" in str(exc) or "object" in str(exc).lower():
-                    raise ExchangeError(f"{path}: holds Python objects (a pickled object array); refused: "
-                                        "save a float32 array of margins") from None
+                    raise ExchangeError(pickled) from None
                 raise
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                keys = list(npz.files)
-                key = "margins" if "margins" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise ExchangeError(f"{path}: holds arrays {keys}; name the margins `margins` or keep only one")
-                arr = npz[key]
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
     except ExchangeError:
         raise
     except ValueError as exc:
         msg = str(exc)
         if "pickle" in msg.lower() or "object" in msg.lower():
-            raise ExchangeError(f"{path}: holds Python objects (pickled data); refused: save a float32 array "
-                                "of margins") from None
+            raise ExchangeError(pickled) from None
         raise ExchangeError(f"{path}: not a readable NumPy file ({msg})") from None
     except (OSError, EOFError) as exc:
         raise ExchangeError(f"{path}: not a readable NumPy file ({type(exc).__name__}: {exc})") from None
-    return validate_margins(arr, n_points, str(path))
+
+
+def _open_zarr(path: Path) -> dict:
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - any failure to open is the file's fault
+        raise ExchangeError(f"{path}: a folder that is not a readable Zarr group ({type(exc).__name__}: {exc})") from None
+    return {name: arr for name, arr in group.arrays()}
+
+
+def load_margins_file(path: str | Path, n_points: int) -> tuple[np.ndarray, list[str]]:
+    """The margins array of a .npy/.npz (memory-mapped when .npy), validated; warnings to show."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExchangeError(f"{path}: expected a .npy or .npz file, got a folder")
+    arrays = open_arrays(path, "margins")
+    keys = list(arrays)
+    key = "margins" if "margins" in keys else (keys[0] if len(keys) == 1 else None)
+    if key is None:
+        raise ExchangeError(f"{path}: holds arrays {keys}; name the margins `margins` or keep only one")
+    return validate_margins(arrays[key], n_points, str(path))
 
 
 def validate_margins(arr: np.ndarray, n_points: int, where: str) -> tuple[np.ndarray, list[str]]:
@@ -189,6 +208,207 @@ def import_margins(plan, path: str | Path, kind: str, forget_set: str | None = N
     return {"ref": ref, "models": n, "written": written, "warnings": warnings, "url": plan.store.url(ref.rel)}
 
 
+# ---------------------------------------------------------------------------------------- attribution
+ATTRIBUTION_KINDS = ("per_logit", "per_margin")
+# the names an attribution file may give its arrays -> the fit's array they become
+_ATTRIBUTION_NAMES = {"theta_logit": "theta_logit", "per_logit": "theta_logit", "theta": "theta",
+                      "per_margin": "theta", "bias": "bias", "bias_logit": "bias_logit"}
+_KIND_ARRAY = {"per_logit": "theta_logit", "per_margin": "theta"}
+_STORED_DTYPE = {"theta_logit": "float16"}  # as the fit stores them; every other array float32
+
+
+def _fit_chunks(name: str, n: int, p: int, c: int) -> tuple:
+    """The chunks the fit gives its array `name` (pipeline.stages.fit, storage_layout.md)."""
+    from pipeline.plan import TARGET_CHUNK as T
+
+    return {"theta": (min(4096, n), T), "theta_rows": (T, min(4096, p)), "theta_logit": (min(256, n), T, c),
+            "bias_logit": (T, c), "lds_logit": (T, c)}.get(name, (T,))
+
+
+_LDS_TARGETS = 256  # targets scored at once
+
+
+def attribution_arrays(path: str | Path, kind: str | None, meta: dict) -> dict:
+    """fit array name -> the file's array, every one checked whole (shape against the prepared dataset,
+    a float dtype, finite values once stored as the fit stores them) before anything is written."""
+    if kind is not None and kind not in ATTRIBUTION_KINDS:
+        raise ExchangeError(f"--kind {kind!r}: expected one of {', '.join(ATTRIBUTION_KINDS)}")
+    n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
+    shapes = {"theta_logit": (n, p, c), "theta": (n, p), "bias": (p,), "bias_logit": (p, c)}
+    found = open_arrays(path, "attribution scores")
+    if set(found) == {""} or (len(found) == 1 and next(iter(found)) not in _ATTRIBUTION_NAMES):
+        arr = next(iter(found.values()))  # one unnamed array: its rank says which
+        named = {3: "theta_logit", 2: "theta"}.get(arr.ndim)
+        if named is None:
+            raise ExchangeError(f"{path}: shape {arr.shape}; expected per-logit (train points, targets, classes) = "
+                                f"{shapes['theta_logit']} or per-margin (train points, targets) = {shapes['theta']}")
+        found = {named: arr}
+    unknown = sorted(set(found) - set(_ATTRIBUTION_NAMES))
+    if unknown:
+        raise ExchangeError(f"{path}: arrays {unknown} are not attribution arrays; name them "
+                            "theta_logit (or per_logit), theta (or per_margin), bias, bias_logit")
+    arrays = {_ATTRIBUTION_NAMES[k]: v for k, v in found.items()}
+    if kind is not None:
+        if _KIND_ARRAY[kind] not in arrays:
+            raise ExchangeError(f"{path}: --kind {kind}, but the file holds no {kind.replace('_', '-')} matrix "
+                                f"(it holds {sorted(found)})")
+        keep = {_KIND_ARRAY[kind], "bias" if kind == "per_margin" else "bias_logit"}
+        arrays = {k: v for k, v in arrays.items() if k in keep}
+    if "theta_logit" not in arrays and "theta" not in arrays:
+        raise ExchangeError(f"{path}: holds no attribution matrix (theta_logit or theta), only {sorted(found)}")
+    for name, arr in arrays.items():
+        _check_attribution(arr, name, shapes[name], f"{path} ({name})")
+    return arrays
+
+
+def _check_attribution(arr, name: str, shape: tuple, where: str) -> None:
+    dtype = np.dtype(arr.dtype)
+    if dtype.hasobject or dtype not in (np.float16, np.float32, np.float64):
+        raise ExchangeError(f"{where}: dtype {dtype}; attribution scores must be float16, float32 or float64")
+    if tuple(arr.shape) != shape:
+        axes = {"theta_logit": "(train points, targets, classes)", "theta": "(train points, targets)",
+                "bias": "(targets,)", "bias_logit": "(targets, classes)"}[name]
+        raise ExchangeError(f"{where}: shape {tuple(arr.shape)}; expected {axes} = {shape} for the config's prepared "
+                            "dataset (targets = n_train + n_val, train points first)")
+    stored = np.dtype(_STORED_DTYPE.get(name, "float32"))
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row)
+    for start in range(0, shape[0], step):
+        rows = np.asarray(arr[start : start + step])
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(rows.astype(stored))
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = float(rows[at])
+            what = "a non-finite value" if not np.isfinite(value) else f"a value too large for {stored}"
+            raise ExchangeError(f"{where}: {what} ({value}) at index {(start + at[0], *at[1:])}; every score must "
+                                "be finite")
+
+
+def files_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative paths and contents, in sorted order)."""
+    if not path.is_dir():
+        return file_digest(path)
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+def import_attribution(plan, path: str | Path, name: str, kind: str | None = None) -> dict:
+    """Validate the file whole, then write it as an external stage with a fit's arrays and layout
+    (theta_logit / theta, their biases, theta_rows) and the LDS on the held-out subset models when they are
+    trained; COMPLETE.json last. `fit.attribution: NAME` makes dm-direct and DMM read it."""
+    from pipeline.plan import EXTERNAL_ATTRIBUTION, attribution_stages
+    from pipeline.store.lease import hold
+
+    path = Path(path)
+    if not _NAME.match(name or ""):
+        raise ExchangeError(f"--name {name!r}: use letters, digits and _.+- (at most 64 characters)")
+    meta = plan.prepared_meta()
+    arrays = attribution_arrays(path, kind, meta)  # everything checked before any write
+    n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
+    digest = files_digest(path)
+    description = {"kind": EXTERNAL_ATTRIBUTION, "name": name, "points": p, "n_train": n, "classes": c,
+                   "per_logit": "theta_logit" in arrays, "per_margin": "theta" in arrays,
+                   "bias_given": sorted(k for k in ("bias", "bias_logit") if k in arrays)}
+    upstream = {"prepare": plan.prepare.id}
+    ref = external_ref(digest, description, upstream)
+    taken = attribution_stages(plan.store, plan.prepare.id).get(name)
+    if taken is not None and taken != ref:
+        raise ExchangeError(f"--name {name!r} is taken on this prepared dataset by {taken.rel} (another file or "
+                            "other arrays): choose another name, or remove that stage (`oracle-farm gc`)")
+    section = {**description, "source": path.name, "sha256": digest,
+               "dtypes": {k: str(np.dtype(v.dtype)) for k, v in arrays.items()}}
+    plan.store.check_reachable()
+    if is_complete(plan.store, ref):
+        ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)  # read-only: compares
+        return {"ref": ref, "written": False, "url": plan.store.url(ref.rel),
+                **plan.store.read_json(f"{ref.rel}/COMPLETE.json")}
+    with hold(plan.store, [ref.rel], plan.cfg.execution):
+        ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
+        group = plan.store.open_group(f"{ref.rel}/arrays.zarr")
+        written = _write_attribution(group, arrays, n, p, c)
+        summary = {"estimator": "external", "name": name, "source": path.name,
+                   **_attribution_lds(plan, meta, group, written)}
+        mark_complete(plan.store, ref, summary)
+    return {"ref": ref, "written": True, "url": plan.store.url(ref.rel), **summary}
+
+
+def _write_attribution(group, arrays: dict, n: int, p: int, c: int) -> list[str]:
+    """The fit's arrays from the file's: biases zero unless given, theta_rows a copy of theta, lam NaN."""
+    out = dict(arrays)
+    if "theta" in arrays:
+        out["theta_rows"] = arrays["theta"]
+        out.setdefault("bias", np.zeros(p, np.float32))
+        out["lam"] = np.full(p, np.nan, np.float32)
+    if "theta_logit" in arrays:
+        out.setdefault("bias_logit", np.zeros((p, c), np.float32))
+    for name, src in out.items():
+        if name in group:
+            del group[name]  # an interrupted import: written again whole
+        dst = group.create_array(name, shape=tuple(src.shape), chunks=_fit_chunks(name, n, p, c),
+                                 dtype=_STORED_DTYPE.get(name, "float32"), fill_value=0)
+        _copy_bands(src, dst)
+    return sorted(out)
+
+
+def _copy_bands(src, dst) -> None:
+    """dst[:] = src, by bands of whole row chunks (and of whole column chunks where a band would pass
+    _CHUNK_BYTES), cast to dst's dtype."""
+    rows = dst.chunks[0]
+    if dst.ndim == 1:
+        dst[:] = np.asarray(src[:], dtype=dst.dtype)
+        return
+    per_column = rows * int(np.prod(dst.shape[2:], dtype=np.int64)) * 8
+    cols = max(dst.chunks[1], _CHUNK_BYTES // per_column // dst.chunks[1] * dst.chunks[1])
+    for a in range(0, dst.shape[0], rows):
+        for b in range(0, dst.shape[1], cols):
+            dst[a : a + rows, b : b + cols] = np.asarray(src[a : a + rows, b : b + cols], dtype=dst.dtype)
+
+
+def _attribution_lds(plan, meta: dict, group, written: list[str]) -> dict:
+    """`lds` (P,) of theta and `lds_logit` (P, C) of theta_logit on the held-out subset models (decision 34),
+    as the fit scores its own (pipeline.datamodels.lds, of the weights as stored), with the fit's summary
+    keys; NaN and None where the held-out models are not trained (or fewer than 3)."""
+    import torch
+
+    from pipeline.datamodels import lds
+    from pipeline.plan import FamilySpec, family_store
+
+    n, p, c = meta["n_train"], meta["n_train"] + meta["n_val"], meta["classes"]
+    sub = plan.cfg.train.subset
+    family = family_store(plan, FamilySpec(plan.subset, "heldout", sub.heldout, "subset", alpha=sub.alpha,
+                                           logits=sub.store_logits), meta)
+    measured = sub.heldout >= 3 and family.done_mask(sub.heldout).all()
+    out = {"heldout": sub.heldout if measured else 0, "lds_on": plan.subset.id if measured else None}
+    masks = torch.as_tensor(family.array("masks")[: sub.heldout]) if measured else None
+    for theta, bias, actual, score, keys in (
+            ("theta", "bias", "margins", "lds", ("lds_mean", "lds_train_mean", "lds_val_mean")),
+            ("theta_logit", "bias_logit", "logits", "lds_logit",
+             ("lds_logit_mean", "lds_logit_train_mean", "lds_logit_val_mean"))):
+        if theta not in written:
+            continue
+        shape = (p,) if score == "lds" else (p, c)
+        values = np.full(shape, np.nan, np.float32)
+        if measured and (actual == "margins" or sub.store_logits):
+            for a in range(0, p, _LDS_TARGETS):
+                b = min(p, a + _LDS_TARGETS)
+                w = torch.as_tensor(np.asarray(group[theta][:, a:b], dtype=np.float32)).reshape(n, -1)
+                y = torch.as_tensor(np.asarray(family.array(actual)[: sub.heldout, a:b], dtype=np.float32))
+                bias_ab = torch.as_tensor(np.asarray(group[bias][a:b], dtype=np.float32)).reshape(-1)
+                values[a:b] = lds(w, bias_ab, masks, y.reshape(sub.heldout, -1)).numpy().reshape(values[a:b].shape)
+        if score in group:
+            del group[score]
+        group.create_array(score, shape=shape, chunks=_fit_chunks(score, n, p, c), dtype="float32", fill_value=0)[:] = values
+        for key, part in zip(keys, (values, values[:n], values[n:])):
+            out[key] = float(np.nanmean(part)) if np.isfinite(part).any() else None
+        if score == "lds_logit":
+            out["lds_logit_per_class"] = [float(np.nanmean(values[:, k])) if np.isfinite(values[:, k]).any() else None
+                                          for k in range(c)]
+    return out
+
+
 def external_stages(store: Store, prepare_id: str | None = None) -> list[dict]:
     """Every external stage record (optionally only those made on this prepared dataset)."""
     out = []
@@ -277,8 +497,6 @@ def resolve_array(plan, spec: str):
     if kind == "prepare":
         return _zarr_array(store, plan.prepare.rel, "/".join(parts[1:]), spec), None, plan.prepare.rel
     if kind == "fit":
-        from pipeline.store import is_complete
-
         if not is_complete(store, plan.fit):
             raise ExchangeError(f"--array {spec}: the fit stage {plan.fit.id} is not complete: run `oracle-farm fit`")
         name = "/".join(parts[1:])

@@ -81,7 +81,7 @@ def stage_state(store: Store, kind: str, rel: str, record: dict | None) -> dict:
     if record is None:
         out["state"] = "no record"
         return out
-    if kind in ("prepare", "fit"):
+    if kind in ("prepare", "fit") or (kind == "external" and (record.get("config") or {}).get("kind") == "attribution"):
         complete = store.read_json(f"{rel}/COMPLETE.json") is not None
         if kind == "fit":
             out["blocks"] = len(_read_markers(store, f"{rel}/markers/targets"))
@@ -197,6 +197,10 @@ def list_stages(store: Store, plan=None) -> list[dict]:
             row["detail"] = f"forget set {' / '.join(names[fid])}" if fid in names else f"forget set {fid} (unnamed here)"
         elif kind == "unlearn" and record:
             row["detail"] = f"{record['config'].get('method')} on {record['config'].get('forget_set')}"
+        elif kind == "external" and record and record["config"].get("kind") == "attribution":
+            c = record["config"]
+            matrices = "+".join(k.replace("_", "-") for k in ("per_logit", "per_margin") if c.get(k))
+            row["detail"] = f"attribution {c.get('name')} ({matrices}) from {c.get('source')}"
         elif kind == "external" and record:
             c = record["config"]
             row["detail"] = f"{c.get('kind')} {c.get('method') or ''} {c.get('forget_set') or ''} from {c.get('source')}".replace("  ", " ")

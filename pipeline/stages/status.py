@@ -5,7 +5,8 @@ One row (a dict) per stage or cell, in this order:
   section prepare   the prepared dataset
   section train     a training family (full, subset, oracle[<forget set>]): models done per role
   section fit       the datamodel fit: targets done, mean LDS (all, train, val points) once finished, and
-                    the per-logit datamodels' LDS (mean, train, val, per class) where the fit recorded it
+                    the per-logit datamodels' LDS (mean, train, val, per class) where the fit recorded it;
+                    with fit.attribution, a row for the imported attribution dm-direct and DMM read
   section unlearn   one per method x reported forget set: the method's point (the selected one for a
                     grid, none before the selection; tuning_set: the set it was selected on), models done
   section tune      one per grid point of a method with a grid and set it is scored on: each tuning set
@@ -32,6 +33,8 @@ def stage_status(plan: Plan, sizes: bool = True) -> list[dict]:
                  f"{meta['n_train']} train, {meta['n_val']} val" if meta else "")]
     rows += _family_rows(plan, meta)
     rows.append(_fit_row(plan, meta))
+    if plan.cfg.fit.attribution is not None:
+        rows.append(_attribution_row(plan))
     rows += _unlearn_rows(plan, meta, grids)
     for row in rows:
         if sizes:
@@ -100,6 +103,15 @@ def _fit_row(plan: Plan, meta: dict | None) -> dict:
 # from older stores, read with .get.
 LDS_FIELDS = ("lds_mean", "lds_train_mean", "lds_val_mean", "lds_logit_mean", "lds_logit_train_mean",
               "lds_logit_val_mean", "lds_logit_per_class")
+
+
+def _attribution_row(plan: Plan) -> dict:
+    """The imported attribution dm-direct and DMM read (`fit.attribution`), with its LDS (the fit's fields)."""
+    ref = plan.attribution  # StageError naming the fix when it is not imported
+    summary = plan.store.read_json(f"{ref.rel}/COMPLETE.json") or {}
+    lds = {k: summary.get(k) for k in LDS_FIELDS}
+    return _row(f"attribution[{plan.cfg.fit.attribution}]", "fit", ref.id, 1, 1,
+                f"imported; {_lds_detail(lds) or 'LDS not measured'}", ref.rel, **lds)
 
 
 def _lds_detail(lds: dict) -> str:

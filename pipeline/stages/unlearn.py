@@ -36,7 +36,12 @@ from pipeline.unlearn.base import ComputeMeter, Context, ForgetRows
 def check_needs(plan: Plan, grids: dict) -> None:
     for name in grids:
         needs = get_method(name).NEEDS
-        if "datamodels" in needs and not plan.cfg.fit.per_logit:
+        if "datamodels" in needs and plan.cfg.fit.attribution is not None:
+            section = plan.store.read_json(f"{plan.attribution.rel}/stage.json")["config"]
+            if not section.get("per_logit"):
+                raise StageError(f"unlearn.methods.{name} needs per-logit datamodels: fit.attribution "
+                                 f"{plan.cfg.fit.attribution!r} holds per-margin ones only (import a per-logit matrix)")
+        elif "datamodels" in needs and not plan.cfg.fit.per_logit:
             raise StageError(f"unlearn.methods.{name} needs per-logit datamodels: set fit.per_logit: true")
         if "target_oracles" in needs and plan.cfg.train.oracle.target < 1:
             raise StageError(f"unlearn.methods.{name} needs target oracles: set train.oracle.target >= 1")
@@ -76,8 +81,8 @@ def _run_unlearn_jobs(plan: Plan, jobs: list[tuple[str, object, str]], label: st
         return
     check_prepared(plan)  # every task reads the prepared files: as prepare recorded them
     for fs in sorted({fs for m, _, fs, *_ in tasks if "datamodels" in get_method(m).NEEDS}):
-        forget_rows(plan, plan.forget_sets[fs])  # once here, not in every task
-        dm_direct_error(plan, fs)  # recorded beside them (decision 34), once its target oracles exist
+        forget_rows(plan.datamodel_plan(), plan.forget_sets[fs])  # once here, not in every task
+        dm_direct_error(plan.datamodel_plan(), fs)  # recorded beside them (decision 34), once its target oracles exist
     init_ray(ex)
     remote = ray.remote(unlearn_block_task).options(**task_options(ex))
     refs = [(remote.remote(plan.store.root, plan.cfg, m, hp.model_dump(mode="json"), fs, a, b, todo), len(todo),
@@ -120,7 +125,7 @@ def build_context(plan: Plan, meta: dict, data, ref: StageRef, forget_name: str,
     device = data.device
 
     def datamodels() -> ForgetRows:
-        sums, diagonal = forget_rows(plan, forget)
+        sums, diagonal = forget_rows(plan.datamodel_plan(), forget)  # the fit, or the attribution it names
         return ForgetRows(torch.as_tensor(sums, device=device), torch.as_tensor(diagonal, device=device))
 
     def target_oracle_logits() -> torch.Tensor:
