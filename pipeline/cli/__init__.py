@@ -194,42 +194,91 @@ def unlearn(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt):
 
 
 @app.command()
-def evaluate(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json")):
-    """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files)."""
-    from pipeline.stages.report import collect_rows, p95_cell
+def evaluate(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, json_out: bool = typer.Option(False, "--json"),
+             method: Optional[list[str]] = typer.Option(None, "--method", help="only this method (repeatable; the "
+                                                        "floor and do-nothing rows stay)"),
+             forget_set: Optional[list[str]] = typer.Option(None, "--forget-set", help="only this reported forget "
+                                                            "set (repeatable)")):
+    """KLoM, accuracies, MIA and compute per method and forget set (printed; `report` writes files). Rows are
+    kept in the store and scored again only when what they read changed: on a finished store it answers
+    at once, without torch or Ray."""
+    from pipeline.evaluate.rowcache import recall_evaluation, remember_evaluation, store_fingerprint
 
     def go():
-        # with --json stdout is the JSON alone: the rows' progress goes to stderr
-        with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
-            rows = collect_rows(_plan(config, set_))
-        if json_out:
-            print(json.dumps([{k: v for k, v in r.items() if k not in ("per_point", "_groups")} for r in rows],
-                             indent=1, default=float))
-            return
-        from rich.markup import escape
+        plan = _plan(config, set_)
+        filters = _evaluate_filters(plan, method, forget_set)
+        record = recall_evaluation(plan, filters)
+        if record is None:
+            fingerprint = store_fingerprint(plan)  # before scoring: a change meanwhile is seen next time
+            from pipeline.stages.report import collect_rows
 
+            # with --json stdout is the JSON alone: the rows' progress goes to stderr
+            with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+                rows = collect_rows(plan, "evaluate", filters["methods"], filters["forget_sets"])
+            summary = json.loads(json.dumps([{k: v for k, v in r.items() if k not in ("per_point", "_groups")}
+                                             for r in rows], default=float))
+            record = {"rows": summary, "table": _evaluate_cells(summary)}
+            remember_evaluation(plan, filters, fingerprint, record)
+        if json_out:
+            print(json.dumps(record["rows"], indent=1))
+            return
         table = Table(title=escape("KLoM P95 against the eval oracles: the retrain row's own (the floor), the others "
                                    "as multiples of it [bootstrap 95% interval]; = overlaps the floor, ~ overlaps "
                                    "do-nothing, sat saturated; headlines as the report defines them"))
-        for col in ("forget set", "method", "headline", "forget", "retain", "val", "forget acc", "MIA", "compute"):
+        for col in EVALUATE_COLUMNS:
             table.add_column(col)
-        for r in rows:
-            table.add_row(r["forget_set"], r["method"] + (" (upper bound)" if r.get("optimistic") else ""), r["headline"],
-                          *(escape(p95_cell(r, g)) for g in ("forget", "retain", "val")),
-                          _num(r['accuracy']['forget'], 2), f"{r['mia']:.2f}", _num(r['compute'], 4))
+        for cells in record["table"]:
+            table.add_row(*(escape(c) for c in cells))
         console.print(table)
 
     _guard(go)
 
 
+EVALUATE_COLUMNS = ("forget set", "method", "headline", "forget", "retain", "val", "forget acc", "MIA", "compute")
+
+
+def _evaluate_cells(rows: list[dict]) -> list[list[str]]:
+    """The evaluate table's cells (EVALUATE_COLUMNS), kept with the evaluation so a recalled one prints
+    without importing the report (torch, Ray)."""
+    from pipeline.stages.report import p95_cell
+
+    return [[r["forget_set"], r["method"] + (" (upper bound)" if r.get("optimistic") else ""), r["headline"],
+             *(p95_cell(r, g) for g in ("forget", "retain", "val")),
+             _num(r["accuracy"]["forget"], 2), f"{r['mia']:.2f}", _num(r["compute"], 4)] for r in rows]
+
+
+def _evaluate_filters(plan, methods: Optional[list[str]], forget_sets: Optional[list[str]]) -> dict:
+    """--method / --forget-set checked against the config (ConfigError naming the unknown one)."""
+    from pipeline.config import ConfigError
+
+    known = {"--method": list(plan.cfg.unlearn.methods), "--forget-set": [fs.name for fs in plan.cfg.forget_sets]}
+    for flag, given in (("--method", methods), ("--forget-set", forget_sets)):
+        for name in given or ():
+            if name not in known[flag]:
+                raise ConfigError(f"{flag} {name!r}: not in the config (it has {', '.join(known[flag]) or 'none'})")
+    return {"methods": sorted(set(methods)) if methods else None,
+            "forget_sets": sorted(set(forget_sets)) if forget_sets else None}
+
+
 @app.command()
 def report(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt,
            out: Optional[str] = typer.Option(None, "--out", help="folder for report.md/json and plots")):
-    """Write report.md, report.json and plots, from the store alone."""
-    from pipeline.stages.report import write_report
+    """Write report.md, report.json and plots, from the store alone (at once when the report there shows
+    what the store holds now)."""
+    from pipeline.evaluate.rowcache import remember_report, report_is_current, store_fingerprint
+    from pipeline.store.runrecord import report_path
 
     def go():
-        path = write_report(_plan(config, set_), out)
+        plan = _plan(config, set_)
+        path = report_path(plan.cfg, plan.store, out)
+        if report_is_current(plan, path):
+            console.print(f"report: {path / 'report.md'} (up to date: nothing it reads changed)", highlight=False)
+            return
+        fingerprint = store_fingerprint(plan)
+        from pipeline.stages.report import write_report
+
+        path = write_report(plan, out)
+        remember_report(plan, path, fingerprint)
         console.print(f"report: {path / 'report.md'}", highlight=False)
 
     _guard(go)

@@ -19,12 +19,13 @@ import numpy as np
 import ray
 
 from pipeline.evaluate.diagnostics import SATURATION_BAND, ceiling, diagnose, is_saturated, saturation_threshold
-from pipeline.execution import init_ray, run_tasks, task_options
+from pipeline.execution import init_ray, task_options
 from pipeline.store import Store, runrecord
 from pipeline.evaluate.oracles import (
     ACC_SLACK, FLOOR_X, GROUPS, NOTHING_X, SELECTION_RULE, all_labels, bar_checks, group_points, logit_accuracy,
     oracle_margins, score, selection_score, trained_oracles,
 )
+from pipeline.evaluate.rowcache import score_rows
 from pipeline.plan import FamilySpec, Plan, StageError, family_store
 from pipeline.unlearn import get_method
 from pipeline.stages.report_plots import draw, style
@@ -40,12 +41,15 @@ __all__ = ["GROUPS", "HEADLINES", "annotate", "collect_rows", "group_points", "s
            "write_report"]
 
 
-def collect_rows(plan: Plan) -> list[dict]:
+def collect_rows(plan: Plan, label: str = "report", methods: list[str] | None = None,
+                 forget_sets: list[str] | None = None) -> list[dict]:
     """Every row of the report, in order: per forget set the floor (`retrain`), each method's chosen
     setting, then imported rows, then (config `unlearn.upper_bound`) the upper-bound rows, marked
     `optimistic` (decision 32: shown apart, never a headline). Rows are scored in Ray tasks, one per row
     (reading 100 models' margins and logits and bootstrapping their P95s is the report's work; on a
-    cluster it spreads out)."""
+    cluster it spreads out), and kept: a row whose inputs did not change is read back
+    (`pipeline.evaluate.rowcache`). `methods` / `forget_sets`: only these (do-nothing and the floor stay:
+    the other rows are read against them); `label`: the progress line's."""
     from pipeline.maintenance.exchange import imported_rows
 
     plan.store.check_reachable(create=False)
@@ -56,9 +60,11 @@ def collect_rows(plan: Plan) -> list[dict]:
         raise StageError(f"train.oracle.reference ({plan.cfg.train.oracle.reference}) must equal the number of "
                          f"unlearned models ({n_u}) so every row compares the same number of models (decision 17)")
     chosen = select_hyperparameters(plan, method_grids(plan.cfg))
+    chosen = {m: v for m, v in chosen.items() if methods is None or m in methods or m == "do_nothing"}
+    sets = [fs for fs in plan.cfg.forget_sets if forget_sets is None or fs.name in forget_sets]
     tuning = tuning_info(plan)
     jobs = []
-    for fs in plan.cfg.forget_sets:
+    for fs in sets:
         trained_oracles(plan, fs.name, "reference")  # not trained: named here, before any task
         jobs.append(("retrain", {}, fs.name, False))
         for method, per_set in chosen.items():
@@ -70,18 +76,14 @@ def collect_rows(plan: Plan) -> list[dict]:
         hp = get_method(method).Config.model_validate(hp) if method != "retrain" else None
         if hp is not None and not unlearn_family(plan, unlearn_ref(plan, method, hp, fs), meta).done_mask(n_u).all():
             raise StageError(f"unlearn[{method},{fs}] is not complete: run `oracle-farm unlearn`")
-    ex = plan.cfg.execution
-    init_ray(ex)
-    remote = ray.remote(score_row_task).options(**task_options(ex, gpu=False))
-    retrain_cost = _retrain_seconds(plan, meta)
-    refs = [(remote.remote(plan.store.root, plan.cfg, m, hp, fs, retrain_cost), 1) for m, hp, fs, _ in jobs]
-    scored = run_tasks("report", refs, len(refs), unit="rows")
+    scored = score_rows(plan, [(m, hp, fs) for m, hp, fs, _ in jobs], score_row_task,
+                        (_retrain_seconds(plan, meta),), label)
     for row, (_, _, _, optimistic) in zip(scored, jobs):
         row["optimistic"] = optimistic
         if row["method"] != "retrain":
             row["tuning"] = tuning.get((row["method"], row["forget_set"]))
     rows = []
-    for fs in plan.cfg.forget_sets:
+    for fs in sets:
         rows += [row for row, (_, _, name, optimistic) in zip(scored, jobs) if name == fs.name and not optimistic]
         rows += imported_rows(plan, fs.name, n_u, labels)  # `M (imported)`: margins from import-margins
         rows += [row for row, (_, _, name, optimistic) in zip(scored, jobs) if name == fs.name and optimistic]
