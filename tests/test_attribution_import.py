@@ -88,10 +88,18 @@ def test_status_and_ls_show_the_imported_attribution(finished, tmp_path):
     from pipeline.maintenance.lifecycle import list_stages
     from pipeline.stages.status import stage_status
 
+    import zarr
+
+    from pipeline.maintenance.exchange import ExchangeError
+
     root, plan, ours = finished
-    path = tmp_path / "margins_only.npy"
-    np.save(path, ours["theta"])
+    path = tmp_path / "scores.zarr"  # a Zarr group holding both; only the per-margin matrix taken
+    group = zarr.open_group(str(path), mode="w")
+    for name in ("theta", "theta_logit"):
+        group.create_array(name, shape=ours[name].shape, dtype=ours[name].dtype)[:] = ours[name]
     ref = import_attribution(plan, path, "mine", kind="per_margin")["ref"]
+    with pytest.raises(ExchangeError, match="--name 'mine' is taken"):
+        import_attribution(plan, path, "mine")  # other arrays under the same name: refused
     rows = {r["stage"]: r for r in stage_status(tiny_plan(root, "fit.attribution=mine"), sizes=False)}
     assert rows["attribution[mine]"]["id"] == ref.id and rows["attribution[mine]"]["state"] == "done"
     assert "LDS" in rows["attribution[mine]"]["detail"]

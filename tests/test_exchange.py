@@ -92,8 +92,8 @@ def test_imported_unlearned_margins_are_scored_as_an_imported_row(store, tmp_pat
     first = run_many(imp)[0]
     assert first.returncode == 0, first.stderr
     assert f"{len(ref)} models written" in first.stdout and "float64 margins cast to float32" in first.stderr
-    snapshot = store_snapshot(root)
     evaluate = run_many(["evaluate", str(TINY), "--json", "--set", f"store={root}", *SOLO])[0]
+    snapshot = store_snapshot(root)  # after evaluate, which keeps its rows in the store (score cache)
 
     from pipeline.maintenance.exchange import import_margins
     from pipeline.maintenance.lifecycle import list_stages
