@@ -218,11 +218,13 @@ _STORED_DTYPE = {"theta_logit": "float16"}  # as the fit stores them; every othe
 
 
 def _fit_chunks(name: str, n: int, p: int, c: int) -> tuple:
-    """The chunks the fit gives its array `name` (pipeline.stages.fit, storage_layout.md)."""
+    """The chunks the fit gives its array `name` (pipeline.stages.fit: TRAIN_CHUNK, LOGIT_TRAIN_CHUNK and
+    VECTOR_CHUNK; storage_layout.md)."""
     from pipeline.plan import TARGET_CHUNK as T
 
+    vector = min(4096, p)
     return {"theta": (min(4096, n), T), "theta_rows": (T, min(4096, p)), "theta_logit": (min(256, n), T, c),
-            "bias_logit": (T, c), "lds_logit": (T, c)}.get(name, (T,))
+            "bias_logit": (vector, c), "lds_logit": (vector, c)}.get(name, (vector,))
 
 
 _LDS_TARGETS = 256  # targets scored at once
