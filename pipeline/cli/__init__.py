@@ -207,6 +207,8 @@ def evaluate(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt, json_o
     def go():
         plan = _plan(config, set_)
         filters = _evaluate_filters(plan, method, forget_set)
+        plan.store.check_reachable(create=False)
+        plan.prepared_meta()  # not prepared: said so here, before the forget sets are drawn
         record = recall_evaluation(plan, filters)
         if record is None:
             fingerprint = store_fingerprint(plan)  # before scoring: a change meanwhile is seen next time
@@ -271,6 +273,8 @@ def report(config: str = ConfigArg, set_: Optional[list[str]] = SetOpt,
     def go():
         plan = _plan(config, set_)
         path = report_path(plan.cfg, plan.store, out)
+        plan.store.check_reachable(create=False)
+        plan.prepared_meta()  # not prepared: said so here, before the forget sets are drawn
         if report_is_current(plan, path):
             console.print(f"report: {path / 'report.md'} (up to date: nothing it reads changed)", highlight=False)
             return
