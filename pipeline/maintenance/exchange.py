@@ -330,15 +330,16 @@ def import_attribution(plan, path: str | Path, name: str, kind: str | None = Non
     with hold(plan.store, [ref.rel], plan.cfg.execution):
         ensure_stage(plan.store, ref, section, upstream, plan.cfg.name)
         group = plan.store.open_group(f"{ref.rel}/arrays.zarr")
-        written = _write_attribution(group, arrays, n, p, c)
+        written = _write_attribution(group, ref, arrays, n, p, c)
         summary = {"estimator": "external", "name": name, "source": path.name,
-                   **_attribution_lds(plan, meta, group, written)}
+                   **_attribution_lds(plan, meta, group, ref, written)}
         mark_complete(plan.store, ref, summary)
     return {"ref": ref, "written": True, "url": plan.store.url(ref.rel), **summary}
 
 
-def _write_attribution(group, arrays: dict, n: int, p: int, c: int) -> list[str]:
-    """The fit's arrays from the file's: biases zero unless given, theta_rows a copy of theta, lam NaN."""
+def _write_attribution(group, ref: StageRef, arrays: dict, n: int, p: int, c: int) -> list[str]:
+    """The fit's arrays from the file's (named axes and attributes, `Store.create_array`): biases zero unless
+    given, theta_rows a copy of theta, lam NaN."""
     out = dict(arrays)
     if "theta" in arrays:
         out["theta_rows"] = arrays["theta"]
@@ -347,10 +348,8 @@ def _write_attribution(group, arrays: dict, n: int, p: int, c: int) -> list[str]
     if "theta_logit" in arrays:
         out.setdefault("bias_logit", np.zeros((p, c), np.float32))
     for name, src in out.items():
-        if name in group:
-            del group[name]  # an interrupted import: written again whole
-        dst = group.create_array(name, shape=tuple(src.shape), chunks=_fit_chunks(name, n, p, c),
-                                 dtype=_STORED_DTYPE.get(name, "float32"), fill_value=0)
+        dst = Store.create_array(group, name, stage=ref, shape=tuple(src.shape), chunks=_fit_chunks(name, n, p, c),
+                                 dtype=_STORED_DTYPE.get(name, "float32"), overwrite=True)  # an interrupted import: anew
         _copy_bands(src, dst)
     return sorted(out)
 
@@ -369,7 +368,7 @@ def _copy_bands(src, dst) -> None:
             dst[a : a + rows, b : b + cols] = np.asarray(src[a : a + rows, b : b + cols], dtype=dst.dtype)
 
 
-def _attribution_lds(plan, meta: dict, group, written: list[str]) -> dict:
+def _attribution_lds(plan, meta: dict, group, ref: StageRef, written: list[str]) -> dict:
     """`lds` (P,) of theta and `lds_logit` (P, C) of theta_logit on the held-out subset models (decision 34),
     as the fit scores its own (pipeline.datamodels.lds, of the weights as stored), with the fit's summary
     keys; NaN and None where the held-out models are not trained (or fewer than 3)."""
@@ -400,9 +399,8 @@ def _attribution_lds(plan, meta: dict, group, written: list[str]) -> dict:
                 y = torch.as_tensor(np.asarray(family.array(actual)[: sub.heldout, a:b], dtype=np.float32))
                 bias_ab = torch.as_tensor(np.asarray(group[bias][a:b], dtype=np.float32)).reshape(-1)
                 values[a:b] = lds(w, bias_ab, masks, y.reshape(sub.heldout, -1)).numpy().reshape(values[a:b].shape)
-        if score in group:
-            del group[score]
-        group.create_array(score, shape=shape, chunks=_fit_chunks(score, n, p, c), dtype="float32", fill_value=0)[:] = values
+        Store.create_array(group, score, stage=ref, shape=shape, chunks=_fit_chunks(score, n, p, c), dtype="float32",
+                           overwrite=True)[:] = values
         for key, part in zip(keys, (values, values[:n], values[n:])):
             out[key] = float(np.nanmean(part)) if np.isfinite(part).any() else None
         if score == "lds_logit":
